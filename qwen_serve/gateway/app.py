@@ -1,0 +1,209 @@
+"""``build_app(config)``: the gateway's ASGI app (FastAPI), importable without vLLM.
+
+Wiring only: routes are thin and call :class:`~qwen_serve.gateway.pipeline.Pipeline`; one exception
+handler turns every :class:`~qwen_serve.errors.QwenServeError` (and anything unexpected) into the
+OpenAI error shape; :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` wraps everything.
+
+The lifespan owns the resources: the upstream client (one pooled keep-alive client for the app's
+life), the engine monitor, the key-file watcher, and, under ``qwen-serve up``, the engine supervisor
+(started in the background so ``/health`` answers and ``/ready`` says 503 while vLLM loads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from qwen_serve.config import Config
+from qwen_serve.constants import ENGINE_HOST
+from qwen_serve.engine.state import EngineMonitor, EngineState
+from qwen_serve.errors import (
+    ClientError,
+    EngineUnavailable,
+    NotFound,
+    QwenServeError,
+    ServerError,
+    error_body,
+)
+from qwen_serve.gateway.auth import build_authenticator
+from qwen_serve.gateway.limits import LocalLimiter
+from qwen_serve.gateway.metrics import GatewayMetrics, merge_engine_metrics
+from qwen_serve.gateway.middleware import GatewayMiddleware
+from qwen_serve.gateway.pipeline import Pipeline, Stages
+from qwen_serve.gateway.upstream import Upstream, UpstreamError, create_upstream
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("qwen_serve.gateway")
+
+_STATIC = Path(__file__).parent / "static"
+_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+_ENGINE_SCRAPE_TIMEOUT_S = 2.0
+
+
+def build_app(
+    config: Config,
+    *,
+    upstream_url: str | None = None,
+    upstream: Upstream | None = None,
+    state: EngineState | None = None,
+    engine_runner: Callable[[], Any] | None = None,
+    engine_stopper: Callable[[], Any] | None = None,
+) -> Any:
+    """Build the gateway for ``config``.
+
+    ``upstream_url`` defaults to the planned engine on ``127.0.0.1:<engine.port>``. Under
+    ``qwen-serve up``, ``engine_runner`` (a coroutine function: start the engine, then watch it) runs in
+    the background for the app's life and ``engine_stopper`` is awaited at shutdown after in-flight
+    requests finished. Returns the ASGI app (the FastAPI instance wrapped in the gateway middleware);
+    the FastAPI object is reachable as ``app.fastapi`` for tests.
+    """
+    served = (config.model.name,)
+    metrics = GatewayMetrics(served)
+    state = state or EngineState()
+    url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
+    gw = config.gateway
+    upstream = upstream or create_upstream(gw.upstream_client, url, connect_timeout=gw.connect_timeout_s,
+                                           read_timeout=gw.request_timeout_s)
+    auth = build_authenticator(config.auth, config.resolve_path)
+    monitor = EngineMonitor(upstream, state)
+    pipeline = Pipeline(Stages(auth=auth, limiter=LocalLimiter(), guided=config.guided, upstream=upstream,
+                               metrics=metrics, engine=state, served_models=served))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start = getattr(auth, "start", None)
+        if start is not None:
+            await start()
+        engine_task = asyncio.create_task(engine_runner(), name="engine") if engine_runner else None
+        monitor.start()
+        try:
+            yield
+        finally:
+            state.draining = True
+            await monitor.aclose()
+            if engine_stopper is not None:
+                await engine_stopper()
+            if engine_task is not None:
+                engine_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await engine_task
+            close = getattr(auth, "aclose", None)
+            if close is not None:
+                await close()
+            await upstream.aclose()
+
+    app = FastAPI(title="qwen-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.pipeline = pipeline
+    app.state.metrics = metrics
+    app.state.engine = state
+    app.state.config = config
+
+    async def chat_completions(request: Request) -> Any:
+        return await pipeline.generate(request, "/v1/chat/completions")
+
+    async def completions(request: Request) -> Any:
+        return await pipeline.generate(request, "/v1/completions")
+
+    async def tokenize(request: Request) -> Any:
+        return await pipeline.passthrough(request, "/tokenize")
+
+    async def detokenize(request: Request) -> Any:
+        return await pipeline.passthrough(request, "/detokenize")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(await pipeline.models(request))
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(_: Request) -> Response:
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": state.describe()}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                            headers={"retry-after": "5"})
+
+    async def engine_text() -> bytes | None:
+        try:
+            status, text = await upstream.get_bytes("/metrics", _ENGINE_SCRAPE_TIMEOUT_S)
+        except UpstreamError:
+            return None
+        return text if status == 200 else None
+
+    async def metrics_route(_: Request) -> Response:
+        text = await engine_text()
+        metrics.sync_engine(up=state.up and text is not None, draining=state.draining, restarts=state.restarts)
+        body = metrics.render()
+        if text is not None:
+            body = merge_engine_metrics(body, text)
+        return Response(body, media_type=_PROMETHEUS_TEXT)
+
+    async def metrics_engine(_: Request) -> Response:
+        text = await engine_text()
+        if text is None:
+            raise EngineUnavailable("engine metrics are unavailable (engine down)")
+        return Response(text, media_type=_PROMETHEUS_TEXT)
+
+    async def index(_: Request) -> Response:
+        page = _STATIC / "index.html"
+        if not gw.ui or not page.exists():
+            raise NotFound("the chat page is disabled (gateway.ui: false)")
+        return FileResponse(page, media_type="text/html")
+
+    for path, endpoint, methods in (
+        ("/v1/chat/completions", chat_completions, ["POST"]),
+        ("/v1/completions", completions, ["POST"]),
+        ("/v1/models", models, ["GET"]),
+        ("/tokenize", tokenize, ["POST"]),
+        ("/detokenize", detokenize, ["POST"]),
+        ("/health", health, ["GET"]),
+        ("/ready", ready, ["GET"]),
+        ("/metrics", metrics_route, ["GET"]),
+        ("/metrics/engine", metrics_engine, ["GET"]),
+        ("/", index, ["GET"]),
+    ):
+        app.add_route(path, endpoint, methods=methods)  # plain Starlette routes: no body re-validation
+
+    app.add_exception_handler(QwenServeError, _qwen_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    wrapped = GatewayMiddleware(app, metrics=metrics, max_request_bytes=gw.max_request_bytes)
+    wrapped.fastapi = app  # type: ignore[attr-defined]
+    return wrapped
+
+
+async def _qwen_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, QwenServeError)
+    if isinstance(exc, ServerError):
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    elif not isinstance(exc, ClientError):
+        log.error("unexpected %s: %s", type(exc).__name__, exc.message)
+    return JSONResponse(exc.to_dict(), status_code=int(exc.status), headers=exc.headers)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == HTTPStatus.NOT_FOUND:
+        body = error_body("Unknown route", "invalid_request_error", "not_found")
+    elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        body = error_body("Method not allowed for this route", "invalid_request_error", "method_not_allowed")
+    else:
+        body = error_body(str(exc.detail), "invalid_request_error", exc.status_code)
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal error in the gateway", "server_error", "internal_error"),
+                        status_code=HTTPStatus.INTERNAL_SERVER_ERROR)

@@ -1,0 +1,256 @@
+"""Stage 1 of the gateway pipeline: request headers → :class:`Principal` (contract: CONTRACTS.md §2–3, §5).
+
+The pipeline calls ``authenticator.authenticate(headers)`` first, once per request, with the request
+headers (lower-case names, e.g. starlette's ``Headers``). The key is read from ``Authorization: Bearer <key>``
+or, failing that, ``x-api-key``. It returns the caller's :class:`Principal` or raises
+:class:`~qwen_serve.errors.AuthError` (401) whose ``reason`` — ``missing``, ``invalid``, ``expired`` or
+``disabled`` — is the ``qwen_serve_auth_failures_total`` label. ``principal.require(model)`` raises
+:class:`~qwen_serve.errors.ModelNotAllowed` (403); ``principal.allows(model)`` filters ``/v1/models``.
+
+Implementations (:func:`build_authenticator` picks one from :class:`~qwen_serve.config.AuthConfig`):
+
+* :class:`AnonymousAuth` (``auth.enabled: false``): everyone is ``anonymous``, every model, no limits.
+* :class:`KeyFileAuth`: the keys file (:mod:`qwen_serve.keys`). The presented secret is hashed with SHA-256
+  and looked up by hash, then confirmed with :func:`hmac.compare_digest`; timing depends only on the hash
+  of what was presented, never on a stored secret (none is stored). Secrets and hashes are never logged.
+
+Reload: the app's lifespan owns the authenticator — ``await auth.start()`` after construction,
+``await auth.aclose()`` on exit. :class:`KeyFileAuth` then checks the file every ``reload_interval_s``
+(``os.stat`` following symlinks, the resolved path, and the ``..data`` link Kubernetes swaps when a Secret
+changes) and re-reads it when anything changed. A broken or missing file keeps the last good key set and
+logs the reason at WARNING (once per change). A :class:`Principal` is immutable, so a request keeps the
+identity it was admitted with; a revoke affects only later requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Protocol
+
+from qwen_serve.config import AuthConfig
+from qwen_serve.constants import ANONYMOUS_KEY_ID, API_KEY_HEADER
+from qwen_serve.errors import AuthError, ConfigError, ModelNotAllowed
+from qwen_serve.keys import KeysFile, hash_secret, load_keys_file
+
+__all__ = [
+    "ANONYMOUS",
+    "AnonymousAuth",
+    "Authenticator",
+    "KeyFileAuth",
+    "Principal",
+    "build_authenticator",
+]
+
+logger = logging.getLogger(__name__)
+
+_MISSING = "Missing API key. Send it as 'Authorization: Bearer <key>' or in the 'x-api-key' header."
+_INVALID = "Incorrect API key provided."
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling and what they may do. ``None`` limits are unlimited."""
+
+    key_id: str
+    models: tuple[str, ...] = ("*",)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+    def allows(self, model: str) -> bool:
+        """Whether ``model`` matches one of ``models`` (exact, ``*``, or an fnmatch pattern, case-sensitive)."""
+        return any(p == "*" or p == model or fnmatchcase(model, p) for p in self.models)
+
+    def require(self, model: str) -> None:
+        """Raise :class:`ModelNotAllowed` (403, ``param="model"``) unless :meth:`allows`."""
+        if not self.allows(model):
+            raise ModelNotAllowed(f"The API key '{self.key_id}' may not use the model '{model}'.", param="model")
+
+
+ANONYMOUS = Principal(ANONYMOUS_KEY_ID, ("*",), None, None, None)
+
+
+class Authenticator(Protocol):
+    """What the pipeline needs from an auth backend."""
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """Every configured key id: the only ``key_id`` label values besides ``anonymous``."""
+        ...
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller's principal, or :class:`AuthError` with ``reason``."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AnonymousAuth:
+    """``auth.enabled: false``: every request is :data:`ANONYMOUS`, whatever it sends."""
+
+    key_ids: frozenset[str] = frozenset({ANONYMOUS_KEY_ID})
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        return ANONYMOUS
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    principal: Principal
+    sha256: str
+    expires: datetime | None
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    """One immutable snapshot of the file, swapped in whole on reload."""
+
+    by_hash: dict[str, _Record]
+    key_ids: frozenset[str]
+
+    @classmethod
+    def from_file(cls, keys: KeysFile) -> _KeySet:
+        records = {
+            k.sha256: _Record(Principal(k.id, k.models, k.rpm, k.tpm, k.max_concurrent), k.sha256, k.expires, k.disabled)
+            for k in keys.keys
+        }
+        return cls(records, frozenset(k.id for k in keys.keys))
+
+
+_Signature = tuple[object, ...]
+
+
+def _signature(path: Path) -> _Signature | None:
+    """What changes when the file is rewritten, replaced, or its Secret ``..data`` link swapped."""
+    try:
+        st = os.stat(path)  # follows symlinks
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    try:
+        data_link: str | None = os.readlink(path.parent / "..data")
+    except OSError:
+        data_link = None
+    return (real, data_link, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class KeyFileAuth:
+    """Keys from a YAML keys file, re-read while serving.
+
+    Construction loads the file and raises :class:`ConfigError` when it is missing or broken: the gateway
+    must not start without keys when auth is enabled.
+    """
+
+    def __init__(self, path: Path, reload_interval_s: float = 2.0) -> None:
+        self.path = Path(path)
+        self.reload_interval_s = reload_interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._last_failure: tuple[_Signature | None, str] | None = None
+        signature = _signature(self.path)  # before reading: a change in between is seen on the next check
+        keys = load_keys_file(self.path)
+        self._set = _KeySet.from_file(keys)
+        self._signature = signature
+        logger.info("loaded %d API keys from %s", len(keys.keys), self.path)
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return self._set.key_ids
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        digest = hash_secret(_presented_secret(headers))
+        record = self._set.by_hash.get(digest)
+        if record is None or not hmac.compare_digest(record.sha256, digest):
+            raise AuthError(_INVALID, reason="invalid")
+        key_id = record.principal.key_id
+        if record.disabled:
+            raise AuthError(f"The API key '{key_id}' has been revoked.", reason="disabled")
+        if record.expires is not None and record.expires <= datetime.now(timezone.utc):
+            raise AuthError(f"The API key '{key_id}' expired at {record.expires.isoformat()}.", reason="expired")
+        return record.principal
+
+    def reload_now(self) -> bool:
+        """Re-read the file now, changed or not. True when the new set is in use."""
+        return self._reload(_signature(self.path))
+
+    def check_for_changes(self) -> bool:
+        """Re-read the file if it changed since the last good load. True when a new set was installed."""
+        signature = _signature(self.path)
+        if signature is not None and signature == self._signature:
+            return False
+        return self._reload(signature)
+
+    async def start(self) -> None:
+        """Start the watcher task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._watch(), name="qwen-serve-keys-watcher")
+
+    async def aclose(self) -> None:
+        """Stop the watcher task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval_s)
+            try:
+                await asyncio.to_thread(self.check_for_changes)  # stat/read off the event loop
+            except Exception:  # never let the watcher die; the next tick retries
+                logger.exception("checking the keys file %s failed", self.path)
+
+    def _reload(self, signature: _Signature | None) -> bool:
+        try:
+            keys = load_keys_file(self.path)
+        except ConfigError as exc:
+            # The signature of the good set stays, so every tick retries; log each distinct failure once.
+            if self._last_failure != (signature, exc.message):
+                self._last_failure = (signature, exc.message)
+                logger.warning("keeping the last good set of %d API keys: %s", len(self._set.by_hash), exc.message)
+            return False
+        self._set = _KeySet.from_file(keys)
+        self._signature = signature
+        self._last_failure = None
+        logger.info("reloaded %d API keys from %s", len(keys.keys), self.path)
+        return True
+
+
+def _presented_secret(headers: Mapping[str, str]) -> str:
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    api_key = headers.get(API_KEY_HEADER)
+    if api_key and api_key.strip():
+        return api_key.strip()
+    raise AuthError(_MISSING, reason="missing")
+
+
+def build_authenticator(auth_config: AuthConfig, resolve_path: Callable[[str], Path]) -> Authenticator:
+    """:class:`KeyFileAuth` on ``resolve_path(auth_config.keys_file)``, or :class:`AnonymousAuth` when disabled.
+
+    Raises :class:`ConfigError` when auth is enabled and the keys file is missing or broken.
+    """
+    if not auth_config.enabled:
+        return AnonymousAuth()
+    return KeyFileAuth(resolve_path(auth_config.keys_file), auth_config.reload_interval_s)

@@ -1,0 +1,97 @@
+"""Plain ASGI middleware wrapped around the whole gateway (not ``BaseHTTPMiddleware``: that one buffers
+and hides client disconnects).
+
+For every HTTP request it:
+
+* takes the client's ``X-Request-ID`` or makes one, stores it in ``scope["state"]["request_id"]`` and
+  adds it to the response headers;
+* refuses bodies over ``gateway.max_request_bytes`` with 413 (by ``Content-Length`` up front, and by
+  counting bytes for chunked uploads, raising :class:`~qwen_serve.errors.RequestTooLarge` from
+  ``receive``);
+* records ``qwen_serve_requests_total`` and ``qwen_serve_request_duration_seconds`` when the response
+  ends, with the ``model`` and ``key_id`` labels the pipeline left in ``scope["state"]``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from qwen_serve.constants import PROXIED_ROUTES, REQUEST_ID_HEADER
+from qwen_serve.errors import RequestTooLarge
+from qwen_serve.gateway.metrics import OTHER_MODEL, GatewayMetrics
+from qwen_serve.gateway.proxy import send_error
+from qwen_serve.gateway.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["GatewayMiddleware", "route_label"]
+
+_RID = REQUEST_ID_HEADER.encode()
+_KNOWN_ROUTES = frozenset((*PROXIED_ROUTES, "/health", "/ready", "/metrics", "/metrics/engine", "/"))
+
+
+def route_label(path: str) -> str:
+    """Bounded ``route`` label: a known route, else ``other``."""
+    return path if path in _KNOWN_ROUTES else "other"
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics, max_request_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        rid = b""
+        length = -1
+        for name, value in scope["headers"]:
+            if name == _RID:
+                rid = value[:128]
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = -1
+        if not rid:
+            rid = uuid.uuid4().hex.encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid.decode("latin-1")
+        state["t0"] = t0
+        route = route_label(scope["path"])
+        status = 0
+        limit = self.max_request_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (_RID, rid)]
+            await send(message)
+
+        try:
+            if length > limit:
+                await send_error(send_wrapper, RequestTooLarge(
+                    f"request body is {length} bytes; the limit is {limit} (gateway.max_request_bytes)"))
+                return
+            received = 0
+
+            async def receive_wrapper() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise RequestTooLarge(
+                            f"request body exceeds {limit} bytes (gateway.max_request_bytes)")
+                return message
+
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            model = state.get("model", OTHER_MODEL)
+            m = self.metrics
+            m.requests.labels(route, model, state.get("key_id", "none"), str(status or 499)).inc()
+            if route in PROXIED_ROUTES:
+                m.request_duration.labels(route, model).observe(time.perf_counter() - t0)

@@ -1,0 +1,216 @@
+"""Stage 4: the upstream hop as an ASGI response.
+
+:class:`ProxyCall` is returned by the pipeline after auth, limits and guided checks passed. When the
+server calls it, it sends the prepared request to the engine and relays the answer:
+
+* **SSE** (the client asked ``stream: true`` and the engine answered ``text/event-stream``): bytes go
+  out as they arrive, one ``send`` per complete event group, never re-serialised. Only events that
+  the hooks must see are parsed (by default only those containing ``"usage"``; every event when the
+  hooks set ``inspect_all``, e.g. to validate guided output). A hook may drop an event (the usage
+  chunk the gateway injected). Partial events are held until their ``\\n\\n`` arrives.
+* **Other responses** are read whole and passed through (hooks may rewrite the body and add headers).
+
+While the call runs, a watcher waits for ``http.disconnect``; when the client goes away the call is
+cancelled and the upstream response is closed, which drops the connection so vLLM aborts the request.
+
+Errors before the response started become an OpenAI-shaped JSON error with the right status; after
+the first byte they end the stream with exactly one ``data: {"error": ...}`` event.
+Whatever happens, ``hooks.on_finish`` runs exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from qwen_serve.constants import SSE_DATA_PREFIX, SSE_EVENT_SEPARATOR
+from qwen_serve.errors import QwenServeError, UpstreamError, error_body
+from qwen_serve.gateway.types import Receive, Scope, Send
+from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
+
+__all__ = ["ProxyCall", "ProxyHooks", "send_error"]
+
+log = logging.getLogger("qwen_serve.gateway")
+
+_USAGE_MARK = b'"usage"'
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ProxyHooks(Protocol):
+    """What the pipeline wants to see of a proxied exchange (all methods are cheap and never raise)."""
+
+    inspect_all: bool
+
+    def on_first_chunk(self) -> None: ...
+
+    def on_event(self, event: Mapping[str, Any]) -> bool:
+        """A parsed SSE data event; return False to drop it from the client's stream."""
+        ...
+
+    def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """A whole (non-SSE) response: return the body to send and extra headers."""
+        ...
+
+    def on_finish(self, *, status: int, disconnected: bool, error: QwenServeError | None) -> None: ...
+
+
+async def send_error(send: Send, exc: QwenServeError, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a complete OpenAI-shaped JSON error response."""
+    body = exc.to_json()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    if extra_headers:
+        headers += extra_headers
+    await send({"type": "http.response.start", "status": int(exc.status), "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _error_frame(exc: QwenServeError) -> bytes:
+    return b"data: " + exc.to_json() + SSE_EVENT_SEPARATOR
+
+
+class ProxyCall:
+    """One proxied request; an ASGI app that is called exactly once."""
+
+    def __init__(self, upstream: Upstream, method: str, path: str, body: bytes | None,
+                 headers: Mapping[str, str], *, stream: bool, hooks: ProxyHooks) -> None:
+        self._upstream = upstream
+        self._method = method
+        self._path = path
+        self._body = body
+        self._headers = headers
+        self._stream = stream
+        self._hooks = hooks
+        self._started = False
+        self._status = 0
+        self._resp: UpstreamResponse | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        error: QwenServeError | None = None
+        try:
+            await self._run(send)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            task.uncancel()
+        except OSError:  # the server could not write: the client is gone
+            gone.set()
+        except QwenServeError as exc:
+            error = exc
+            with contextlib.suppress(OSError):
+                await self._fail(send, exc)
+        finally:
+            watcher.cancel()
+            if self._resp is not None:
+                await self._resp.aclose()
+            self._hooks.on_finish(status=self._status or (int(error.status) if error else 499),
+                                  disconnected=gone.is_set(), error=error)
+
+    async def _fail(self, send: Send, exc: QwenServeError) -> None:
+        if not self._started:
+            self._status = int(exc.status)
+            self._started = True
+            await send_error(send, exc)
+        else:
+            log.warning("stream failed after start: %s", exc.message)
+            await send({"type": "http.response.body", "body": _error_frame(exc), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _run(self, send: Send) -> None:
+        self._resp = resp = await self._upstream.request(self._method, self._path, self._body, self._headers)
+        if self._stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
+            await self._relay_sse(resp, send)
+            return
+        body = await resp.read()
+        status = resp.status
+        if status >= 500:
+            body = json.dumps(_upstream_error_body(status, body)).encode()
+        body, extra = self._hooks.on_response(status, body)
+        headers = [(b"content-type", resp.content_type.encode() or b"application/json"),
+                   (b"content-length", str(len(body)).encode()), *extra]
+        self._status = status
+        self._started = True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _relay_sse(self, resp: UpstreamResponse, send: Send) -> None:
+        hooks = self._hooks
+        inspect_all = hooks.inspect_all
+        self._status = 200
+        self._started = True
+        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
+        first = True
+        pending = b""
+        async for chunk in resp.aiter_chunks():
+            if first:
+                hooks.on_first_chunk()
+                first = False
+            if pending:
+                chunk = pending + chunk
+            cut = chunk.rfind(SSE_EVENT_SEPARATOR)
+            if cut < 0:  # no complete event yet
+                pending = chunk
+                continue
+            cut += len(SSE_EVENT_SEPARATOR)
+            pending = chunk[cut:]
+            ready = chunk[:cut] if pending else chunk
+            if inspect_all or _USAGE_MARK in ready:
+                ready = _filter_events(ready, hooks)
+                if not ready:
+                    continue
+            await send({"type": "http.response.body", "body": ready, "more_body": True})
+        if pending:
+            await send({"type": "http.response.body", "body": pending, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _filter_events(data: bytes, hooks: ProxyHooks) -> bytes:
+    """Parse each complete data event, let the hooks see it, keep what they keep (bytes unchanged)."""
+    out = []
+    for event in data.split(SSE_EVENT_SEPARATOR):
+        if not event:
+            continue
+        keep = True
+        if event.startswith(SSE_DATA_PREFIX) and event[6:7] == b"{":
+            try:
+                obj = json.loads(event[6:])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                keep = hooks.on_event(obj)
+        if keep:
+            out.append(event)
+            out.append(SSE_EVENT_SEPARATOR)
+    return b"".join(out)
+
+
+def _upstream_error_body(status: int, body: bytes) -> dict[str, Any]:
+    """Keep the engine's OpenAI-shaped error if it sent one, else wrap it."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+            return obj
+    except ValueError:
+        pass
+    return error_body(f"engine error (HTTP {status})", UpstreamError.type, UpstreamError.code)

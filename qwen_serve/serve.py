@@ -1,0 +1,121 @@
+"""Process entry points behind ``qwen-serve up`` and ``qwen-serve gateway``.
+
+``run_up(config)`` plans, builds the gateway with an engine supervisor attached, and serves with
+uvicorn (uvloop + httptools). The gateway listens at once (``/health`` 200, ``/ready`` 503) while the
+engine loads. SIGTERM/SIGINT drain: ``/ready`` turns 503 and new requests get 503 + ``Retry-After``,
+in-flight requests (streams included) may finish for up to ``gateway.drain_timeout_s``, then the
+engine is stopped. Returns the process exit code: 0 after a drain, 1 when the engine could not start
+or died with ``restart: never`` (the last engine log lines are printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from qwen_serve.config import Config
+from qwen_serve.constants import ENGINE_HOST
+from qwen_serve.engine.state import EngineState
+from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
+from qwen_serve.gateway.app import build_app
+from qwen_serve.gateway.upstream import create_upstream
+
+__all__ = ["gpu_visible", "run_gateway", "run_up"]
+
+log = logging.getLogger("qwen_serve")
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU device node is present and not hidden by CUDA_VISIBLE_DEVICES."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with the drain flag raised as soon as a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: EngineState) -> None:
+        super().__init__(config)
+        self.engine_state = state
+        self.exit_code = 0
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.engine_state.draining:
+            log.info("signal %s: draining (in-flight requests may finish)", sig)
+        self.engine_state.draining = True
+        super().handle_exit(sig, frame)
+
+    def fail(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.exit_code = 1
+        self.engine_state.draining = True
+        self.should_exit = True
+
+
+def _uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
+    gw = config.gateway
+    return uvicorn.Config(
+        app, host=gw.host, port=gw.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=gw.log_requests, log_level="info", timeout_graceful_shutdown=int(gw.drain_timeout_s),
+        timeout_keep_alive=75, server_header=False,
+    )
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def run_gateway(config: Config, upstream_url: str | None = None) -> int:
+    """Serve the gateway in front of an already running engine."""
+    setup_logging()
+    state = EngineState()
+    app = build_app(config, upstream_url=upstream_url, state=state)
+    server = _Server(_uvicorn_config(app, config), state)
+    server.run()
+    return server.exit_code
+
+
+def run_up(config: Config) -> int:
+    """Plan, start vLLM on 127.0.0.1, serve the gateway; returns the exit code."""
+    from qwen_serve.plan import build_plan
+
+    setup_logging()
+    plan = build_plan(config, gpu_visible=gpu_visible())
+    for warning in plan.warnings:
+        log.warning("plan: %s", warning)
+    state = EngineState()
+    gw = config.gateway
+    upstream = create_upstream(gw.upstream_client, f"http://{ENGINE_HOST}:{config.engine.port}",
+                               connect_timeout=gw.connect_timeout_s, read_timeout=gw.request_timeout_s)
+    server: _Server | None = None
+
+    def fatal(reason: str) -> None:
+        assert server is not None
+        server.fail(reason)
+
+    supervisor = EngineSupervisor(
+        plan.vllm_args, plan.env, upstream, state,
+        startup_timeout_s=config.engine.startup_timeout_s, restart=config.engine.restart,
+        max_restarts=config.engine.max_restarts, on_fatal=fatal,
+    )
+
+    async def run_engine() -> None:
+        try:
+            await supervisor.start()
+        except EngineStartError as exc:
+            fatal(f"engine failed to start: {exc.message}")
+            return
+        await supervisor.watch()
+
+    app = build_app(config, upstream=upstream, state=state, engine_runner=run_engine,
+                    engine_stopper=supervisor.stop)
+    server = _Server(_uvicorn_config(app, config), state)
+    server.run()
+    return server.exit_code

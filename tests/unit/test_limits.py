@@ -1,0 +1,352 @@
+"""qwen_serve.gateway.limits: rpm / tpm / concurrency accounting, Retry-After, the prompt estimate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen_serve.errors import RateLimited
+from qwen_serve.gateway.auth import Principal
+from qwen_serve.gateway.limits import LocalLimiter, estimate_prompt_tokens
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def key(rpm: int | None = None, tpm: int | None = None, max_concurrent: int | None = None, key_id: str = "k") -> Principal:
+    return Principal(key_id, ("*",), rpm, tpm, max_concurrent)
+
+
+def refused(limiter: LocalLimiter, principal: Principal, tokens: int = 0) -> RateLimited:
+    with pytest.raises(RateLimited) as info:
+        limiter.try_acquire(principal, tokens)
+    assert info.value.status == 429 and info.value.code == "rate_limit_exceeded"
+    return info.value
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def limiter(clock: Clock) -> LocalLimiter:
+    return LocalLimiter(clock=clock)
+
+
+# --- rpm --------------------------------------------------------------------------------------------------
+
+
+def test_burst_over_rpm_admits_exactly_the_limit(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(rpm=10)
+    admitted = refusals = 0
+    for _ in range(25):
+        try:
+            limiter.try_acquire(principal, 0).release()
+            admitted += 1
+        except RateLimited as exc:
+            refusals += 1
+            assert exc.limit == "rpm" and exc.retry_after == pytest.approx(60)
+    assert (admitted, refusals) == (10, 15)
+
+
+def test_rpm_window_slides(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(rpm=3)
+    for _ in range(3):
+        limiter.try_acquire(principal, 0)
+        clock.advance(10)  # admitted at t0, t0+10, t0+20
+    clock.advance(5)  # t0+35
+    exc = refused(limiter, principal)
+    assert exc.retry_after == pytest.approx(25)  # the t0 admission leaves at t0+60
+    assert exc.headers == {"retry-after": "25"}
+    assert "3 requests per minute" in exc.message and "25s" in exc.message
+    clock.advance(24.5)
+    refused(limiter, principal)
+    clock.advance(0.5)  # exactly t0+60: (t-60, t] no longer holds t0
+    limiter.try_acquire(principal, 0)
+    assert refused(limiter, principal).retry_after == pytest.approx(10)
+
+
+def test_keys_are_independent(limiter: LocalLimiter) -> None:
+    limiter.try_acquire(key(rpm=1, key_id="a"), 0)
+    limiter.try_acquire(key(rpm=1, key_id="b"), 0)
+    refused(limiter, key(rpm=1, key_id="a"))
+
+
+def test_lowered_limit_after_reload_waits_for_enough_to_leave(limiter: LocalLimiter, clock: Clock) -> None:
+    for _ in range(5):
+        limiter.try_acquire(key(rpm=5), 0)
+        clock.advance(1)
+    exc = refused(limiter, key(rpm=2))  # 5 in the window, 2 allowed: the 4th oldest (t0+3) must leave
+    assert exc.retry_after == pytest.approx(60 + 3 - 5)
+
+
+# --- concurrency ------------------------------------------------------------------------------------------
+
+
+def test_concurrency(limiter: LocalLimiter) -> None:
+    principal = key(max_concurrent=2)
+    first = limiter.try_acquire(principal, 0)
+    limiter.try_acquire(principal, 0)
+    exc = refused(limiter, principal)
+    assert exc.limit == "concurrency" and exc.retry_after == 1
+    first.release()
+    first.release()  # idempotent: frees one slot, not two
+    third = limiter.try_acquire(principal, 0)
+    refused(limiter, principal)
+    third.release(123)
+    limiter.try_acquire(principal, 0)
+
+
+async def test_async_acquire(limiter: LocalLimiter) -> None:
+    lease = await limiter.acquire(key(max_concurrent=1), 10)
+    with pytest.raises(RateLimited):
+        await limiter.acquire(key(max_concurrent=1), 10)
+    lease.release()
+    (await limiter.acquire(key(max_concurrent=1), 10)).release()
+    await limiter.aclose()
+
+
+def test_unlimited_principal_is_free(limiter: LocalLimiter) -> None:
+    for _ in range(1000):
+        limiter.try_acquire(Principal("anonymous"), 10**9).release(10**9)
+    assert limiter._states == {}
+
+
+def test_slowest_refusal_is_reported(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(rpm=1, max_concurrent=1)
+    limiter.try_acquire(principal, 0)
+    exc = refused(limiter, principal)  # both refuse; rpm frees in 60 s, concurrency "in 1 s"
+    assert exc.limit == "rpm"
+
+
+# --- tpm --------------------------------------------------------------------------------------------------
+
+
+def test_tpm_counts_the_estimate_while_in_flight(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(tpm=100)
+    lease = limiter.try_acquire(principal, 60)
+    exc = refused(limiter, principal, 50)
+    assert exc.limit == "tpm" and exc.retry_after == 1  # only a release can free in-flight tokens
+    assert "100 tokens per minute (in use 60, requested 50)" in exc.message
+    limiter.try_acquire(principal, 40).release(40)
+    clock.advance(600)  # a long stream: still charged its estimate
+    refused(limiter, principal, 60)
+    lease.release()  # usage unknown: the estimate stands, now at release time
+    refused(limiter, principal, 60)
+    clock.advance(60)
+    limiter.try_acquire(principal, 60)
+
+
+def test_tpm_reconciles_with_actual_usage(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(tpm=1000)
+    lease = limiter.try_acquire(principal, 100)
+    clock.advance(5)
+    lease.release(900)  # prompt 100 + completion 800, charged at release time t0+5
+    limiter.try_acquire(principal, 100).release(100)  # 1000 used
+    clock.advance(10)
+    exc = refused(limiter, principal, 1)
+    assert exc.limit == "tpm"
+    assert exc.retry_after == pytest.approx(50)  # the 900 charged at t0+5 leaves at t0+65; now t0+15
+    clock.advance(50)
+    limiter.try_acquire(principal, 850)
+
+
+def test_tpm_overestimate_is_refunded(limiter: LocalLimiter) -> None:
+    principal = key(tpm=100)
+    limiter.try_acquire(principal, 90).release(10)
+    limiter.try_acquire(principal, 90)
+
+
+def test_tpm_retry_after_counts_only_what_must_leave(limiter: LocalLimiter, clock: Clock) -> None:
+    principal = key(tpm=100)
+    for tokens in (30, 30, 30):
+        limiter.try_acquire(principal, tokens).release()
+        clock.advance(10)
+    # 90 used (at t0, t0+10, t0+20), now t0+30; 50 more needs 40 freed: the first two must leave.
+    assert refused(limiter, principal, 50).retry_after == pytest.approx(40)
+
+
+def test_request_larger_than_tpm_can_never_fit(limiter: LocalLimiter) -> None:
+    exc = refused(limiter, key(tpm=100), 101)
+    assert exc.limit == "tpm" and exc.retry_after == 60
+    assert "can never be admitted" in exc.message
+    limiter.try_acquire(key(tpm=100), 100)
+
+
+# --- the property: no window ever admits more than its limit ----------------------------------------------
+
+WINDOW = 60_000  # integer "milliseconds" keep the boundary arithmetic exact
+
+
+@dataclass
+class Request:
+    seq: int  # event index of the admission
+    t: int
+    estimate: int
+    release_seq: int | None = None
+    release_t: int | None = None
+    actual: int | None = None
+
+    @property
+    def charged(self) -> int:
+        """Final reconciled tokens: the usage given at release, else the estimate."""
+        return self.estimate if self.actual is None else self.actual
+
+
+@dataclass
+class History:
+    requests: list[Request] = field(default_factory=list)
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.integers(0, 30_000)),
+        st.tuples(st.just("acquire"), st.integers(0, 120)),
+        st.tuples(st.just("release"), st.integers(0, 10_000), st.one_of(st.none(), st.integers(0, 300))),
+    ),
+    max_size=120,
+)
+limits = st.tuples(
+    st.one_of(st.none(), st.integers(1, 8)),  # rpm
+    st.one_of(st.none(), st.integers(1, 150)),  # tpm
+    st.one_of(st.none(), st.integers(1, 4)),  # max_concurrent
+)
+
+
+def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound: bool) -> History:
+    """Drive a LocalLimiter and check every decision against an independent model of the rules."""
+    clock = Clock(0)
+    limiter = LocalLimiter(clock=clock, window_s=WINDOW)
+    history = History()
+    leases = {}
+    for seq, op in enumerate(operations):
+        if op[0] == "advance":
+            clock.advance(op[1])  # type: ignore[arg-type]
+        elif op[0] == "acquire":
+            estimate = int(op[1])  # type: ignore[call-overload]
+            now = int(clock.now)
+            live = [r for r in history.requests if r.release_seq is None]
+            starts = [r for r in history.requests if r.t > now - WINDOW]
+            charges = sum(r.estimate for r in live) + sum(
+                r.charged for r in history.requests if r.release_t is not None and r.release_t > now - WINDOW
+            )
+            allowed = {
+                "rpm": principal.rpm is None or len(starts) < principal.rpm,
+                "tpm": principal.tpm is None or charges + estimate <= principal.tpm,
+                "concurrency": principal.max_concurrent is None or len(live) < principal.max_concurrent,
+            }
+            try:
+                lease = limiter.try_acquire(principal, estimate)
+            except RateLimited as exc:
+                assert not allowed[exc.limit], f"refused by {exc.limit} although the rules allow it"
+                assert 0 < exc.retry_after <= WINDOW
+                continue
+            assert all(allowed.values()), f"admitted although {allowed}"
+            leases[len(history.requests)] = lease
+            history.requests.append(Request(seq, now, estimate))
+        else:
+            unreleased = [i for i, r in enumerate(history.requests) if r.release_seq is None]
+            if not unreleased:
+                continue
+            index = unreleased[int(op[1]) % len(unreleased)]  # type: ignore[call-overload]
+            request = history.requests[index]
+            actual = op[2]
+            if upper_bound and actual is not None:
+                actual = min(int(actual), request.estimate)  # type: ignore[call-overload]
+            leases[index].release(actual)  # type: ignore[arg-type]
+            leases[index].release(999_999)  # a second release is ignored
+            request.release_seq, request.release_t, request.actual = seq, int(clock.now), actual  # type: ignore[assignment]
+    return history
+
+
+@settings(max_examples=400, deadline=None)
+@given(operations=ops, limit=limits, upper_bound=st.booleans())
+def test_no_window_admits_more_than_its_limit(
+    operations: list[tuple[object, ...]], limit: tuple[int | None, int | None, int | None], upper_bound: bool
+) -> None:
+    rpm, tpm, max_concurrent = limit
+    principal = key(rpm, tpm, max_concurrent)
+    requests = run(operations, principal, upper_bound).requests
+
+    # rpm: every half-open interval [s, s + W) holds at most rpm admissions (the worst ones start at one).
+    if rpm is not None:
+        for first in requests:
+            assert sum(first.t <= r.t < first.t + WINDOW for r in requests) <= rpm
+
+    # tpm: tokens are the reconciled amounts, attributed when a request finishes. For every interval
+    # [s, s + W), let R be the requests finishing in it and i* the last of them to be admitted. Then
+    #   sum(actual over R) <= tpm + sum(actual - estimate over those of R still in flight at i*'s admission),
+    # i.e. the only overshoot is the underestimate of requests that were running when the last one started.
+    # With estimates that are upper bounds (actual <= estimate) there is none: sum(actual over R) <= tpm.
+    if tpm is not None:
+        finished = [r for r in requests if r.release_t is not None]
+        for first in finished:
+            assert first.release_t is not None
+            window = [r for r in finished if first.release_t <= r.release_t < first.release_t + WINDOW]  # type: ignore[operator]
+            last = max(window, key=lambda r: r.seq)
+            overshoot = sum(r.charged - r.estimate for r in window if r.release_seq > last.seq)  # type: ignore[operator]
+            total = sum(r.charged for r in window)
+            assert total <= tpm + overshoot
+            if upper_bound:
+                assert total <= tpm
+
+
+# --- the upfront estimate ---------------------------------------------------------------------------------
+
+
+def test_estimate_chat_messages() -> None:
+    body = {"messages": [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 400}]}
+    assert estimate_prompt_tokens(body) == 3 + 2 * 4 + 110
+
+
+def test_estimate_counts_every_text_part() -> None:
+    parts = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a" * 40},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}},
+        {"type": "text", "text": "b" * 40},
+    ]}]}
+    plain = {"messages": [{"role": "user", "content": "a" * 80}]}
+    assert estimate_prompt_tokens(parts) == estimate_prompt_tokens(plain) == 3 + 4 + 20
+
+
+def test_estimate_tools_and_tool_calls_add_tokens() -> None:
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    with_tools = {**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    call = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}]}
+    assert estimate_prompt_tokens(with_tools) > estimate_prompt_tokens(base)
+    assert estimate_prompt_tokens(call) > estimate_prompt_tokens(base) + 4
+
+
+def test_estimate_non_ascii_by_utf8_bytes() -> None:
+    assert estimate_prompt_tokens({"prompt": "你好" * 20}) == math.ceil(40 * 3 / 4)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("abcd" * 10, 10), (["abcd" * 10, "abcd"], 11), ([1, 2, 3], 3), ([[1, 2], [3, 4, 5]], 5), ("", 0)],
+)
+def test_estimate_completion_prompts(prompt: object, expected: int) -> None:
+    assert estimate_prompt_tokens({"prompt": prompt}) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"messages": None}, {"messages": "hi"}, {"messages": [None, 3, {"content": {"x": 1}}]}, {"prompt": 5},
+     {"messages": [{"content": [None, 1, {"text": 2}]}]}, {"tools": object()}],
+)
+def test_estimate_never_raises(body: dict[str, object]) -> None:
+    assert estimate_prompt_tokens(body) >= 0

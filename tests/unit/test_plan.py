@@ -1,0 +1,318 @@
+"""Launch planner: presets, TP/DP choice, YaRN, memory arithmetic and the vLLM argv (CONTRACTS.md §1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qwen_serve.config import Config, parse_config
+from qwen_serve.errors import PlanError
+from qwen_serve.plan import GIB, Plan, build_plan, valid_tensor_parallel_sizes
+from qwen_serve.presets import PRESETS, resolve_geometry
+
+CONTRACT_KEYS = {
+    "model", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "head_dim", "native_context",
+    "max_model_len", "tensor_parallel_size", "data_parallel_size", "rope_scaling", "param_count",
+    "weights_bytes_per_gpu", "kv_cache_bytes_per_token", "kv_cache_tokens_per_replica",
+    "max_full_context_sequences_per_replica", "vllm_args", "warnings",
+}  # fmt: skip
+
+
+def cfg(source: str = "Qwen/Qwen2.5-7B-Instruct", base_dir: Path | None = None, **sections: Any) -> Config:
+    model = {"source": source, **sections.pop("model", {})}
+    return parse_config({"model": model, **sections}, base_dir=base_dir)
+
+
+def plan(source: str = "Qwen/Qwen2.5-7B-Instruct", *, gpu: bool = True, **sections: Any) -> Plan:
+    return build_plan(cfg(source, **sections), gpu_visible=gpu)
+
+
+def flag(p: Plan, name: str) -> str | None:
+    args = p.vllm_args
+    return args[args.index(name) + 1] if name in args else None
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "heads", "kv", "layers", "hidden", "inter", "vocab", "tied", "validated", "billions"),
+    [
+        ("qwen2.5-0.5b-instruct", 14, 2, 24, 896, 4864, 151936, True, 32768, 0.49),
+        ("qwen2.5-1.5b-instruct", 12, 2, 28, 1536, 8960, 151936, True, 32768, 1.54),
+        ("qwen2.5-3b-instruct", 16, 2, 36, 2048, 11008, 151936, True, 32768, 3.09),
+        ("qwen2.5-7b-instruct", 28, 4, 28, 3584, 18944, 152064, False, 131072, 7.62),
+        ("qwen2.5-14b-instruct", 40, 8, 48, 5120, 13824, 152064, False, 131072, 14.77),
+        ("qwen2.5-32b-instruct", 40, 8, 64, 5120, 27648, 152064, False, 131072, 32.76),
+        ("qwen2.5-72b-instruct", 64, 8, 80, 8192, 29568, 152064, False, 131072, 72.71),
+    ],
+)
+def test_preset_geometry(
+    name: str, heads: int, kv: int, layers: int, hidden: int, inter: int, vocab: int, tied: bool, validated: int,
+    billions: float,
+) -> None:  # fmt: skip
+    g = PRESETS[name]
+    assert (g.num_attention_heads, g.num_key_value_heads, g.num_hidden_layers) == (heads, kv, layers)
+    assert (g.hidden_size, g.intermediate_size, g.vocab_size) == (hidden, inter, vocab)
+    assert g.head_dim == hidden // heads
+    assert g.tie_word_embeddings is tied
+    assert g.native_context == 32768
+    assert g.validated_context == validated
+    assert round(g.param_count / 1e9, 2) == billions  # the sizes Qwen publishes
+
+
+def test_param_count_by_hand_7b() -> None:
+    h, inter, vocab, layers, q, kv = 3584, 18944, 152064, 28, 28 * 128, 4 * 128
+    per_layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * inter + 2 * h
+    assert PRESETS["qwen2.5-7b-instruct"].param_count == 2 * vocab * h + layers * per_layer + h == 7_615_616_512
+
+
+@pytest.mark.parametrize("source", ["Qwen/Qwen2.5-7B-Instruct", "qwen/qwen2.5-7b-instruct", "qwen2.5-7b-instruct"])
+def test_hf_id_maps_to_preset(source: str) -> None:
+    assert resolve_geometry(source) is PRESETS["qwen2.5-7b-instruct"]
+
+
+def test_unknown_model_names_source() -> None:
+    with pytest.raises(PlanError, match=r"^model\.source: unknown model 'meta-llama/Llama-3-8B'"):
+        resolve_geometry("meta-llama/Llama-3-8B")
+
+
+def test_valid_tp_sizes_respect_kv_heads() -> None:
+    # vLLM splits KV heads across ranks or replicates them (TP a multiple of the KV heads); 7 fits neither for 7B.
+    assert valid_tensor_parallel_sizes(PRESETS["qwen2.5-7b-instruct"]) == [1, 2, 4, 28]
+    assert valid_tensor_parallel_sizes(PRESETS["qwen2.5-0.5b-instruct"]) == [1, 2, 14]
+    assert valid_tensor_parallel_sizes(PRESETS["qwen2.5-72b-instruct"], limit=8) == [1, 2, 4, 8]
+
+
+# --- parallelism ------------------------------------------------------------------------------------------
+
+
+def test_small_model_on_four_gpus_is_data_parallel() -> None:
+    p = plan("qwen2.5-0.5b-instruct", engine={"gpus": 4})
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 4)
+    assert flag(p, "--tensor-parallel-size") == "1"
+    assert flag(p, "--data-parallel-size") == "4"
+
+
+def test_explicit_impossible_tp_is_an_error() -> None:
+    with pytest.raises(PlanError, match=r"^engine\.tensor_parallel_size: 4 .*14 attention heads.*valid: 1, 2, 14"):
+        plan("qwen2.5-0.5b-instruct", engine={"gpus": 4, "tensor_parallel_size": 4})
+    with pytest.raises(PlanError, match=r"^engine\.tensor_parallel_size: 7 neither .* 4 KV heads .*valid: 1, 2, 4, 28"):
+        plan(engine={"gpus": 8, "tensor_parallel_size": 7})
+
+
+def test_tp_times_dp_above_gpus_is_an_error() -> None:
+    with pytest.raises(PlanError, match=r"^engine\.data_parallel_size: .*2 x .*4 = 8 GPUs, more than engine\.gpus"):
+        plan(engine={"gpus": 4, "tensor_parallel_size": 2, "data_parallel_size": 4})
+    with pytest.raises(PlanError, match=r"^engine\.tensor_parallel_size: 4 is more than engine\.gpus \(2\)"):
+        plan(engine={"gpus": 2, "tensor_parallel_size": 4})
+
+
+def test_explicit_tp_with_auto_dp_uses_remaining_gpus() -> None:
+    p = plan(engine={"gpus": 4, "tensor_parallel_size": 2})
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (2, 2)
+
+
+def test_explicit_dp_leaving_gpus_idle_warns() -> None:
+    p = plan(engine={"gpus": 4, "data_parallel_size": 2, "gpu_memory_gib": 80})
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 2)
+    assert any("2 of 4 GPUs unused" in w for w in p.warnings)
+
+
+def test_auto_tp_grows_until_weights_and_one_sequence_fit() -> None:
+    p = plan("qwen2.5-72b-instruct", model={"max_model_len": 131072}, engine={"gpus": 4, "gpu_memory_gib": 80})
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (4, 1)
+    assert p.max_full_context_sequences_per_replica >= 1
+    p = plan("qwen2.5-32b-instruct", model={"max_model_len": 131072}, engine={"gpus": 4, "gpu_memory_gib": 80})
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (2, 2)
+
+
+def test_nothing_fits_names_the_reason() -> None:
+    with pytest.raises(PlanError, match=r"^engine\.gpus: qwen2\.5-72b-instruct .* of weights per GPU"):
+        plan("qwen2.5-72b-instruct", engine={"gpus": 2, "gpu_memory_gib": 24})
+    with pytest.raises(PlanError, match=r"^engine\.tensor_parallel_size: 1 does not fit: .*KV-cache tokens"):
+        plan(model={"max_model_len": 131072}, engine={"gpus": 1, "gpu_memory_gib": 24, "tensor_parallel_size": 1})
+
+
+# --- context and YaRN -------------------------------------------------------------------------------------
+
+
+def test_7b_at_128k_uses_yarn_factor_4() -> None:
+    p = plan(model={"max_model_len": 131072}, engine={"gpus": 4, "gpu_memory_gib": 80})
+    assert p.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 4)
+    assert p.warnings == []  # 7B is validated at 128K
+    overrides = json.loads(flag(p, "--hf-overrides") or "")
+    assert overrides["rope_scaling"] == {**p.rope_scaling, "rope_theta": 1_000_000.0}
+    # vLLM 0.32 does not stretch max_position_embeddings by a YaRN factor; without this it refuses 131072.
+    assert overrides["max_position_embeddings"] == 131072
+    assert flag(p, "--max-model-len") == "131072"
+
+
+def test_no_yarn_at_native_context() -> None:
+    p = plan(engine={"gpu_memory_gib": 80})
+    assert p.max_model_len == p.native_context == 32768
+    assert p.rope_scaling is None
+    assert "--hf-overrides" not in p.vllm_args
+
+
+def test_small_model_beyond_32k_warns_not_validated() -> None:
+    p = plan("qwen2.5-3b-instruct", model={"max_model_len": 65536}, engine={"gpu_memory_gib": 80})
+    assert p.rope_scaling is not None and p.rope_scaling["factor"] == 2.0
+    assert any(w.startswith("model.max_model_len: 65536") and "validated" in w for w in p.warnings)
+
+
+def test_yarn_factor_is_capped_at_4() -> None:
+    with pytest.raises(PlanError, match=r"^model\.max_model_len: 262144 is 8x the native context 32768"):
+        plan(model={"max_model_len": 262144})
+
+
+# --- memory arithmetic ------------------------------------------------------------------------------------
+
+
+def test_kv_bytes_per_token_by_hand() -> None:
+    assert plan().kv_cache_bytes_per_token == 2 * 28 * 4 * 128 * 2 == 57344
+    assert plan(engine={"kv_cache_dtype": "fp8"}).kv_cache_bytes_per_token == 57344 // 2
+    assert plan("qwen2.5-0.5b-instruct").kv_cache_bytes_per_token == 2 * 24 * 2 * 64 * 2
+
+
+def test_kv_tokens_fill_the_budget() -> None:
+    p = plan(model={"max_model_len": 131072}, engine={"gpus": 4, "gpu_memory_gib": 80})
+    budget = 80 * GIB * 0.9
+    assert p.weights_bytes_per_gpu == PRESETS["qwen2.5-7b-instruct"].param_count * 2
+    used = p.weights_bytes_per_gpu + p.kv_cache_tokens_per_replica * p.kv_cache_bytes_per_token
+    assert budget - 4 * GIB < used < budget - 1 * GIB  # reserve between 1 and 4 GiB
+    assert p.kv_cache_tokens_per_replica % 16 == 0
+    assert p.max_full_context_sequences_per_replica == p.kv_cache_tokens_per_replica // 131072 == 7
+
+
+def test_tp_splits_weights_and_replicates_kv_heads() -> None:
+    p = plan("qwen2.5-0.5b-instruct", engine={"gpus": 14, "tensor_parallel_size": 14, "gpu_memory_gib": 80})
+    assert p.weights_bytes_per_gpu == -(-PRESETS["qwen2.5-0.5b-instruct"].param_count * 2 // 14)
+    # 2 KV heads on 14 ranks: each rank keeps one, so a rank holds half the model's KV bytes per token.
+    per_rank = p.kv_cache_bytes_per_token // 2
+    assert p.kv_cache_tokens_per_replica * per_rank <= 80 * GIB * 0.9 - p.weights_bytes_per_gpu
+
+
+def test_gpu_memory_assumed_with_a_warning() -> None:
+    assert "engine.gpu_memory_gib not set: assuming 80 GiB per GPU" in plan().warnings
+    assert plan(engine={"gpu_memory_gib": 80}).warnings == []
+
+
+# --- devices ----------------------------------------------------------------------------------------------
+
+
+def test_cpu_plan() -> None:
+    p = plan("qwen2.5-0.5b-instruct", engine={"device": "cpu", "cpu_kv_cache_gib": 3, "env": {"OMP_NUM_THREADS": "2"}})
+    assert p.device == "cpu"
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 1)
+    assert p.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2"}
+    assert p.kv_cache_tokens_per_replica == 3 * GIB // p.kv_cache_bytes_per_token // 16 * 16
+    assert "--gpu-memory-utilization" not in p.vllm_args
+    assert "--data-parallel-size" not in p.vllm_args
+    assert not any("GPU" in w for w in p.warnings)
+
+
+def test_auto_device_follows_gpu_visibility() -> None:
+    assert plan("qwen2.5-0.5b-instruct", gpu=False).device == "cpu"
+    assert plan("qwen2.5-0.5b-instruct", gpu=True).device == "cuda"
+
+
+def test_cpu_kv_cache_too_small_for_one_sequence() -> None:
+    with pytest.raises(PlanError, match=r"^engine\.cpu_kv_cache_gib: 1 GiB holds"):
+        plan(model={"max_model_len": 131072}, engine={"device": "cpu", "cpu_kv_cache_gib": 1})
+
+
+# --- local models -----------------------------------------------------------------------------------------
+
+
+def write_config(directory: Path, **overrides: Any) -> Path:
+    directory.mkdir(parents=True)
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 1000,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "float32",
+        "rope_theta": 10000.0, **overrides,
+    }  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_local_config_json(tmp_path: Path) -> None:
+    write_config(tmp_path / "models" / "tiny")
+    config = cfg("models/tiny", base_dir=tmp_path, model={"max_model_len": 8192}, engine={"device": "cpu"})
+    p = build_plan(config)
+    assert (p.num_attention_heads, p.num_key_value_heads, p.num_hidden_layers, p.head_dim) == (8, 2, 4, 32)
+    assert p.kv_cache_bytes_per_token == 2 * 4 * 2 * 32 * 2  # float32 checkpoints load as 16-bit
+    assert flag(p, "--model") == str(tmp_path / "models" / "tiny")
+    assert p.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096}
+    assert json.loads(flag(p, "--hf-overrides") or "")["rope_scaling"]["rope_theta"] == 10000.0
+    assert any("validated" in w for w in p.warnings)  # unknown model: only its native context counts
+
+
+def test_local_copy_of_a_preset_keeps_its_validated_context(tmp_path: Path) -> None:
+    g = PRESETS["qwen2.5-7b-instruct"]
+    write_config(
+        tmp_path / "q7", hidden_size=g.hidden_size, intermediate_size=g.intermediate_size,
+        num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28, vocab_size=g.vocab_size,
+        max_position_embeddings=32768, tie_word_embeddings=False, torch_dtype="bfloat16",
+    )  # fmt: skip
+    geometry = resolve_geometry(str(tmp_path / "q7"))
+    assert geometry.validated_context == 131072
+    assert geometry.param_count == g.param_count
+
+
+def test_local_dir_without_config_json(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"^model\.source: cannot read .*config\.json"):
+        resolve_geometry(str(tmp_path))
+
+
+# --- vLLM argv --------------------------------------------------------------------------------------------
+
+
+def test_vllm_args_shape() -> None:
+    p = plan(model={"served_name": "qwen"}, engine={"port": 9001, "extra_args": ["--max-num-seqs", "64"]})
+    assert p.vllm_args[:4] == ["--model", "Qwen/Qwen2.5-7B-Instruct", "--served-model-name", "qwen"]
+    assert flag(p, "--host") == "127.0.0.1"
+    assert flag(p, "--port") == "9001" and p.engine_port == 9001
+    assert flag(p, "--gpu-memory-utilization") == "0.9"
+    assert "--enable-prefix-caching" in p.vllm_args
+    assert json.loads(flag(p, "--structured-outputs-config") or "") == {"backend": "guidance"}
+    assert flag(p, "--tool-call-parser") == "hermes" and "--enable-auto-tool-choice" in p.vllm_args
+    assert "--kv-cache-dtype" not in p.vllm_args
+    assert p.vllm_args[-2:] == ["--max-num-seqs", "64"]
+
+
+def test_vllm_args_options_off() -> None:
+    p = plan(
+        "qwen2.5-7b-instruct",
+        model={"tool_calling": False},
+        engine={"enable_prefix_caching": False, "structured_outputs_backend": "auto", "kv_cache_dtype": "fp8"},
+    )
+    assert "--no-enable-prefix-caching" in p.vllm_args
+    assert "--structured-outputs-config" not in p.vllm_args
+    assert "--tool-call-parser" not in p.vllm_args
+    assert flag(p, "--kv-cache-dtype") == "fp8"
+    assert flag(p, "--model") == "Qwen/Qwen2.5-7B-Instruct"  # a preset name launches its HF id
+    assert p.served_name == "qwen2.5-7b-instruct"
+
+
+@pytest.mark.parametrize("extra", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "9"]])
+def test_extra_args_cannot_move_the_engine(extra: list[str]) -> None:
+    with pytest.raises(PlanError, match=r"^engine\.extra_args: --(host|port) is not allowed"):
+        plan(engine={"extra_args": extra})
+
+
+def test_extra_args_overriding_a_planned_flag_warns() -> None:
+    p = plan(engine={"gpu_memory_gib": 80, "extra_args": ["--max-model-len", "1024"]})
+    assert p.warnings == ["engine.extra_args: --max-model-len overrides the planned value"]
+
+
+def test_json_dict_has_contract_keys() -> None:
+    d = plan(model={"max_model_len": 131072}).to_json_dict()
+    assert d.keys() >= CONTRACT_KEYS
+    assert d.keys() >= {"device", "served_name", "env", "engine_port"}
+    assert json.loads(json.dumps(d)) == d
