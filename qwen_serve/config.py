@@ -94,10 +94,10 @@ class GuidedConfig(_Section):
 
 class Config(_Section):
     model: ModelConfig
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
-    guided: GuidedConfig = Field(default_factory=GuidedConfig)
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
+    gateway: GatewayConfig = Field(default_factory=lambda: GatewayConfig())
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
+    guided: GuidedConfig = Field(default_factory=lambda: GuidedConfig())
     base_dir: Path | None = Field(default=None, exclude=True, description="directory relative paths resolve in")
 
     def resolve_path(self, value: str) -> Path:

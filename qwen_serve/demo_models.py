@@ -330,6 +330,8 @@ def build_smollm2(out: Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     config.dtype = torch.bfloat16
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else vLLM would treat the safetensors as GGUF-quantised
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
     del loaded
@@ -337,6 +339,7 @@ def build_smollm2(out: Path) -> Path:
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     tokenizer.eos_token = IM_END
+    tokenizer.model_max_length = config.max_position_embeddings
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     model.config.eos_token_id = im_end
     model.generation_config = GenerationConfig(

@@ -77,14 +77,13 @@ def build_app(
                                            read_timeout=gw.request_timeout_s)
     auth = build_authenticator(config.auth, config.resolve_path)
     monitor = EngineMonitor(upstream, state)
-    pipeline = Pipeline(Stages(auth=auth, limiter=LocalLimiter(), guided=config.guided, upstream=upstream,
+    limiter = LocalLimiter()
+    pipeline = Pipeline(Stages(auth=auth, limiter=limiter, guided=config.guided, upstream=upstream,
                                metrics=metrics, engine=state, served_models=served))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        start = getattr(auth, "start", None)
-        if start is not None:
-            await start()
+        await auth.start()
         engine_task = asyncio.create_task(engine_runner(), name="engine") if engine_runner else None
         monitor.start()
         try:
@@ -98,9 +97,8 @@ def build_app(
                 engine_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await engine_task
-            close = getattr(auth, "aclose", None)
-            if close is not None:
-                await close()
+            await auth.aclose()
+            await limiter.aclose()
             await upstream.aclose()
 
     app = FastAPI(title="qwen-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)

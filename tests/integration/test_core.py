@@ -79,27 +79,48 @@ def test_chat_and_completion_through_gateway(gateway: Endpoint) -> None:
     assert r.json()["object"] == "text_completion" and r.json()["usage"]["completion_tokens"] == 8
 
 
-def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint) -> None:
-    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 24, "stream": True,
-            "min_tokens": 24, "ignore_eos": True}
-    arrivals: list[tuple[float, bytes]] = []
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
-                      headers=auth_headers(gateway.api_key), timeout=120) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers["cache-control"] == "no-cache"
-        assert r.headers["x-accel-buffering"] == "no"
-        for chunk in r.iter_raw():
-            arrivals.append((time.perf_counter(), chunk))
+def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint, engine: Endpoint) -> None:
+    # The same long generation streamed at the same time directly and through the gateway: both ride
+    # the same engine batch, so the gateway must deliver with the engine's own pacing. (On a loaded
+    # CPU box vLLM itself sometimes emits a burst; such a round says nothing and is repeated.)
+    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 600, "stream": True,
+            "min_tokens": 600, "ignore_eos": True, "seed": 7}
+    for _ in range(4):
+        results: dict[str, tuple[httpx.Headers, list[tuple[float, bytes]]]] = {}
+
+        def read(name: str, url: str, key: str | None) -> None:
+            reads: list[tuple[float, bytes]] = []
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth_headers(key),
+                              timeout=120) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw():
+                    reads.append((time.perf_counter(), chunk))
+                results[name] = (r.headers, reads)
+
+        threads = [threading.Thread(target=read, args=("gateway", gateway.url, gateway.api_key)),
+                   threading.Thread(target=read, args=("direct", engine.url, None))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        direct = [t for t, c in results["direct"][1] if b'"content"' in c]
+        if direct[-1] - direct[0] > 0.3:
+            break
+    headers, arrivals = results["gateway"]
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["cache-control"] == "no-cache"
+    assert headers["x-accel-buffering"] == "no"
     data = b"".join(c for _, c in arrivals)
     assert data.rstrip().endswith(b"data: [DONE]")
-    content_chunks = [c for _, c in arrivals if b'"content"' in c]
-    assert len(content_chunks) >= 5, f"only {len(arrivals)} network chunks: the stream was buffered"
-    # Chunks came over time, not in one burst at the end.
-    assert arrivals[-1][0] - arrivals[0][0] > 0.01
+    via = [t for t, c in arrivals if b'"content"' in c]
+    spread_direct, spread_gateway = direct[-1] - direct[0], via[-1] - via[0]
+    assert len(via) >= 5, f"only {len(arrivals)} network reads through the gateway: buffered"
+    assert spread_gateway >= 0.5 * spread_direct, (spread_gateway, spread_direct)
+    assert via[0] - direct[0] < 0.5 * spread_direct + 0.05, "first token held back by the gateway"
     # The usage chunk the gateway injected for accounting is not shown to a client that did not ask.
     events = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
-    assert all("usage" not in e or e.get("choices") for e in events)
+    assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) >= 590
+    assert all("usage" not in e for e in events)
 
 
 def test_stream_keeps_usage_when_client_asks(gateway: Endpoint) -> None:
@@ -119,31 +140,31 @@ def test_seeded_greedy_request_same_through_gateway_and_direct(gateway: Endpoint
     assert via_gateway  # noise, but not empty
 
 
-def _running(engine: Endpoint) -> float:
-    value = metric_value(httpx.get(engine.url + "/metrics").text, "vllm:num_requests_running")
-    assert value is not None, "vllm:num_requests_running missing from the engine's metrics"
+def _engine_sample(engine: Endpoint, name: str) -> float:
+    value = metric_value(httpx.get(engine.url + "/metrics", timeout=30).text, name, {"model_name": engine.model})
+    assert value is not None, f"{name} missing from the engine's metrics"
     return value
 
 
-def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: Endpoint, stack: Stack) -> None:
-    before = metric_value(httpx.get(gateway.url + "/metrics").text, "qwen_serve_client_disconnects_total",
-                          {"model": gateway.model}) or 0.0
-    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 1500, "min_tokens": 1500,
+def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: Endpoint) -> None:
+    def disconnects() -> float:
+        text = httpx.get(gateway.url + "/metrics").text
+        return metric_value(text, "qwen_serve_client_disconnects_total", {"model": gateway.model}) or 0.0
+
+    before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
+    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 2000, "min_tokens": 2000,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
                       headers=auth_headers(gateway.api_key), timeout=120) as r:
-        it = r.iter_raw()
-        for _ in range(3):
-            next(it)
-        assert _running(engine) >= 1
-    # The client closed its connection: the engine must abort the request promptly.
+        next(r.iter_raw())  # the request is generating; now the client goes away
+    # The engine must stop promptly: nothing running, and far fewer than 2000 tokens generated.
     deadline = time.monotonic() + 5
-    while _running(engine) != 0:
+    while _engine_sample(engine, "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
         time.sleep(0.2)
-    after = metric_value(httpx.get(gateway.url + "/metrics").text, "qwen_serve_client_disconnects_total",
-                         {"model": gateway.model})
-    assert after == before + 1
+    generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
+    assert 1 <= generated < 1000, f"{generated} tokens generated after the client left at the first chunk"
+    assert disconnects() == before + 1
 
 
 def test_openai_client_plain_and_streaming(gateway: Endpoint) -> None:
@@ -213,106 +234,3 @@ def test_request_id_is_echoed(gateway: Endpoint) -> None:
     r = httpx.post(gateway.url + "/v1/chat/completions", headers={**auth_headers(gateway.api_key), "X-Request-ID": "rid-9"},
                    json={"model": gateway.model, "messages": CHAT, "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == "rid-9"
-
-
-def test_engine_down_gives_503_and_ready_503() -> None:
-    from qwen_serve.config import parse_config
-    from qwen_serve.gateway.app import build_app
-    from tests.conftest import free_port, serve_in_thread
-
-    dead = f"http://127.0.0.1:{free_port()}"
-    cfg = parse_config({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False}})
-    port = free_port()
-    with serve_in_thread(build_app(cfg, upstream_url=dead), port) as url:
-        r = httpx.get(url + "/ready")
-        assert r.status_code == 503 and r.json()["status"] in ("starting", "engine_down")
-        r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT})
-        _assert_openai_error(r, 503, "service_unavailable")
-        assert int(r.headers["retry-after"]) >= 1
-        text = httpx.get(url + "/metrics").text
-        assert metric_value(text, "qwen_serve_engine_up") == 0.0
-
-
-class _SlowUpstream:
-    """A scripted fake engine for failure edges only: healthy, but hangs or breaks on generation."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.port = 0
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            if data.startswith(b"GET /health"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                return
-            if self.mode == "hang":
-                time.sleep(10)
-            elif self.mode == "garbage":
-                conn.sendall(b"this is not http\r\n\r\n")
-            elif self.mode == "midstream":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n"
-                             b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n')
-                time.sleep(0.2)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-@pytest.mark.parametrize("mode,status", [("hang", 504), ("garbage", 502)])
-def test_upstream_failures_map_to_502_504(mode: str, status: int) -> None:
-    from qwen_serve.config import parse_config
-    from qwen_serve.gateway.app import build_app
-    from tests.conftest import free_port, serve_in_thread, wait_ready
-
-    fake = _SlowUpstream(mode)
-    cfg = parse_config({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False},
-                        "gateway": {"request_timeout_s": 1}})
-    try:
-        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT}, timeout=20)
-            _assert_openai_error(r, status)
-            errors = metric_value(httpx.get(url + "/metrics").text, "qwen_serve_upstream_errors_total")
-            assert errors is not None and errors >= 1
-    finally:
-        fake.close()
-
-
-def test_midstream_failure_ends_with_one_error_event() -> None:
-    from qwen_serve.config import parse_config
-    from qwen_serve.gateway.app import build_app
-    from tests.conftest import free_port, serve_in_thread, wait_ready
-
-    fake = _SlowUpstream("midstream")
-    cfg = parse_config({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False}})
-    try:
-        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
-                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
-                assert r.status_code == 200
-                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    finally:
-        fake.close()
-    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == "hi"
-    errors = [json.loads(line[6:]) for line in lines if '"error"' in line]
-    assert len(errors) == 1 and set(errors[0]["error"]) == {"message", "type", "param", "code"}

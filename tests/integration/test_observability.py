@@ -12,7 +12,9 @@ It also checks the gateway's ``/metrics`` exposition against the contract (CONTR
 
 Fixtures (``tests/conftest.py``): session ``gateway`` with ``.url``, ``.model`` (served name), ``.api_key``
 (a valid key, or ``None`` when auth is off) and optionally ``.limited_api_key`` (a key with a small
-``rpm`` limit, to prove the rate-limit panel). A missing ``prometheus``/``promtool`` fails the module.
+``rpm`` limit); without it, a ``stack`` fixture with ``.keys_file`` (re-read by the gateway) gets an
+``rpm: 1`` key appended, so the rate-limit panel is proven too. A missing ``prometheus``/``promtool``
+fails the module.
 """
 
 from __future__ import annotations
@@ -68,14 +70,14 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
 }
 
 
-def _may_be_empty(gateway: Any) -> dict[str, str]:
+def _may_be_empty(gateway: Any, limited_key: str | None) -> dict[str, str]:
     """Panel title → why it may legitimately show no data in this test (anything else must have data)."""
     allowed = {
         "Upstream errors/s": "needs a failing engine (connect/timeout/protocol error); the shared session "
                              "engine stays healthy, and a refused request is not an upstream error",
     }
-    if getattr(gateway, "limited_api_key", None) is None:
-        allowed["Rate-limited requests/s"] = "the gateway fixture offers no rate-limited key (limited_api_key)"
+    if limited_key is None:
+        allowed["Rate-limited requests/s"] = "no rate-limited key: the fixture has neither limited_api_key nor a keys file"
     if gateway.api_key is None:
         allowed["Auth failures/s"] = "the gateway fixture runs with auth off"
     return allowed
@@ -256,7 +258,7 @@ def _chat(model: str, content: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, **extra}
 
 
-def _drive(gateway: Any, statuses: Counter[str]) -> None:
+def _drive(gateway: Any, limited_key: str | None, statuses: Counter[str]) -> None:
     """One round of traffic that touches every panel's series."""
     auth = {"Authorization": f"Bearer {gateway.api_key}"} if gateway.api_key else {}
     model = gateway.model
@@ -306,22 +308,49 @@ def _drive(gateway: Any, statuses: Counter[str]) -> None:
         post("too long", "/v1/chat/completions", _chat(model, "hi", max_tokens=10**8))
         r = client.get("/v1/no-such-route", headers=auth)
         statuses[f"unknown route {r.status_code}"] += 1
-        limited = getattr(gateway, "limited_api_key", None)
-        if limited:
-            for _ in range(20):
+        if limited_key:
+            for _ in range(5):
                 r = post("limited key", "/v1/chat/completions", _chat(model, "hi", max_tokens=1),
-                         headers={"Authorization": f"Bearer {limited}"})
+                         headers={"Authorization": f"Bearer {limited_key}"})
                 if r.status_code == 429:
                     break
 
 
 @pytest.fixture(scope="module")
-def traffic(gateway: Any, prometheus: Prometheus) -> Traffic:
+def limited_key(gateway: Any, request: pytest.FixtureRequest) -> str | None:
+    """A key with ``rpm: 1``: the fixture's ``limited_api_key``, else one added to the stack's keys file."""
+    key: str | None = getattr(gateway, "limited_api_key", None)
+    if key:
+        return key
+    try:
+        stack = request.getfixturevalue("stack")
+    except pytest.FixtureLookupError:
+        return None
+    keys_file = getattr(stack, "keys_file", None)
+    if keys_file is None:
+        return None
+    from qwen_serve import keys as keys_mod
+
+    secret = keys_mod.create_key(Path(keys_file), "observability-rpm1", rpm=1)
+    auth = {"Authorization": f"Bearer {secret}"}
+
+    def loaded() -> bool:  # the gateway re-reads the keys file every reload_interval_s
+        return httpx.get(f"{gateway.url}/v1/models", headers=auth, timeout=30.0).status_code != 401
+
+    deadline = time.monotonic() + 30
+    while not loaded():
+        assert time.monotonic() < deadline, "the gateway did not pick up the new key from its keys file"
+        time.sleep(0.25)
+    return secret
+
+
+@pytest.fixture(scope="module")
+def traffic(gateway: Any, prometheus: Prometheus, limited_key: str | None) -> Traffic:
     """Two rounds: the first creates every labelled series, the second (after two scrapes) moves them."""
     statuses: Counter[str] = Counter()
-    _drive(gateway, statuses)
+    _drive(gateway, limited_key, statuses)
     prometheus.wait_for_scrapes(2, after=time.time())
-    _drive(gateway, statuses)
+    _drive(gateway, limited_key, statuses)
     ended = time.time()
     prometheus.wait_for_scrapes(2, after=ended)
     time.sleep(3 * SCRAPE_INTERVAL_S)  # a few rule evaluations on the new samples
@@ -441,11 +470,11 @@ def _selections(gateway: Any) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("selection", ["all", "picked"])
 @pytest.mark.parametrize("query", _panel_queries(), ids=lambda q: q.where)
-def test_panel_query_returns_data(prometheus: Prometheus, traffic: Traffic, gateway: Any,
+def test_panel_query_returns_data(prometheus: Prometheus, traffic: Traffic, gateway: Any, limited_key: str | None,
                                   query: Query, selection: str) -> None:
     expr = substitute(query.expr, _selections(gateway)[selection])
     data = prometheus.query(expr)
-    if query.panel in _may_be_empty(gateway) and not _finite(data):
+    if query.panel in _may_be_empty(gateway, limited_key) and not _finite(data):
         return  # legitimately empty here; see _may_be_empty for the reason
     assert _finite(data), (
         f"panel {query.where} shows no data (selection {selection}).\n  expr: {expr}\n  result: {data['result']}\n"
@@ -453,9 +482,10 @@ def test_panel_query_returns_data(prometheus: Prometheus, traffic: Traffic, gate
     )
 
 
-def test_allow_listed_panels_exist(gateway: Any) -> None:
+def test_allow_listed_panels_exist() -> None:
     titles = {q.panel for q in _panel_queries()}
-    assert set(_may_be_empty(gateway)) <= titles, "stale allow-list entry"
+    allowed = _may_be_empty(type("G", (), {"api_key": None})(), None)
+    assert set(allowed) <= titles, "stale allow-list entry"
 
 
 def test_template_variables_offer_the_live_values(prometheus: Prometheus, traffic: Traffic, gateway: Any) -> None:

@@ -156,6 +156,8 @@ def test_panel_ids_are_unique() -> None:
     ids = [panel["id"] for panel in all_panels(load_dashboard())]
     assert all(isinstance(i, int) for i in ids)
     assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(i for i in ids if ids.count(i) > 1)}"
+    titles = [panel["title"] for panel in all_panels(load_dashboard())]
+    assert len(titles) == len(set(titles)), "panel titles name panels in README.md and in test ids: keep them unique"
 
 
 def test_panels_fit_the_grid() -> None:
@@ -327,9 +329,14 @@ def _compose() -> dict[str, Any]:
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, Path]:
-    """Bind mounts of a compose service: container path → host path (resolved against deploy/)."""
+    """Bind mounts of a compose service: container path → host path (resolved against deploy/).
+
+    Sources the user supplies through an environment variable (``${VAR...}``) are left out.
+    """
     out = {}
     for volume in service.get("volumes", []):
+        if volume.startswith("${"):
+            continue
         source, target = volume.split(":")[:2]
         if source.startswith((".", "/")):
             out[target] = (COMPOSE.parent / source).resolve()
@@ -349,9 +356,14 @@ def test_compose_services_and_build() -> None:
 
 
 def test_compose_bind_mounts_exist() -> None:
-    for name, service in _compose()["services"].items():
+    compose = _compose()
+    for name, service in compose["services"].items():
         for target, source in _mounts(service).items():
             assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/", "${")):
+                assert source in compose.get("volumes", {}), f"{name}: named volume {source} is not declared"
 
 
 def test_prometheus_config_matches_compose(tmp_path: Path) -> None:

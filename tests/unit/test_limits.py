@@ -213,7 +213,8 @@ class History:
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("advance"), st.integers(0, 30_000)),
+        # boundary steps make "exactly one window later" (and 1 ms either side) common
+        st.tuples(st.just("advance"), st.integers(0, 30_000) | st.sampled_from([1, WINDOW // 2, WINDOW - 1, WINDOW])),
         st.tuples(st.just("acquire"), st.integers(0, 120)),
         st.tuples(st.just("release"), st.integers(0, 10_000), st.one_of(st.none(), st.integers(0, 300))),
     ),

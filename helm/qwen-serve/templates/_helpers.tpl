@@ -166,6 +166,16 @@ Usage: {{ include "qwen-serve.validate" . }}
 {{- if le (int $v.terminationGracePeriodSeconds) $needed }}
 {{- fail (printf "terminationGracePeriodSeconds=%d must exceed lifecycle.preStopSleepSeconds + gateway.drainTimeoutSeconds = %d, or Kubernetes kills the pod while streams are still draining" (int $v.terminationGracePeriodSeconds) $needed) }}
 {{- end }}
+{{- $extra := default dict $v.extraConfig }}
+{{- if hasKey (default dict $extra.engine) "gpus" }}
+{{- fail "extraConfig.engine.gpus: set engine.gpus instead (it also sets the pod's GPU limit)" }}
+{{- end }}
+{{- if or (hasKey (default dict $extra.gateway) "port") (hasKey (default dict $extra.gateway) "host") }}
+{{- fail "extraConfig.gateway.port/host: the chart fixes the gateway at 0.0.0.0:8080 (container port, probes, Service)" }}
+{{- end }}
+{{- if hasKey (default dict $extra.auth) "keys_file" }}
+{{- fail "extraConfig.auth.keys_file: the chart points it into the mounted Secret; set auth.existingSecret / auth.secretKey instead" }}
+{{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas=%d exceeds autoscaling.maxReplicas=%d" (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- end }}

@@ -1,0 +1,146 @@
+"""Gateway edge cases the real engine cannot produce on demand (engine down, hangs, garbage, a stream
+that breaks mid-way), against a scripted fake upstream, plus the pacing check: events the upstream
+sends apart reach the client apart (no buffering in the gateway)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from qwen_serve.config import parse_config
+from qwen_serve.gateway.app import build_app
+from tests.conftest import free_port, metric_value, serve_in_thread, wait_ready
+
+CHAT = [{"role": "user", "content": "Say something."}]
+
+
+def _assert_openai_error(r: httpx.Response, status: int, type_: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if type_ is not None:
+        assert err["type"] == type_
+    assert r.headers.get("x-request-id")
+
+
+def _config(**gateway: object) -> object:
+    return parse_config({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False},
+                         "gateway": gateway})
+
+
+def test_engine_down_gives_503_and_ready_503() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve_in_thread(build_app(_config(), upstream_url=dead), free_port()) as url:
+        r = httpx.get(url + "/ready")
+        assert r.status_code == 503 and r.json()["status"] in ("starting", "engine_down")
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT})
+        _assert_openai_error(r, 503, "service_unavailable")
+        assert int(r.headers["retry-after"]) >= 1
+        text = httpx.get(url + "/metrics").text
+        assert metric_value(text, "qwen_serve_engine_up") == 0.0
+
+
+class _SlowUpstream:
+    """A scripted fake engine for failure edges only: healthy, but hangs or breaks on generation."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            if data.startswith(b"GET /health"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                return
+            if self.mode == "hang":
+                time.sleep(10)
+            elif self.mode == "garbage":
+                conn.sendall(b"this is not http\r\n\r\n")
+            elif self.mode == "paced":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(5):
+                    event = b'data: {"id":"x","choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                    time.sleep(0.15)
+                conn.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            elif self.mode == "midstream":
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n"
+                             b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n')
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize("mode,status", [("hang", 504), ("garbage", 502)])
+def test_upstream_failures_map_to_502_504(mode: str, status: int) -> None:
+    fake = _SlowUpstream(mode)
+    cfg = _config(request_timeout_s=1)
+    try:
+        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+            wait_ready(url)
+            r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT}, timeout=20)
+            _assert_openai_error(r, status)
+            errors = metric_value(httpx.get(url + "/metrics").text, "qwen_serve_upstream_errors_total")
+            assert errors is not None and errors >= 1
+    finally:
+        fake.close()
+
+
+def test_midstream_failure_ends_with_one_error_event() -> None:
+    fake = _SlowUpstream("midstream")
+    cfg = _config()
+    try:
+        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+            wait_ready(url)
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        fake.close()
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == "hi"
+    errors = [json.loads(line[6:]) for line in lines if '"error"' in line]
+    assert len(errors) == 1 and set(errors[0]["error"]) == {"message", "type", "param", "code"}
+
+
+def test_events_sent_apart_arrive_apart() -> None:
+    fake = _SlowUpstream("paced")
+    try:
+        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+            wait_ready(url)
+            times = []
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+    finally:
+        fake.close()
+    assert len(times) == 5
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) > 0.08, f"events were held back and delivered together: gaps {gaps}"

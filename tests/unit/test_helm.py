@@ -1,0 +1,637 @@
+"""The Helm chart (helm/qwen-serve), rendered for real with the Helm v4 library (helm-python-sdk).
+
+No cluster: every scenario (defaults, both examples, a matrix of toggles) is rendered offline, linted,
+and every object is validated with kubernetes-validate against Kubernetes 1.30 and the newest bundled
+version (CRDs — ServiceMonitor, PrometheusRule, ScaledObject — against schemas of the fields their
+operators require). The rendered ConfigMap must load with qwen-serve's own config loader and plan with
+its planner. The chart's copies of the dashboard and the Prometheus rules must equal deploy/'s originals.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from qwen_serve.config import parse_config
+from qwen_serve.keys import parse_keys
+from qwen_serve.plan import build_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "qwen-serve"
+EXAMPLES = CHART / "examples"
+RELEASE, NAMESPACE = "qs", "llm"
+FULLNAME = f"{RELEASE}-qwen-serve"
+K8S_VERSIONS = ("1.30", str(kubernetes_validate.latest_version()))
+CONFIG_PATH = "/etc/qwen-serve/config.yaml"
+
+
+def _example(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return data
+
+
+# name -> values overrides. Each scenario is rendered, validated, and its config loaded and planned.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "example-7b-128k-tp4": _example("qwen2.5-7b-128k-tp4.yaml"),
+    "example-0.5b-dp4": _example("qwen2.5-0.5b-dp4.yaml"),
+    "observability": {"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "kps"}},
+                      "prometheusRule": {"enabled": True, "additionalLabels": {"release": "kps"}},
+                      "grafanaDashboard": {"enabled": True, "namespace": "monitoring",
+                                           "additionalLabels": {"grafana_folder": "llm"}}},
+    "minimal-objects": {"podDisruptionBudget": {"enabled": False}, "serviceAccount": {"create": False},
+                        "modelCache": {"enabled": False}, "auth": {"enabled": False}},
+    "network-policy": {"networkPolicy": {"enabled": True, "from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}},
+    "ingress-tls": {"ingress": {"enabled": True, "className": "nginx",
+                                "hosts": [{"host": "llm.example.com", "paths": [{"path": "/"}]}],
+                                "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]}},
+    "hpa": {"autoscaling": {"enabled": True, "kind": "hpa", "minReplicas": 2, "maxReplicas": 6},
+            "modelCache": {"accessMode": "ReadWriteMany"}},
+    "keda": {"autoscaling": {"enabled": True, "kind": "keda", "maxReplicas": 3,
+                             "keda": {"authenticationRef": "prom-auth"}},
+             "serviceMonitor": {"enabled": True}},
+    "cache-existing-claim": {"modelCache": {"existingClaim": "qwen-weights"}},
+    "cache-disabled-no-limit": {"modelCache": {"enabled": False, "emptyDirSizeLimit": ""}},
+    "auth-existing-secret": {"auth": {"existingSecret": "team-keys", "secretKey": "api-keys.yaml"}},
+    "auth-inline-keys": {"auth": {"keys": [{"id": "team-a", "sha256": "a" * 64, "rpm": 60}]}},
+    "auth-off": {"auth": {"enabled": False}},
+    "explicit-parallelism": {"engine": {"gpus": 8, "tensorParallelSize": 2, "dataParallelSize": 4,
+                                        "extraArgs": ["--max-num-seqs", "128"], "kvCacheDtype": "fp8"},
+                             "extraConfig": {"guided": {"legacy_fields": "reject"}}},
+    "scheduling": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                   "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                       {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                           "labelSelector": {"matchLabels": {
+                                                               "app.kubernetes.io/name": "qwen-serve"}}}}]}},
+                   "runtimeClassName": "nvidia", "priorityClassName": "llm-serving",
+                   "imagePullSecrets": [{"name": "regcred"}], "image": {"tag": "sha256:" + "0" * 64},
+                   "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}],
+                   "commonLabels": {"team": "ml"}, "podLabels": {"tier": "gpu"}},
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
+def _chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
+    manifests = _chart().render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
+    return tuple(sorted(manifests.items()))
+
+
+def render_raw(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path → rendered text (NOTES.txt included)."""
+    return dict(_render_cached(json.dumps(values or {}, sort_keys=True)))
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every Kubernetes object the chart renders for ``values``."""
+    objects = []
+    for path, text in render_raw(values).items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def only(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> set[str]:
+    return {o["kind"] for o in objects}
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    c: dict[str, Any] = pod["containers"][0]
+    return c
+
+
+def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = only(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def rendered_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and "config.yaml" in o.get("data", {}))
+    data: dict[str, Any] = yaml.safe_load(cm["data"]["config.yaml"])
+    return data
+
+
+def merged(overrides: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = _chart().merge_values(overrides)
+    return values
+
+
+# Schemas for the CRDs kubernetes-validate does not ship: the fields the operators require, the types
+# of the fields this chart sets (taken from the prometheus-operator and KEDA CRDs).
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {"type": "object", "required": ["name", "namespace"],
+             "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+                            "namespace": {"type": "string"}, "labels": _LABELS, "annotations": _LABELS}}
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_SELECTOR = {"type": "object", "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}}}
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"metadata": _METADATA, "spec": {
+            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR, "jobLabel": {"type": "string"},
+                "namespaceSelector": {"type": "object", "properties": {
+                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "scheme": {"enum": ["http", "https"]}, "interval": _DURATION,
+                                   "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
+                                   "relabelings": {"type": "array"}, "metricRelabelings": {"type": "array"}}}}}}}},
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"metadata": _METADATA, "spec": {
+            "type": "object", "required": ["groups"], "additionalProperties": False,
+            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+                               "rules": {"type": "array", "items": {
+                                   "type": "object", "required": ["expr"],
+                                   "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                   "properties": {"record": {"type": "string"}, "alert": {"type": "string"},
+                                                  "expr": {"type": ["string", "integer"]}, "for": _DURATION,
+                                                  "keep_firing_for": _DURATION,
+                                                  "labels": _LABELS, "annotations": _LABELS}}}}}}}}}},
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"metadata": _METADATA, "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"], "properties": {
+                    "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"}}},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                "advanced": {"type": "object", "properties": {"horizontalPodAutoscalerConfig": {
+                    "type": "object", "properties": {"behavior": {"type": "object"}}}}},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"],
+                    "properties": {"type": {"type": "string"}, "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                   # KEDA rejects non-string metadata values (threshold: 5 must be "5").
+                                   "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "authenticationRef": {"type": "object", "required": ["name"]}}}}}}}},
+}
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    schema = CRD_SCHEMAS.get((obj.get("apiVersion", ""), obj.get("kind", "")))
+    if schema is not None:
+        jsonschema.validate(obj, schema)
+        return
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: "
+                        f"{'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+# ---------------------------------------------------------------------------------------------- lint
+@pytest.mark.parametrize("scenario", ["defaults", "example-7b-128k-tp4", "example-0.5b-dp4", "observability", "keda"])
+def test_lint_passes(scenario: str) -> None:
+    report = helm.lint(CHART, SCENARIOS[scenario], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    findings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not findings, report
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_object_validates(scenario: str) -> None:
+    objects = render(SCENARIOS[scenario])
+    assert {"Deployment", "Service", "ConfigMap"} <= kinds(objects)
+    for obj in objects:
+        validate_object(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_config_loads_and_plans(scenario: str) -> None:
+    """The ConfigMap is a qwen-serve config the loader accepts and the planner can launch."""
+    overrides = SCENARIOS[scenario]
+    values = merged(overrides)
+    objects = render(overrides)
+    data = rendered_config(objects)
+    config = parse_config(data)
+    plan = build_plan(config, gpu_visible=True)
+
+    assert config.model.source == values["model"]["source"]
+    assert config.model.max_model_len == values["model"]["maxModelLen"]
+    assert config.engine.gpus == values["engine"]["gpus"]
+    assert config.engine.extra_args == values["engine"]["extraArgs"]
+    assert config.gateway.port == 8080 and config.gateway.host == "0.0.0.0"
+    assert plan.tensor_parallel_size * plan.data_parallel_size <= values["engine"]["gpus"]
+    for key in ("tensorParallelSize", "dataParallelSize"):
+        if values["engine"][key] != "auto":
+            field = "tensor_parallel_size" if key.startswith("tensor") else "data_parallel_size"
+            assert getattr(plan, field) == values["engine"][key]
+
+    # The pod runs exactly that file.
+    c = container(objects)
+    assert c["command"] == ["qwen-serve"] and c["args"] == ["up", "--config", CONFIG_PATH]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == CONFIG_PATH)
+    assert mount["subPath"] == "config.yaml" and mount["readOnly"]
+
+    # Draining fits in the grace period, after the preStop sleep.
+    spec = pod_spec(objects)
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert sleep + config.gateway.drain_timeout_s < spec["terminationGracePeriodSeconds"]
+
+
+def test_examples_plan_as_their_names_say() -> None:
+    plan_7b = build_plan(parse_config(rendered_config(render(SCENARIOS["example-7b-128k-tp4"]))), gpu_visible=True)
+    assert (plan_7b.tensor_parallel_size, plan_7b.data_parallel_size, plan_7b.max_model_len) == (4, 1, 131072)
+    plan_05b = build_plan(parse_config(rendered_config(render(SCENARIOS["example-0.5b-dp4"]))), gpu_visible=True)
+    assert (plan_05b.tensor_parallel_size, plan_05b.data_parallel_size) == (1, 4)
+    defaults = build_plan(parse_config(rendered_config(render())), gpu_visible=True)
+    assert defaults.model and defaults.max_model_len == 131072
+
+
+@pytest.mark.parametrize(("scenario", "present", "absent"), [
+    ("defaults", {"ServiceAccount", "PersistentVolumeClaim", "Secret", "PodDisruptionBudget"},
+     {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "Ingress", "HorizontalPodAutoscaler", "ScaledObject"}),
+    ("observability", {"ServiceMonitor", "PrometheusRule"}, set()),
+    ("minimal-objects", set(), {"ServiceAccount", "PersistentVolumeClaim", "Secret", "PodDisruptionBudget"}),
+    ("network-policy", {"NetworkPolicy"}, set()),
+    ("ingress-tls", {"Ingress"}, set()),
+    ("hpa", {"HorizontalPodAutoscaler"}, {"ScaledObject"}),
+    ("keda", {"ScaledObject"}, {"HorizontalPodAutoscaler"}),
+    ("cache-existing-claim", set(), {"PersistentVolumeClaim"}),
+    ("auth-existing-secret", set(), {"Secret"}),
+])
+def test_toggles(scenario: str, present: set[str], absent: set[str]) -> None:
+    found = kinds(render(SCENARIOS[scenario]))
+    assert present <= found
+    assert not (absent & found)
+
+
+# ---------------------------------------------------------------------------------------------- pod
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_gpu_count_follows_values(gpus: int) -> None:
+    objects = render({"engine": {"gpus": gpus}})
+    resources = container(objects)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == gpus
+    assert resources["requests"]["nvidia.com/gpu"] == gpus
+    assert rendered_config(objects)["engine"]["gpus"] == gpus
+
+
+def test_gpu_count_wins_over_resources_and_resource_name_is_configurable() -> None:
+    resources = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi", "nvidia.com/gpu": 7}}
+    got = container(render({"engine": {"gpus": 2}, "resources": resources}))["resources"]
+    assert got == {"requests": {"cpu": "2", "memory": "16Gi", "nvidia.com/gpu": 2},
+                   "limits": {"memory": "32Gi", "nvidia.com/gpu": 2}}
+    got = container(render({"engine": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}}))["resources"]
+    assert got["limits"]["amd.com/gpu"] == 2 and "nvidia.com/gpu" not in got["limits"]
+
+
+def test_defaults_match_the_contract() -> None:
+    values = _chart().values
+    assert values["engine"]["gpus"] == 4
+    assert values["model"]["source"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert values["model"]["maxModelLen"] == 131072
+    config = rendered_config(render())
+    assert config["engine"]["gpus"] == 4 and config["model"]["max_model_len"] == 131072
+
+
+def test_probes_point_at_health_and_ready() -> None:
+    c = container(render())
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "http"
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 2 * 3600, "72B download window"
+    config = rendered_config(render())
+    assert config["engine"]["startup_timeout_s"] >= 2 * 3600
+
+
+def test_startup_probe_window_is_configurable() -> None:
+    c = container(render({"probes": {"startup": {"failureThreshold": 1440}}}))
+    assert c["startupProbe"]["failureThreshold"] == 1440
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+
+
+@pytest.mark.parametrize("size", ["16Gi", "2Gi"])
+def test_dev_shm_is_a_memory_emptydir(size: str) -> None:
+    objects = render({"shm": {"sizeLimit": size}})
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "dshm")
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": size}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(objects)["volumeMounts"]
+
+
+def test_model_cache_volume_and_hf_home() -> None:
+    env = {e["name"]: e.get("value") for e in container(render())["env"]}
+    assert env["HF_HOME"].startswith("/models/")
+    volumes = {v["name"]: v for v in pod_spec(render())["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-model-cache"
+    pvc = only(render(), "PersistentVolumeClaim")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+    volumes = {v["name"]: v for v in pod_spec(render(SCENARIOS["cache-existing-claim"]))["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "qwen-weights"
+    volumes = {v["name"]: v for v in pod_spec(render(SCENARIOS["minimal-objects"]))["volumes"]}
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "200Gi"}
+    volumes = {v["name"]: v for v in pod_spec(render(SCENARIOS["cache-disabled-no-limit"]))["volumes"]}
+    assert volumes["model-cache"]["emptyDir"] == {}
+    assert "ReadWriteMany" in render_raw({"replicaCount": 2})["qwen-serve/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "auth-existing-secret", "auth-inline-keys"])
+def test_keys_secret_is_mounted_as_a_directory(scenario: str) -> None:
+    """No subPath: the kubelet only updates whole-volume Secret mounts, so rotation needs this."""
+    objects = render(SCENARIOS[scenario])
+    values = merged(SCENARIOS[scenario])
+    config = parse_config(rendered_config(objects))
+    keys_file = Path(config.auth.keys_file)
+    assert keys_file.is_absolute() and keys_file.name == values["auth"]["secretKey"]
+    mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "keys")
+    assert "subPath" not in mount and mount["readOnly"]
+    assert Path(mount["mountPath"]) == keys_file.parent
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "keys")
+    secret_name = values["auth"]["existingSecret"] or f"{FULLNAME}-keys"
+    assert volume["secret"]["secretName"] == secret_name
+    if not values["auth"]["existingSecret"]:
+        secret = only(objects, "Secret")
+        keys = parse_keys(yaml.safe_load(secret["stringData"][values["auth"]["secretKey"]]))
+        assert [k.id for k in keys.keys] == [k["id"] for k in values["auth"]["keys"]]
+
+
+def test_auth_off_mounts_no_keys() -> None:
+    objects = render(SCENARIOS["auth-off"])
+    config = parse_config(rendered_config(objects))
+    assert config.auth.enabled is False
+    assert all(m["name"] != "keys" for m in container(objects)["volumeMounts"])
+    assert "Secret" not in kinds(objects)
+
+
+def test_non_root_security_context() -> None:
+    spec = pod_spec(render())
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 1000
+    assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert spec["automountServiceAccountToken"] is False
+    c = container(render())
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_scheduling_and_image() -> None:
+    objects = render(SCENARIOS["scheduling"])
+    spec = pod_spec(objects)
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert spec["runtimeClassName"] == "nvidia" and spec["priorityClassName"] == "llm-serving"
+    assert spec["affinity"]["podAntiAffinity"]
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert container(objects)["image"] == "qwen-serve@sha256:" + "0" * 64
+    assert container(render({"image": {"repository": "r.example/qs", "tag": "1.2.3"}}))["image"] == "r.example/qs:1.2.3"
+    assert container(render())["image"] == f"qwen-serve:{_chart().metadata['appVersion']}"
+
+
+def test_selectors_use_name_and_instance_only() -> None:
+    objects = render(SCENARIOS["scheduling"])  # commonLabels and podLabels set
+    selector = {"app.kubernetes.io/name": "qwen-serve", "app.kubernetes.io/instance": RELEASE}
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["selector"]["matchLabels"] == selector
+    assert only(objects, "Service")["spec"]["selector"] == selector
+    assert only(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items() and pod_labels["tier"] == "gpu" and pod_labels["team"] == "ml"
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        for key in ("helm.sh/chart", "app.kubernetes.io/version", "app.kubernetes.io/component",
+                    "app.kubernetes.io/part-of"):
+            assert key in labels, (obj["kind"], key)
+        assert labels["team"] == "ml"
+
+
+def test_config_change_rolls_the_pods() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        value: str = only(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return value
+    assert checksum({}) != checksum({"model": {"maxModelLen": 65536}})
+    assert checksum({}) == checksum({"auth": {"keys": [{"id": "x", "sha256": "b" * 64}]}}), "key rotation must not restart"
+
+
+def test_long_streams_survive_ingress_and_rollouts() -> None:
+    objects = render(SCENARIOS["ingress-tls"])
+    annotations = only(objects, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert only(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_recreate_strategy_drops_the_default_rolling_update() -> None:
+    deployment = only(render({"updateStrategy": {"type": "Recreate"}}), "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    validate_object(deployment)
+
+
+def test_autoscaling_on_queue_length() -> None:
+    objects = render(SCENARIOS["hpa"])
+    hpa = only(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and "num_requests_waiting" in metric["pods"]["metric"]["name"]
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "5"}
+    assert "replicas" not in only(objects, "Deployment")["spec"]
+
+    objects = render(SCENARIOS["keda"])
+    scaled = only(objects, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"].startswith("sum(vllm:num_requests_waiting{")
+    assert f'service="{FULLNAME}"' in trigger["metadata"]["query"]
+    assert trigger["metadata"]["threshold"] == "5"
+    assert "replicas" not in only(objects, "Deployment")["spec"]
+
+
+def test_network_policy_admits_only_the_gateway_port() -> None:
+    policy = only(render(SCENARIOS["network-policy"]), "NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert rule["from"][0]["namespaceSelector"]
+
+
+# ---------------------------------------------------------------------------------------------- rejects
+def test_schema_rejects_negative_gpus() -> None:
+    chart = _chart()
+    with pytest.raises(helm.HelmValuesError) as excinfo:
+        chart.validate_schema(chart.merge_values({"engine": {"gpus": -1}}))
+    message = str(excinfo.value)
+    assert "/engine/gpus" in message and "minimum" in message and "-1" in message
+    with pytest.raises(helm.HelmValuesError, match="/engine/gpus"):  # install/template check it too
+        chart.render({"engine": {"gpus": -1}}, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(("overrides", "path"), [
+    ({"engine": {"gpus": 0}}, "/engine/gpus"),
+    ({"engine": {"gpus": "4"}}, "/engine/gpus"),
+    ({"engine": {"tensorParallelSize": 0}}, "/engine/tensorParallelSize"),
+    ({"engine": {"gpuMemoryUtilization": 1.5}}, "/engine/gpuMemoryUtilization"),
+    ({"engine": {"gpu": 2}}, "/engine"),  # typo: unknown keys are errors, as in the qwen-serve config
+    ({"autoscaling": {"kind": "cpu"}}, "/autoscaling/kind"),
+    ({"shm": {"sizeLimit": "lots"}}, "/shm/sizeLimit"),
+    ({"auth": {"keys": [{"id": "a", "sha256": "qs-not-a-hash"}]}}, "/auth/keys/0/sha256"),
+])
+def test_schema_rejects_bad_values(overrides: dict[str, Any], path: str) -> None:
+    chart = _chart()
+    with pytest.raises(helm.HelmValuesError, match=re.escape(path)):
+        chart.validate_schema(chart.merge_values(overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"engine": {"gpus": 4, "tensorParallelSize": 4, "dataParallelSize": 2}}, "exceeds engine.gpus=4"),
+    ({"engine": {"gpus": 2, "tensorParallelSize": 4}}, "engine.tensorParallelSize=4 exceeds engine.gpus=2"),
+    ({"terminationGracePeriodSeconds": 300}, "terminationGracePeriodSeconds=300 must exceed"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas=5"),
+    ({"extraConfig": {"engine": {"gpus": 2}}}, "extraConfig.engine.gpus: set engine.gpus instead"),
+    ({"extraConfig": {"gateway": {"port": 9000}}}, "extraConfig.gateway.port/host"),
+    ({"extraConfig": {"auth": {"keys_file": "/tmp/k.yaml"}}}, "extraConfig.auth.keys_file"),
+])
+def test_render_refuses_inconsistent_values(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        _chart().render(overrides, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---------------------------------------------------------------------------------------------- values
+CONTRACT_VALUES = """
+image.repository image.tag image.pullPolicy model.source model.servedName model.maxModelLen
+engine.gpus engine.tensorParallelSize engine.dataParallelSize engine.gpuMemoryUtilization engine.extraArgs
+auth.enabled auth.existingSecret modelCache.enabled modelCache.size modelCache.storageClass
+modelCache.accessMode modelCache.existingClaim shm.sizeLimit probes.startup probes.readiness probes.liveness
+terminationGracePeriodSeconds serviceMonitor.enabled prometheusRule.enabled grafanaDashboard.enabled
+podDisruptionBudget.enabled autoscaling.enabled autoscaling.kind autoscaling.minReplicas
+autoscaling.maxReplicas autoscaling.targetWaiting networkPolicy.enabled ingress.enabled resources
+nodeSelector tolerations affinity
+""".split()
+
+
+@pytest.mark.parametrize("dotted", CONTRACT_VALUES)
+def test_values_have_the_contract_keys(dotted: str) -> None:
+    node: Any = _chart().values
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"values.yaml lacks {dotted} (CONTRACTS.md §7)"
+        node = node[part]
+
+
+def test_every_value_is_documented() -> None:
+    """Each key has a `# --` comment on itself or on an enclosing key (helm-docs style)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z0-9_.\-/]+):", line)
+        if not m or line.lstrip().startswith("-"):
+            continue
+        indent = len(m.group(1))
+        while documented and documented[-1][0] >= indent:
+            documented.pop()
+        j, has_doc = i - 1, False
+        while j >= 0 and lines[j].lstrip().startswith("#"):
+            has_doc = has_doc or lines[j].lstrip().startswith("# --")
+            j -= 1
+        inherited = any(d for _, d in documented)
+        is_leaf = not line.rstrip().endswith(":")
+        if is_leaf and not (has_doc or inherited):
+            undocumented.append(f"values.yaml:{i + 1}: {m.group(2)}")
+        documented.append((indent, has_doc or inherited))
+    assert not undocumented, undocumented
+
+
+def test_schema_accepts_defaults_and_examples() -> None:
+    chart = _chart()
+    chart.validate_schema(chart.values)
+    for example in EXAMPLES.glob("*.yaml"):
+        chart.validate_schema(chart.merge_values(yaml.safe_load(example.read_text())))
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _sync_module() -> Any:
+    spec = importlib.util.spec_from_file_location("helm_sync_files", ROOT / "helm" / "sync_files.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_embedded_files_match_deploy_originals() -> None:
+    """Helm cannot read deploy/, so the chart keeps copies; they must be byte-identical."""
+    problems = _sync_module().stale()
+    assert not problems, "stale chart copies (run `python helm/sync_files.py`):\n" + "\n".join(problems)
+
+
+def test_prometheus_rule_embeds_the_rules_file() -> None:
+    rules_file = CHART / "files" / "prometheus" / "rules.yaml"
+    if not rules_file.exists():
+        pytest.skip("no rules file yet")
+    rule = only(render(SCENARIOS["observability"]), "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(rules_file.read_text())["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kps"
+
+
+def test_grafana_dashboard_configmaps() -> None:
+    dashboards = sorted((CHART / "files" / "dashboards").glob("*.json"))
+    objects = render(SCENARIOS["observability"])
+    maps = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(maps) == len(dashboards)
+    for cm, path in zip(sorted(maps, key=lambda o: o["metadata"]["name"]), dashboards):
+        assert cm["metadata"]["namespace"] == "monitoring"
+        assert cm["metadata"]["labels"]["grafana_folder"] == "llm"
+        assert json.loads(cm["data"][path.name]) == json.loads(path.read_text())
+    assert not [o for o in render() if o["metadata"]["labels"].get("grafana_dashboard")]
+
+
+def test_service_monitor_scrapes_metrics() -> None:
+    monitor = only(render(SCENARIOS["observability"]), "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"] == only(render(), "Service")["spec"]["selector"]
+
+
+def test_crd_schemas_catch_mistakes() -> None:
+    """The hand-written CRD schemas are not vacuous."""
+    scaled = copy.deepcopy(only(render(SCENARIOS["keda"]), "ScaledObject"))
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(scaled)
+    monitor = copy.deepcopy(only(render(SCENARIOS["observability"]), "ServiceMonitor"))
+    del monitor["spec"]["selector"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(monitor)
+    rule = copy.deepcopy(only(render(SCENARIOS["observability"]), "PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][0].pop("expr")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(rule)
