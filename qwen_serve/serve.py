@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ class _Server(uvicorn.Server):
             log.info("signal %s: draining (in-flight requests may finish)", sig)
         self.engine_state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown (exit -15); a finished drain is a clean exit.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list) and sig == signal.SIGTERM and sig in captured:
+            captured.remove(sig)
 
     def fail(self, reason: str) -> None:
         log.error("%s", reason)

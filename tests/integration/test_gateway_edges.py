@@ -144,3 +144,40 @@ def test_events_sent_apart_arrive_apart() -> None:
     assert len(times) == 5
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(gaps) > 0.08, f"events were held back and delivered together: gaps {gaps}"
+
+
+def test_sigterm_drains_in_flight_stream_then_exits_0(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``qwen-serve gateway``: SIGTERM during a stream → the stream still ends with [DONE], exit 0."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    fake = _SlowUpstream("paced")
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False},
+                                   "gateway": {"host": "127.0.0.1", "port": port, "drain_timeout_s": 10}}))
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_serve", "gateway", "--config", str(cfg),
+                             "--upstream", f"http://127.0.0.1:{fake.port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                          json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 1:
+                        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fake.close()
+    assert len(lines) == 6 and lines[-1] == "data: [DONE]", lines
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert "draining" in log
