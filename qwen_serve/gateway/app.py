@@ -40,7 +40,8 @@ from qwen_serve.gateway.limits import LocalLimiter
 from qwen_serve.gateway.metrics import GatewayMetrics, merge_engine_metrics
 from qwen_serve.gateway.middleware import GatewayMiddleware
 from qwen_serve.gateway.pipeline import Pipeline, Stages
-from qwen_serve.gateway.upstream import Upstream, UpstreamError, create_upstream
+from qwen_serve.errors import UpstreamError
+from qwen_serve.gateway.upstream import Upstream, create_upstream
 
 __all__ = ["build_app"]
 

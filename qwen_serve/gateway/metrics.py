@@ -20,6 +20,7 @@ from prometheus_client import (
     GCCollector,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -36,6 +37,9 @@ class GatewayMetrics:
     """The gateway's collectors on a private registry (plus process/platform/gc collectors)."""
 
     def __init__(self, served_models: Iterable[str] = ()) -> None:
+        # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
+        # process-wide switch of prometheus-client; the gateway process exports only our registry.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)

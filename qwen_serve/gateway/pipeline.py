@@ -121,7 +121,8 @@ class Exchange:
         self._lease.release(actual if actual is not None else (self._estimate if status == 200 else 0))
         if self._kind is not None:
             outcome = self._outcome
-            if self._stream_check is not None and status == 200 and not disconnected and error is None:
+            if (self._stream_check is not None and self._outcome is None and status == 200
+                    and not disconnected and error is None):  # streamed: on_response() never ran
                 outcome = self._stream_check.outcome()
             elif disconnected:
                 outcome = "aborted"

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from qwen_serve.constants import SSE_DATA_PREFIX, SSE_EVENT_SEPARATOR
+from qwen_serve.constants import SSE_DATA_PREFIX, SSE_DONE, SSE_EVENT_SEPARATOR
 from qwen_serve.errors import QwenServeError, UpstreamError, error_body
 from qwen_serve.gateway.types import Receive, Scope, Send
 from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
@@ -37,6 +37,7 @@ __all__ = ["ProxyCall", "ProxyHooks", "send_error"]
 log = logging.getLogger("qwen_serve.gateway")
 
 _USAGE_MARK = b'"usage"'
+_DONE_EVENT = SSE_DONE + SSE_EVENT_SEPARATOR
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -90,6 +91,7 @@ class ProxyCall:
         self._stream = stream
         self._hooks = hooks
         self._started = False
+        self._complete = False  # the client has the whole response (an SSE stream up to data: [DONE])
         self._status = 0
         self._resp: UpstreamResponse | None = None
 
@@ -102,8 +104,9 @@ class ProxyCall:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    gone.set()
-                    task.cancel()
+                    if not self._complete:  # after the response is complete this is no abort
+                        gone.set()
+                        task.cancel()
                     return
 
         watcher = asyncio.create_task(watch())
@@ -162,7 +165,8 @@ class ProxyCall:
         await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
         first = True
         pending = b""
-        async for chunk in resp.aiter_chunks():
+        chunks = resp.aiter_chunks()
+        async for chunk in chunks:
             if first:
                 hooks.on_first_chunk()
                 first = False
@@ -176,23 +180,35 @@ class ProxyCall:
             pending = chunk[cut:]
             ready = chunk[:cut] if pending else chunk
             if inspect_all or _USAGE_MARK in ready:
-                ready = _filter_events(ready, hooks)
+                ready = _filter_events(ready, hooks, inspect_all)
                 if not ready:
                     continue
+            if ready.endswith(_DONE_EVENT):  # end the response now: clients may hang up right at [DONE]
+                self._complete = True
+                await send({"type": "http.response.body", "body": ready, "more_body": False})
+                with contextlib.suppress(QwenServeError):  # drain (normally nothing) to reuse the connection
+                    async for _ in chunks:
+                        pass
+                return
             await send({"type": "http.response.body", "body": ready, "more_body": True})
         if pending:
             await send({"type": "http.response.body", "body": pending, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _filter_events(data: bytes, hooks: ProxyHooks) -> bytes:
-    """Parse each complete data event, let the hooks see it, keep what they keep (bytes unchanged)."""
+def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
+    """Parse each complete data event the hooks must see, keep what they keep (bytes unchanged).
+
+    Unless ``inspect_all``, only events containing ``"usage"`` are parsed: a read often coalesces many
+    content events with the final usage event, and parsing all of them was the top cost of a stream.
+    """
     out = []
     for event in data.split(SSE_EVENT_SEPARATOR):
         if not event:
             continue
         keep = True
-        if event.startswith(SSE_DATA_PREFIX) and event[6:7] == b"{":
+        if (event.startswith(SSE_DATA_PREFIX) and event[6:7] == b"{"
+                and (inspect_all or _USAGE_MARK in event)):
             try:
                 obj = json.loads(event[6:])
             except ValueError:

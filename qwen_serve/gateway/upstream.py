@@ -88,7 +88,8 @@ class _AiohttpResponse:
 
     async def read(self) -> bytes:
         with map_upstream_errors():
-            return await self._resp.read()
+            data: bytes = await self._resp.read()
+            return data
 
     async def aclose(self) -> None:
         if not self._resp.closed:
@@ -151,7 +152,8 @@ class _HttpxResponse:
 
     async def read(self) -> bytes:
         with map_upstream_errors():
-            return await self._resp.aread()
+            data: bytes = await self._resp.aread()
+            return data
 
     async def aclose(self) -> None:
         await self._resp.aclose()

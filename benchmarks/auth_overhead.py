@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""Auth + limits overhead: gateway req/s with ``auth.enabled: true`` vs ``false``, same run, fast upstream.
+
+Issue 4's target: auth and limits stay off the hot path's cost, **req/s(on) / req/s(off) >= 0.95**.
+
+Processes (127.0.0.1, each a subprocess of this script):
+
+* ``fake``: a minimal fake OpenAI upstream (raw asyncio + uvloop + httptools) answering ``/health``,
+  ``/v1/models`` and ``/v1/chat/completions`` with a fixed small chat completion (with ``usage``), or,
+  for ``stream: true``, a short SSE stream (role chunk, ``--stream-events`` content chunks, the usage
+  chunk when ``stream_options.include_usage``, ``[DONE]``). Answers at once: the gateway is the bottleneck.
+* ``on``: ``build_app(config)`` under uvicorn (uvloop + httptools, as ``qwen-serve``), auth on, a keys file
+  of ``--keys`` keys, each with rpm / tpm / max_concurrent limits high enough never to trigger, so every
+  request pays for the key lookup and the full limiter bookkeeping (rpm log, tpm ledger, concurrency).
+* ``off``: the same app with ``auth.enabled: false`` (``anonymous``, no limits).
+
+The load generator (this process: asyncio + aiohttp, keep-alive) runs ``--concurrency`` workers for
+``--duration`` seconds against one gateway, then the other, alternating the order every round (on/off,
+off/on, ...). Every worker sends its own key (workers use the first ``--concurrency`` keys of the file);
+the ``off`` gateway gets the same headers, so the client's work is identical. Reported: req/s per round
+and gateway, the per-round ratio on/off, and medians over rounds; plus each gateway's CPU time per
+request (``/proc/<pid>/stat``), which is less sensitive to the noise of a shared box than req/s.
+The load generator, the fake and both gateways share the machine's cores.
+
+Run::
+
+    .venv/bin/python benchmarks/auth_overhead.py                       # 10 rounds x 5 s x 2 (~2 min)
+    .venv/bin/python benchmarks/auth_overhead.py --stream-events 16    # streamed answers instead
+    .venv/bin/python benchmarks/auth_overhead.py --quick               # smoke run (~20 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "qwen2-random"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONFIGS = ("on", "off")
+
+
+# ============================================================================ fake upstream (subprocess)
+_COMPLETION = json.dumps({
+    "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1795931646, "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": " the cat sat"},
+                 "logprobs": None, "finish_reason": "length", "stop_reason": None}],
+    "usage": {"prompt_tokens": 46, "total_tokens": 50, "completion_tokens": 4},
+}, separators=(",", ":")).encode()
+_MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}).encode()
+
+
+def _sse(n: int, usage: bool) -> bytes:
+    base = {"id": "chatcmpl-0123456789abcdef", "object": "chat.completion.chunk", "created": 1795931645,
+            "model": MODEL}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    for i in range(n):
+        events.append({**base, "choices": [{"index": 0, "delta": {"content": " tok"},
+                                            "finish_reason": "length" if i == n - 1 else None}]})
+    if usage:
+        events.append({**base, "choices": [], "usage": {"prompt_tokens": 46, "total_tokens": 46 + n,
+                                                         "completion_tokens": n}})
+    out = b""
+    for e in events:
+        data = b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
+        out += b"%x\r\n%s\r\n" % (len(data), data)
+    done = b"data: [DONE]\n\n"
+    return out + b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)
+
+
+def serve_fake(port: int) -> None:
+    import httptools
+    import uvloop
+
+    def response(body: bytes, ctype: bytes = b"application/json") -> bytes:
+        return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (ctype, len(body), body)
+
+    completion, models = response(_COMPLETION), response(_MODELS)
+    health = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    metrics = response(b"# HELP vllm:up fake\n# TYPE vllm:up gauge\nvllm:up 1\n", b"text/plain")
+    not_found = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+    sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                b"transfer-encoding: chunked\r\n\r\n")
+    streams: dict[tuple[int, bool], bytes] = {}
+
+    class Conn(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t: asyncio.Transport = transport  # type: ignore[assignment]
+            self.p = httptools.HttpRequestParser(self)
+            self.url = b""
+            self.body: list[bytes] = []
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.p.feed_data(data)
+            except httptools.HttpParserError:
+                self.t.close()
+
+        def on_message_begin(self) -> None:
+            self.url, self.body = b"", []
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            url = self.url
+            if url.startswith(b"/v1/chat/completions"):
+                body = b"".join(self.body)
+                if b'"stream": true' in body or b'"stream":true' in body:
+                    req = json.loads(body)
+                    key = (int(req.get("max_tokens") or 16),
+                           bool((req.get("stream_options") or {}).get("include_usage")))
+                    if key not in streams:
+                        streams[key] = _sse(*key)
+                    self.t.write(sse_head + streams[key])
+                else:
+                    self.t.write(completion)
+            elif url.startswith(b"/health"):
+                self.t.write(health)
+            elif url.startswith(b"/v1/models"):
+                self.t.write(models)
+            elif url.startswith(b"/metrics"):
+                self.t.write(metrics)
+            else:
+                self.t.write(not_found)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=1024)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        server.close()
+
+    uvloop.run(main())
+
+
+# ============================================================================ gateway (subprocess)
+def serve_gateway(port: int, upstream: str, auth: str, keys_file: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    import uvicorn
+
+    from qwen_serve.config import parse_config
+    from qwen_serve.gateway.app import build_app
+
+    config = parse_config({
+        "model": {"source": MODEL},
+        "auth": {"enabled": auth == "on", "keys_file": keys_file, "reload_interval_s": 2},
+        "gateway": {"ui": False, "host": "127.0.0.1", "port": port},
+    })
+    app = build_app(config, upstream_url=upstream)
+    # The server settings of qwen_serve/serve.py (_uvicorn_config), quieter logs.
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
+                access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
+
+
+def write_keys(path: Path, n: int) -> list[str]:
+    """A keys file of ``n`` keys with limits that never trigger here; returns the secrets."""
+    sys.path.insert(0, str(ROOT))
+    import yaml
+
+    from qwen_serve.keys import generate_secret, hash_secret, load_keys_file
+
+    secrets = [generate_secret() for _ in range(n)]
+    entries = [{"id": f"team-{i:03d}", "sha256": hash_secret(s), "models": ["*"], "rpm": 1_000_000,
+                "tpm": 1_000_000_000, "max_concurrent": 1_000} for i, s in enumerate(secrets)]
+    path.write_text(yaml.safe_dump({"keys": entries}, sort_keys=False))
+    assert len(load_keys_file(path).keys) == n
+    return secrets
+
+
+# ============================================================================ processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc (resolution 1/CLK_TCK)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Proc:
+    name: str
+    url: str
+    popen: subprocess.Popen[bytes]
+
+
+def spawn(name: str, args: Sequence[str], port: int) -> Proc:
+    popen = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    return Proc(name, f"http://127.0.0.1:{port}", popen)
+
+
+async def wait_ready(session: Any, proc: Proc, path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            err = proc.popen.stderr.read().decode() if proc.popen.stderr else ""
+            raise SystemExit(f"{proc.name} exited early:\n{err[-2000:]}")
+        try:
+            async with session.get(proc.url + path) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"{proc.name} not ready at {proc.url}{path} after {timeout}s")
+
+
+def stop(procs: Sequence[Proc]) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
+
+
+# ============================================================================ load
+@dataclass
+class Sample:
+    requests: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    lat_ms: list[float] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def cpu_ms_per_req(self) -> float:
+        return 1000 * self.cpu_s / max(1, self.requests)
+
+
+def request_body(stream_events: int) -> bytes:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    if stream_events:
+        body.update(stream=True, max_tokens=stream_events)
+    return json.dumps(body).encode()
+
+
+class Load:
+    """Closed-loop load against one gateway over one keep-alive session kept for the whole run."""
+
+    def __init__(self, url: str, pid: int, secrets: Sequence[str], concurrency: int, body: bytes,
+                 stream: bool) -> None:
+        import aiohttp
+
+        self.url, self.pid, self.concurrency, self.body, self.stream = url, pid, concurrency, body, stream
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=60),
+                                             skip_auto_headers=("User-Agent",))
+        self.headers = [{"content-type": "application/json",
+                         "authorization": f"Bearer {secrets[i % len(secrets)]}"} for i in range(concurrency)]
+
+    async def one(self, i: int) -> bool:
+        async with self.session.post(self.url + "/v1/chat/completions", data=self.body,
+                                     headers=self.headers[i]) as r:
+            data = await r.read()
+            return r.status == 200 and (b"[DONE]" in data if self.stream else b'"usage"' in data)
+
+    async def run(self, duration: float, record: bool = True) -> Sample:
+        sample = Sample()
+
+        async def worker(i: int, until: float) -> None:
+            while time.perf_counter() < until:
+                t0 = time.perf_counter()
+                ok = await self.one(i)
+                sample.lat_ms.append(1000 * (time.perf_counter() - t0))
+                sample.requests += 1
+                sample.errors += not ok
+
+        cpu0, t0 = cpu_seconds(self.pid), time.perf_counter()
+        await asyncio.gather(*(worker(i, t0 + duration) for i in range(self.concurrency)))
+        sample.wall_s = time.perf_counter() - t0
+        sample.cpu_s = cpu_seconds(self.pid) - cpu0
+        return sample
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+async def gateway_metrics(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        return await r.text()
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    work = Path(tempfile.mkdtemp(prefix="auth-overhead-"))
+    keys_file = work / "keys.yaml"
+    secrets = write_keys(keys_file, args.keys)
+    used = secrets[: min(args.concurrency, len(secrets))]
+    fake_port = free_port()
+    fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
+    procs = [fake]
+    gws: dict[str, Proc] = {}
+    for cfg in CONFIGS:
+        port = free_port()
+        gws[cfg] = spawn(f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
+                                             "--auth", cfg, "--keys-file", str(keys_file)], port)
+        procs.append(gws[cfg])
+    results: dict[str, list[Sample]] = {cfg: [] for cfg in CONFIGS}
+    body = request_body(args.stream_events)
+    loads: dict[str, Load] = {}
+    try:
+        async with aiohttp.ClientSession() as s:
+            await wait_ready(s, fake, "/health")
+            for p in gws.values():
+                await wait_ready(s, p, "/ready")
+        print(f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
+              f"{'stream ' + str(args.stream_events) + ' events' if args.stream_events else 'non-stream'}, "
+              f"{args.keys} keys ({len(used)} in use)", flush=True)
+        print(f"{'round':>5}  {'order':<8}{'on req/s':>10}{'off req/s':>11}{'on/off':>8}"
+              f"{'on cpu ms/req':>15}{'off cpu ms/req':>16}", flush=True)
+        for cfg in CONFIGS:  # warm-up: open the keep-alive connections on both hops
+            loads[cfg] = Load(gws[cfg].url, gws[cfg].popen.pid, used, args.concurrency, body,
+                              bool(args.stream_events))
+            await loads[cfg].run(1.0)
+        for r in range(args.rounds):
+            order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
+            for cfg in order:
+                results[cfg].append(await loads[cfg].run(args.duration))
+            on, off = results["on"][-1], results["off"][-1]
+            print(f"{r + 1:>5}  {'/'.join(order):<8}{on.rps:>10.0f}{off.rps:>11.0f}{on.rps / off.rps:>8.3f}"
+                  f"{on.cpu_ms_per_req:>15.3f}{off.cpu_ms_per_req:>16.3f}", flush=True)
+        text_on = await gateway_metrics(gws["on"].url)
+        text_off = await gateway_metrics(gws["off"].url)
+    finally:
+        for ld in loads.values():
+            await ld.aclose()
+        stop(procs)
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+
+    errors = {cfg: sum(s.errors for s in results[cfg]) for cfg in CONFIGS}
+    ratios = [on.rps / off.rps for on, off in zip(results["on"], results["off"])]
+    cpu_ratios = [on.cpu_ms_per_req / off.cpu_ms_per_req for on, off in zip(results["on"], results["off"])]
+    summary = {
+        "rounds": args.rounds, "duration_s": args.duration, "concurrency": args.concurrency, "keys": args.keys,
+        "stream_events": args.stream_events, "cpus": os.cpu_count(),
+        "rps": {cfg: [round(s.rps, 1) for s in results[cfg]] for cfg in CONFIGS},
+        "median_rps": {cfg: statistics.median(s.rps for s in results[cfg]) for cfg in CONFIGS},
+        "p50_ms": {cfg: statistics.median(pct(s.lat_ms, 50) for s in results[cfg]) for cfg in CONFIGS},
+        "p99_ms": {cfg: statistics.median(pct(s.lat_ms, 99) for s in results[cfg]) for cfg in CONFIGS},
+        "cpu_ms_per_req": {cfg: statistics.median(s.cpu_ms_per_req for s in results[cfg]) for cfg in CONFIGS},
+        "ratio_per_round": [round(x, 3) for x in ratios],
+        "median_ratio": statistics.median(ratios),
+        "ratio_of_medians": (statistics.median(s.rps for s in results["on"])
+                             / statistics.median(s.rps for s in results["off"])),
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "errors": errors,
+        # Sanity: the "on" gateway really authenticated every request and limited none.
+        "on_key_ids_seen": sorted({line.split('key_id="', 1)[1].split('"', 1)[0] for line in text_on.splitlines()
+                                   if line.startswith("qwen_serve_requests_total") and 'key_id="team-' in line}),
+        "on_rate_limited": any(line.startswith("qwen_serve_rate_limited_total") for line in text_on.splitlines()),
+        "off_anonymous": 'key_id="anonymous"' in text_off,
+    }
+    return summary
+
+
+def report(s: dict[str, Any]) -> None:
+    on, off = s["median_rps"], s["p50_ms"]
+    print(f"\nmedian req/s: on {on['on']:.0f}, off {on['off']:.0f}; "
+          f"median per-round on/off = {s['median_ratio']:.3f} (ratio of medians {s['ratio_of_medians']:.3f}; "
+          f"target >= 0.95: {'PASS' if s['median_ratio'] >= 0.95 else 'FAIL'})")
+    print(f"latency p50 ms: on {off['on']:.2f}, off {off['off']:.2f}; p99 ms: on {s['p99_ms']['on']:.2f}, "
+          f"off {s['p99_ms']['off']:.2f}")
+    print(f"gateway CPU ms/req: on {s['cpu_ms_per_req']['on']:.3f}, off {s['cpu_ms_per_req']['off']:.3f} "
+          f"(median per-round ratio {s['cpu_ratio_median']:.3f})")
+    print(f"errors: {s['errors']}; on-gateway key_ids seen: {len(s['on_key_ids_seen'])}, "
+          f"rate-limited: {s['on_rate_limited']}; off-gateway anonymous: {s['off_anonymous']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    f = sub.add_parser("_fake")
+    f.add_argument("--port", type=int, required=True)
+    g = sub.add_parser("_gateway")
+    g.add_argument("--port", type=int, required=True)
+    g.add_argument("--upstream", required=True)
+    g.add_argument("--auth", choices=CONFIGS, required=True)
+    g.add_argument("--keys-file", required=True)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per gateway per round")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--keys", type=int, default=100, help="keys in the file (>= concurrency to give each worker one)")
+    p.add_argument("--stream-events", type=int, default=0, help="stream answers of N content events (0: non-stream)")
+    p.add_argument("--quick", action="store_true", help="4 rounds x 2 s")
+    p.add_argument("--json", help="write the summary here")
+    args = p.parse_args(argv)
+    if args.cmd == "_fake":
+        serve_fake(args.port)
+        return 0
+    if args.cmd == "_gateway":
+        serve_gateway(args.port, args.upstream, args.auth, args.keys_file)
+        return 0
+    if args.quick:
+        args.rounds, args.duration = 4, 2.0
+    summary = asyncio.run(run(args))
+    report(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0 if not any(summary["errors"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

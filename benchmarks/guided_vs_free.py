@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Guided JSON vs unconstrained decoding: output tokens/s on the same engine at the same concurrency.
+
+Issue 3's benchmark (target: guided / free >= 0.8). It starts nothing: point it at a running gateway
+(``qwen-serve up``, or the development stack) or at a vLLM engine directly. Each round runs both arms
+back to back, alternating which goes first (A/B, B/A, ...) so that drift in machine load hits both:
+
+* ``free``: chat completions with no constraint;
+* ``guided``: the same requests with ``response_format: json_schema``.
+
+Every request has the same prompt and ``max_tokens``; ``ignore_eos`` is not used. Per arm and round the
+figure is the sum of ``usage.completion_tokens`` over the wall time of the round's batch
+(``--requests`` requests, ``--concurrency`` in flight). Two workloads:
+
+* ``long`` (the headline): the schema asks for a 200-item array of short strings, which no answer can
+  finish within ``max_tokens``, so both arms decode exactly ``max_tokens`` per request (the random model
+  rarely emits EOS unconstrained); the ratio is the per-token cost of the grammar.
+* ``schemas``: the 36 bounded schemas of ``tests/schemas.py``, round-robin. Guided answers stop when the
+  JSON is complete (tens of tokens) while free ones run to ``max_tokens``, so this ratio also carries
+  the per-request overhead of short answers; reported for honesty, not as the target.
+
+Guided answers of the ``schemas`` workload are also checked (strict ``json.loads`` + ``jsonschema``).
+
+Run (the development stack; a ``qwen-serve up`` gateway is the same with its URL and an API key)::
+
+    .venv/bin/python benchmarks/guided_vs_free.py --url http://127.0.0.1:18080 \\
+        --api-key "$(python -c 'import json;print(json.load(open("/tmp/dev/stack.json"))["keys"]["admin"])')"
+    .venv/bin/python benchmarks/guided_vs_free.py --stack /tmp/dev/stack.json        # same, read from the file
+    .venv/bin/python benchmarks/guided_vs_free.py --url http://127.0.0.1:8080 --api-key qs-... --rounds 3
+
+``--write`` replaces the section "## Guided JSON vs unconstrained throughput" of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.schemas import generate_schemas  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Guided JSON vs unconstrained throughput"
+PROMPT = [{"role": "user", "content": "Reply with one JSON value and nothing else."}]
+LONG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"log": {"type": "array", "items": {"type": "string", "maxLength": 24},
+                           "minItems": 200, "maxItems": 200}},
+    "required": ["log"], "additionalProperties": False,
+}
+ARMS = ("free", "guided")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def valid(text: str, schema: dict[str, Any]) -> bool:
+    import jsonschema
+
+    try:
+        return bool(jsonschema.Draft202012Validator(schema).is_valid(json.loads(text, parse_constant=_reject_constant)))
+    except ValueError:
+        return False
+
+
+class Runner:
+    def __init__(self, url: str, model: str, api_key: str | None, concurrency: int, max_tokens: int) -> None:
+        self.url = url.rstrip("/") + "/v1/chat/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+
+    def body(self, schema: dict[str, Any] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": self.max_tokens}
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        return body
+
+    async def batch(self, session: aiohttp.ClientSession, schemas: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """Send one request per entry of ``schemas`` (None: unconstrained), ``concurrency`` at a time."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        for s in schemas:
+            queue.put_nowait(s)
+        tokens, requests, finished, ok, errors = 0, 0, 0, 0, 0
+
+        async def worker() -> None:
+            nonlocal tokens, requests, finished, ok, errors
+            while not queue.empty():
+                schema = queue.get_nowait()
+                async with session.post(self.url, json=self.body(schema), headers=self.headers) as r:
+                    data = await r.json(content_type=None)
+                if r.status != 200:
+                    errors += 1
+                    print(f"  HTTP {r.status}: {str(data)[:200]}", file=sys.stderr)
+                    continue
+                requests += 1
+                tokens += data["usage"]["completion_tokens"]
+                choice = data["choices"][0]
+                if choice["finish_reason"] == "stop":
+                    finished += 1
+                    if schema is not None and valid(choice["message"]["content"] or "", schema):
+                        ok += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        wall = time.perf_counter() - t0
+        return {"tokens": tokens, "requests": requests, "finished": finished, "valid": ok, "errors": errors,
+                "wall_s": wall, "tok_s": tokens / wall if wall else 0.0}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    runner = Runner(args.url, args.model, args.api_key, args.concurrency, args.max_tokens)
+    generated = generate_schemas()
+    workloads: dict[str, list[dict[str, Any]]] = {
+        "long": [LONG_SCHEMA] * args.requests,
+        "schemas": [generated[i % len(generated)] for i in range(args.requests)],
+    }
+    workloads = {k: v for k, v in workloads.items() if k in args.workloads}
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    out: dict[str, Any] = {}
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        # warm-up: grammar compilation caches, prefix cache, connections
+        await runner.batch(session, [None] * args.concurrency)
+        for schemas in workloads.values():  # each distinct schema once (grammar compiled and cached)
+            await runner.batch(session, [json.loads(s) for s in dict.fromkeys(map(json.dumps, schemas))])
+        for name, schemas in workloads.items():
+            rounds = []
+            for i in range(args.rounds):
+                order = ARMS if i % 2 == 0 else ARMS[::-1]
+                r: dict[str, Any] = {"order": "/".join(order)}
+                for arm in order:
+                    r[arm] = await runner.batch(session, list(schemas) if arm == "guided" else [None] * len(schemas))
+                r["ratio"] = r["guided"]["tok_s"] / r["free"]["tok_s"] if r["free"]["tok_s"] else float("nan")
+                rounds.append(r)
+                print(f"[{name}] round {i + 1}/{args.rounds} ({r['order']}): "
+                      f"free {r['free']['tok_s']:7.1f} tok/s ({r['free']['tokens'] / max(1, r['free']['requests']):.0f} tok/req)  "
+                      f"guided {r['guided']['tok_s']:7.1f} tok/s ({r['guided']['tokens'] / max(1, r['guided']['requests']):.0f} tok/req, "
+                      f"{r['guided']['valid']}/{r['guided']['requests']} valid, {r['guided']['finished']} finished)  "
+                      f"ratio {r['ratio']:.3f}", flush=True)
+            out[name] = {
+                "rounds": rounds,
+                "median_ratio": statistics.median(x["ratio"] for x in rounds),
+                "median_free_tok_s": statistics.median(x["free"]["tok_s"] for x in rounds),
+                "median_guided_tok_s": statistics.median(x["guided"]["tok_s"] for x in rounds),
+                "guided_valid": sum(x["guided"]["valid"] for x in rounds),
+                "guided_finished": sum(x["guided"]["finished"] for x in rounds),
+                "guided_requests": sum(x["guided"]["requests"] for x in rounds),
+                "errors": sum(x[a]["errors"] for x in rounds for a in ARMS),
+            }
+            print(f"[{name}] median ratio guided/free = {out[name]['median_ratio']:.3f} "
+                  f"(free {out[name]['median_free_tok_s']:.1f} tok/s, guided {out[name]['median_guided_tok_s']:.1f} tok/s)")
+    return out
+
+
+def engine_info(url: str, api_key: str | None) -> str:
+    """Best effort: the model list, to record what was measured."""
+    import urllib.request
+
+    req = urllib.request.Request(url.rstrip("/") + "/v1/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return ", ".join(f"{m['id']} (max_model_len {m.get('max_model_len')})" for m in json.load(r)["data"])
+    except OSError as exc:
+        return f"unknown ({exc})"
+
+
+def markdown(args: argparse.Namespace, res: dict[str, Any], command: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs), model {engine_info(args.url, args.api_key)}, "
+        f"through {args.url}; {args.note}",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Concurrency {args.concurrency}, {args.requests} requests per arm and round, max_tokens {args.max_tokens}, "
+        f"{args.rounds} rounds alternating which arm goes first. tok/s = sum of usage.completion_tokens / wall time "
+        "of the arm's batch.",
+        "",
+    ]
+    for name, r in res.items():
+        lines += [
+            f"### Workload `{name}`" + (" (headline: both arms decode max_tokens per request)" if name == "long"
+                                         else " (the 36 test schemas; guided answers stop early)"),
+            "",
+            "| round | order | free tok/s | free tok/req | guided tok/s | guided tok/req | guided valid/finished/sent | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, x in enumerate(r["rounds"], 1):
+            f, g = x["free"], x["guided"]
+            lines.append(
+                f"| {i} | {x['order']} | {f['tok_s']:.1f} | {f['tokens'] / max(1, f['requests']):.0f} | "
+                f"{g['tok_s']:.1f} | {g['tokens'] / max(1, g['requests']):.0f} | "
+                f"{g['valid']}/{g['finished']}/{g['requests']} | {x['ratio']:.3f} |")
+        lines += ["", f"**Median guided/free = {r['median_ratio']:.3f}** (free {r['median_free_tok_s']:.1f} tok/s, "
+                      f"guided {r['median_guided_tok_s']:.1f} tok/s; target >= 0.8; request errors: {r['errors']})", ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
+    current = RESULTS.read_text() if RESULTS.exists() else "# qwen-serve benchmark results\n"
+    start = current.find(SECTION + "\n")
+    if start < 0:
+        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = current.find("\n## ", start + len(SECTION))
+        tail = current[end + 1:] if end >= 0 else ""
+        new = current[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    RESULTS.write_text(new)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="gateway (or engine) base URL")
+    p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--stack", default=None, help="a dev-stack JSON file (url + admin key), instead of --url/--api-key")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=32, help="requests per arm and round")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--workloads", default="long,schemas")
+    p.add_argument("--write", action="store_true", help=f"write the figures to {RESULTS.relative_to(ROOT)}")
+    p.add_argument("--note", default="", help="free text for RESULTS.md (backend, load, ...)")
+    p.add_argument("--json", default=None, help="also write raw figures to this file")
+    args = p.parse_args()
+    if args.stack:
+        d = json.loads(Path(args.stack).read_text())
+        args.url, args.api_key = d["url"], next(iter(d["keys"].values()))
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.model is None:
+        import urllib.request
+
+        req = urllib.request.Request(args.url.rstrip("/") + "/v1/models",
+                                     headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            args.model = json.load(r)["data"][0]["id"]
+    res = asyncio.run(run(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    if args.write:
+        argv = [a for a in sys.argv[1:] if a != "--write"]
+        if "--api-key" in argv:  # never record a secret
+            argv[argv.index("--api-key") + 1] = "$API_KEY"
+        command = ".venv/bin/python benchmarks/guided_vs_free.py " + " ".join(shlex.quote(a) for a in argv)
+        write_section(markdown(args, res, command.replace("'$API_KEY'", '"$API_KEY"')))
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+"""Issue 4 through the real gateway and engine: API keys, scopes, rate limits, hot reload, no leaks.
+
+Most tests run an in-process gateway (``gateway_factory``) with its **own** keys file in ``tmp_path`` in
+front of the shared engine, so they can revoke, expire and rotate keys without touching the shared
+stack's admin key. Only :func:`test_no_secret_in_stack_log_or_metrics` uses the ``qwen-serve up`` stack
+itself (it needs the stack's log file); it adds one key of its own to the stack's keys file and revokes
+it at the end.
+
+Every secret created or presented here is remembered in ``SECRETS``; an autouse fixture checks after each
+test that none of them (nor its SHA-256) was logged by the in-process gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets as pysecrets
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from qwen_serve import keys as keys_mod
+from qwen_serve.keys import hash_secret
+from tests.conftest import ROOT, Gateway, GatewayFactory, Stack, auth_headers, metric_value, sse_events
+
+pytestmark = pytest.mark.engine
+
+MODEL = "qwen2-random"
+CHAT = [{"role": "user", "content": "Say something."}]
+RELOAD_S = 0.5
+SECRETS: set[str] = set()  # every secret created or presented in this module
+_HEX64 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def remember(secret: str) -> str:
+    SECRETS.add(secret)
+    return secret
+
+
+def fake_secret() -> str:
+    """A well-formed secret that is in no keys file."""
+    return remember(keys_mod.generate_secret())
+
+
+def make_keys(path: Path, **specs: dict[str, Any]) -> dict[str, str]:
+    """Create one key per ``id=settings`` in ``path``; returns id → secret."""
+    return {key_id: remember(keys_mod.create_key(path, key_id, **spec)) for key_id, spec in specs.items()}
+
+
+def keyed_gateway(gateway_factory: GatewayFactory, path: Path, **specs: dict[str, Any]) -> tuple[Gateway, dict[str, str]]:
+    """An in-process gateway whose keys file ``path`` holds ``specs``."""
+    created = make_keys(path, **specs)
+    gw = gateway_factory(auth={"enabled": True, "keys_file": str(path), "reload_interval_s": RELOAD_S})
+    return gw, created
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m qwen_serve ...`` as an operator runs it."""
+    proc = subprocess.run([sys.executable, "-m", "qwen_serve", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+class WarmCli:
+    """``python -m qwen_serve ARGS`` started now, run when :meth:`run` is called.
+
+    The same module entry point an operator runs, with the interpreter start-up and imports done up front:
+    on a starved 2-core box they alone can take seconds, longer than a whole test stream.
+    """
+
+    _CODE = ("import runpy, sys\n"
+             "import qwen_serve.cli, qwen_serve.keys\n"
+             "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+             "sys.stdin.readline()\n"
+             "sys.argv = ['qwen_serve', *sys.argv[1:]]\n"
+             "runpy.run_module('qwen_serve', run_name='__main__', alter_sys=True)\n")
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+
+    def run(self) -> str:
+        out, err = self.proc.communicate("go\n", timeout=60)
+        assert self.proc.returncode == 0, err
+        return out
+
+
+def chat(url: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "ignore_eos": True, **extra}
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=120)
+
+
+def metrics(url: str) -> str:
+    return httpx.get(url + "/metrics", timeout=30).text
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    return metric_value(text, name, labels) or 0.0
+
+
+def key_id_values(text: str) -> set[str]:
+    """Every ``key_id`` label value in a metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["key_id"] for f in text_string_to_metric_families(text) for s in f.samples if "key_id" in s.labels}
+
+
+def assert_error(r: httpx.Response, status: int, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape, exactly: ``{"error": {message, type, param, code}}``."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err: dict[str, Any] = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert (err["type"], err["code"], err["param"]) == (type_, code, param), err
+    assert r.headers.get("x-request-id")
+    return err
+
+
+def assert_401(r: httpx.Response) -> dict[str, Any]:
+    return assert_error(r, 401, "authentication_error", "invalid_api_key")
+
+
+def assert_429(r: httpx.Response) -> int:
+    assert_error(r, 429, "rate_limit_exceeded", "rate_limit_exceeded")
+    retry_after = int(r.headers["retry-after"])  # delta-seconds, an integer
+    assert 1 <= retry_after <= 60, retry_after
+    return retry_after
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> float:
+    """Poll ``predicate`` until true; the seconds it took (AssertionError after ``timeout``)."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met after {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+class Stream(threading.Thread):
+    """A streamed chat completion read in the background.
+
+    ``started`` is set when the response headers arrived (the gateway admitted the request and the engine
+    accepted it), ``first`` at the first data bytes; both also when the request failed. The reader only
+    collects bytes while the stream runs (an in-process gateway shares this process's GIL, so the reader
+    must stay cheap); ``events`` parses them afterwards.
+    """
+
+    def __init__(self, url: str, secret: str, **extra: Any) -> None:
+        super().__init__(daemon=True)
+        self.url, self.secret = url, secret
+        self.body = {"model": MODEL, "messages": CHAT, "stream": True, **extra}
+        self.started = threading.Event()
+        self.first = threading.Event()
+        self.stop = threading.Event()  # set: the client goes away
+        self.status = 0
+        self.nbytes = 0
+        self.chunks: list[bytes] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url + "/v1/chat/completions", json=self.body,
+                              headers=auth_headers(self.secret), timeout=300) as r:
+                self.status = r.status_code
+                self.started.set()
+                for chunk in r.iter_raw():
+                    self.chunks.append(chunk)
+                    self.nbytes += len(chunk)
+                    self.first.set()
+                    if self.stop.is_set():
+                        break
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.started.set()
+            self.first.set()
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode()
+
+    @property
+    def done(self) -> bool:
+        """The stream ended with ``data: [DONE]``."""
+        return self.text.rstrip().endswith("data: [DONE]")
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return list(sse_events(iter(self.text.splitlines())))
+
+    def usage(self) -> dict[str, Any] | None:
+        return next((e["usage"] for e in self.events if e.get("usage")), None)
+
+
+LONG = 1900  # max_model_len is 2048 and the chat prompt 48 tokens
+
+
+def long_stream_body(tokens: int) -> dict[str, Any]:
+    return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Whatever a test did, the in-process gateways logged neither a secret nor its hash."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    formatter = logging.Formatter("%(name)s %(message)s")
+    text = "\n".join(formatter.format(r) for phase in ("setup", "call") for r in caplog.get_records(phase)
+                     if not r.name.startswith(("httpx", "httpcore")))
+    for secret in SECRETS:
+        assert secret not in text, "a secret was logged"
+        assert hash_secret(secret) not in text, "a key hash was logged"
+
+
+# --------------------------------------------------------------------------------------------- 401
+def test_every_401_reason_is_openai_shaped_and_counted(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    k = make_keys(path, ok={}, expired={"expires": datetime(2020, 1, 1, tzinfo=timezone.utc)}, revoked={})
+    keys_mod.revoke_key(path, "revoked")
+    gw = gateway_factory(auth={"enabled": True, "keys_file": str(path), "reload_interval_s": RELOAD_S})
+    unknown = fake_secret()
+
+    cases = {
+        "missing": [{}, {"Authorization": "Bearer"}, {"Authorization": f"Basic {unknown}"}, {"x-api-key": ""}],
+        "invalid": [auth_headers(unknown), {"x-api-key": unknown}, auth_headers(hash_secret(k["ok"])),
+                    auth_headers(k["ok"] + "x"), auth_headers("sk-" + "a" * 48)],
+        "expired": [auth_headers(k["expired"]), {"x-api-key": k["expired"]}],
+        "disabled": [auth_headers(k["revoked"]), {"x-api-key": k["revoked"]}],
+    }
+    before = metrics(gw.url)
+    for reason, header_sets in cases.items():
+        for headers in header_sets:
+            err = assert_401(chat(gw.url, headers))
+            for secret in SECRETS:
+                assert secret not in err["message"]  # the message names the key id at most
+            if reason in ("expired", "disabled"):
+                key_id = "expired" if reason == "expired" else "revoked"
+                assert f"'{key_id}'" in err["message"]
+    after = metrics(gw.url)
+    for reason, header_sets in cases.items():
+        grew = counter(after, "qwen_serve_auth_failures_total", reason=reason) - \
+            counter(before, "qwen_serve_auth_failures_total", reason=reason)
+        assert grew == len(header_sets), (reason, grew)
+    # Refused requests never reach the engine and never create key_id values beyond the configured ids.
+    assert counter(after, "qwen_serve_tokens_total") == 0
+    assert key_id_values(after) <= {"ok", "expired", "revoked", "none"}, key_id_values(after)
+    assert not key_id_values(after) & {"expired", "revoked"}
+    # The good key still works, with either header.
+    assert chat(gw.url, auth_headers(k["ok"])).status_code == 200
+
+
+def test_bearer_and_x_api_key_are_both_accepted_on_every_keyed_route(gateway_factory: GatewayFactory,
+                                                                     tmp_path: Path) -> None:
+    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", team={})
+    secret = k["team"]
+    for headers in (auth_headers(secret), {"authorization": f"bearer {secret}"}, {"x-api-key": secret}):
+        r = chat(gw.url, headers)
+        assert r.status_code == 200, r.text
+        r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                       headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
+        tok = httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello world"}, headers=headers)
+        assert tok.status_code == 200, tok.text
+        detok = httpx.post(gw.url + "/detokenize", json={"model": MODEL, "tokens": tok.json()["tokens"]},
+                           headers=headers)
+        assert detok.status_code == 200 and "hello" in detok.json()["prompt"]
+    text = metrics(gw.url)
+    assert counter(text, "qwen_serve_requests_total", route="/tokenize", key_id="team", code="200") == 3
+    assert counter(text, "qwen_serve_requests_total", route="/v1/chat/completions", key_id="team", code="200") == 3
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 1}),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1}),
+    ("/tokenize", {"model": MODEL, "prompt": "hello"}),
+    ("/detokenize", {"model": MODEL, "tokens": [1, 2, 3]}),
+    ("/v1/models", None),
+])
+def test_keyed_routes_refuse_without_a_key(gateway: Any, route: str, body: dict[str, Any] | None) -> None:
+    """The shared ``qwen-serve up`` stack: no key, no answer; a wrong key neither."""
+    for headers in ({}, {"x-api-key": fake_secret()}):
+        if body is None:
+            r = httpx.get(gateway.url + route, headers=headers)
+        else:
+            r = httpx.post(gateway.url + route, json=body, headers=headers, timeout=60)
+        assert_401(r)
+
+
+# --------------------------------------------------------------------------------------------- 403
+def test_model_scope_403_and_filtered_model_list(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", elsewhere={"models": ["other-*"]},
+                          pattern={"models": ["qwen2-*"]}, exact={"models": [MODEL, "other-model"]})
+    h = auth_headers(k["elsewhere"])
+    assert_error(chat(gw.url, h), 403, "permission_error", "model_not_allowed", "model")
+    assert_error(chat(gw.url, h, model=None), 403, "permission_error", "model_not_allowed", "model")  # default model
+    r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}, headers=h)
+    assert_error(r, 403, "permission_error", "model_not_allowed", "model")
+    r = httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello"}, headers=h)
+    assert_error(r, 403, "permission_error", "model_not_allowed", "model")
+    listing = httpx.get(gw.url + "/v1/models", headers=h)
+    assert listing.status_code == 200 and listing.json()["object"] == "list"
+    assert listing.json()["data"] == []
+    for allowed in ("pattern", "exact"):
+        ha = auth_headers(k[allowed])
+        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=ha).json()["data"]] == [MODEL]
+        assert chat(gw.url, ha).status_code == 200
+    # A model nobody serves is a 404 whatever the key's scope.
+    assert_error(chat(gw.url, h, model="other-model"), 404, "invalid_request_error", "model_not_found", "model")
+    text = metrics(gw.url)
+    assert counter(text, "qwen_serve_requests_total", route="/v1/chat/completions", key_id="elsewhere",
+                   code="403") == 2
+    assert counter(text, "qwen_serve_tokens_total", key_id="elsewhere") == 0
+
+
+# --------------------------------------------------------------------------------------------- 429
+def test_rpm_burst_gets_exactly_the_excess_refused(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", burst={"rpm": 5}, other={"rpm": 5})
+
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, headers=auth_headers(k["burst"])) as client:
+            body = {"model": MODEL, "messages": CHAT, "max_tokens": 1}
+            return list(await asyncio.gather(*(client.post(gw.url + "/v1/chat/completions", json=body)
+                                               for _ in range(n))))
+
+    responses = asyncio.run(burst(8))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 5 + [429] * 3, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert_429(r)
+            assert "5 requests per minute" in r.json()["error"]["message"]
+    # Still refused a moment later (the window is a minute); limits are per key, not global.
+    assert_429(chat(gw.url, auth_headers(k["burst"])))
+    assert chat(gw.url, auth_headers(k["other"])).status_code == 200
+    text = metrics(gw.url)
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="burst", limit="rpm") == 4
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="other", limit="rpm") == 0
+    assert counter(text, "qwen_serve_requests_total", route="/v1/chat/completions", key_id="burst", code="429") == 4
+    assert counter(text, "qwen_serve_requests_total", route="/v1/chat/completions", key_id="burst", code="200") == 5
+
+
+def test_tpm_counts_real_streamed_usage(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", meter={}, small={"tpm": 60})
+    n = 16
+
+    def tokens(text: str, key_id: str) -> tuple[float, float]:
+        return (counter(text, "qwen_serve_tokens_total", model=MODEL, key_id=key_id, kind="prompt"),
+                counter(text, "qwen_serve_tokens_total", model=MODEL, key_id=key_id, kind="completion"))
+
+    # 1. The client asks for usage: it sees the usage chunk, and the counters grow by exactly that.
+    before = tokens(metrics(gw.url), "meter")
+    asked = Stream(gw.url, k["meter"], **long_stream_body(n), stream_options={"include_usage": True})
+    asked.run()
+    assert asked.error is None and asked.status == 200 and asked.done
+    usage = asked.usage()
+    assert usage is not None and asked.events[-1]["choices"] == [] and usage["completion_tokens"] == n
+    after = tokens(metrics(gw.url), "meter")
+    assert (after[0] - before[0], after[1] - before[1]) == (usage["prompt_tokens"], usage["completion_tokens"])
+
+    # 2. The client does not ask: the gateway's injected usage chunk is stripped, but still counted.
+    plain = Stream(gw.url, k["meter"], **long_stream_body(n))
+    plain.run()
+    assert plain.error is None and plain.status == 200 and plain.done
+    assert all(e.get("usage") is None and e["choices"] for e in plain.events), plain.events[-1]
+    assert plain.events[-1]["choices"][0]["finish_reason"] == "length"
+    final = tokens(metrics(gw.url), "meter")
+    assert (final[0] - after[0], final[1] - after[1]) == (usage["prompt_tokens"], n)
+
+    # 3. A small tpm: the upfront estimate (~11 tokens) would admit five of these; the real usage of the
+    #    first streamed answer (prompt + 64 completion tokens > 60) leaves no room for a second.
+    first = Stream(gw.url, k["small"], **long_stream_body(64))
+    first.run()
+    assert first.error is None and first.status == 200 and first.done and first.usage() is None
+    text = metrics(gw.url)
+    used = sum(tokens(text, "small"))
+    assert used == usage["prompt_tokens"] + 64 > 60
+    r = chat(gw.url, auth_headers(k["small"]), max_tokens=1)
+    retry_after = assert_429(r)
+    assert retry_after >= 50  # the charge leaves the 60 s window only a minute after it was made
+    assert "tokens per minute" in r.json()["error"]["message"]
+    # Refused before the engine: nothing more counted, and the refusal is labelled tpm.
+    text = metrics(gw.url)
+    assert sum(tokens(text, "small")) == used
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="small", limit="tpm") == 1
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="meter", limit="tpm") == 0
+
+
+def test_concurrency_limit_with_a_stream_in_flight(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", solo={"max_concurrent": 1}, free={})
+    refused = 0
+    # A ~2000-token stream lasts a few seconds; on a starved CPU vLLM may deliver it in one late burst, so
+    # a round where the stream was already over when the second request came says nothing and is repeated.
+    for _ in range(4):
+        stream = Stream(gw.url, k["solo"], **long_stream_body(LONG))
+        stream.start()
+        try:
+            assert stream.started.wait(120) and stream.status == 200, stream.error
+            r = chat(gw.url, auth_headers(k["solo"]))
+            if r.status_code == 429:
+                refused += 1
+                assert assert_429(r) == 1
+                assert "concurrent" in r.json()["error"]["message"]
+                assert stream.is_alive() and not stream.done
+                assert chat(gw.url, auth_headers(k["free"])).status_code == 200  # another key is not affected
+            else:
+                assert r.status_code == 200, r.text
+        finally:
+            stream.stop.set()  # the client goes away mid-stream: the slot must be freed
+            stream.join(60)
+        if refused:
+            break
+    assert refused, "a second request was admitted next to the running stream every time"
+
+    def admitted() -> bool:
+        nonlocal refused
+        r = chat(gw.url, auth_headers(k["solo"]))
+        if r.status_code == 429:
+            refused += 1
+            return False
+        assert r.status_code == 200, r.text
+        return True
+
+    wait_for(admitted, 10, interval=0.2)
+    text = metrics(gw.url)
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="solo", limit="concurrency") == refused
+    assert counter(text, "qwen_serve_rate_limited_total", key_id="free", limit="concurrency") == 0
+
+
+# --------------------------------------------------------------------------------------------- auth off
+def test_auth_disabled_serves_anonymous(gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory(auth={"enabled": False})
+    for headers in ({}, {"x-api-key": fake_secret()}):
+        assert chat(gw.url, headers).status_code == 200
+        assert httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=headers).status_code == 200
+        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
+    s = Stream(gw.url, "", **long_stream_body(5))
+    s.run()
+    assert s.status == 200 and s.done
+    text = metrics(gw.url)
+    assert key_id_values(text) <= {"anonymous", "none"}  # "none": routes without auth (/ready, /metrics)
+    keyed = {(r, c) for r in ("/v1/chat/completions", "/tokenize", "/v1/models") for c in ("200",)}
+    for route, code in keyed:
+        assert counter(text, "qwen_serve_requests_total", route=route, key_id="none") == 0
+        assert counter(text, "qwen_serve_requests_total", route=route, key_id="anonymous", code=code) >= 1
+    assert counter(text, "qwen_serve_requests_total", route="/v1/chat/completions", key_id="anonymous",
+                   code="200") == 3
+    assert counter(text, "qwen_serve_tokens_total", model=MODEL, key_id="anonymous", kind="completion") == 2 + 2 + 5
+    assert counter(text, "qwen_serve_auth_failures_total") == 0
+
+
+# --------------------------------------------------------------------------------------------- hot reload
+def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
+        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    staying = remember(cli("keys", "create", "--file", str(path), "--id", "staying").stdout.strip())
+    assert staying.startswith("qs-") and len(staying) == 46
+    assert staying not in path.read_text() and hash_secret(staying) in path.read_text()
+    gw = gateway_factory(auth={"enabled": True, "keys_file": str(path), "reload_interval_s": RELOAD_S})
+    # A round shows something only if the stream was still running when the revoke took effect; on a
+    # starved CPU the stream may be over before that, then the round is repeated with a new key.
+    rounds: list[str] = []
+    for attempt in range(3):
+        key_id = f"leaving-{attempt}"
+        secret = remember(cli("keys", "create", "--file", str(path), "--id", key_id, "--rpm", "1000").stdout.strip())
+        h = auth_headers(secret)
+        wait_for(lambda: httpx.get(gw.url + "/v1/models", headers=h).status_code == 200, RELOAD_S + 5)
+
+        revoke = WarmCli("keys", "revoke", "--file", str(path), "--id", key_id)
+        stream = Stream(gw.url, secret, **long_stream_body(LONG), stream_options={"include_usage": True})
+        stream.start()
+        assert stream.started.wait(120) and stream.status == 200, stream.error
+        t_first = time.monotonic()
+        revoke.run()
+        t_cli = time.monotonic() - t_first
+        last: list[httpx.Response] = []
+
+        def refused() -> bool:
+            last[:] = [httpx.get(gw.url + "/v1/models", headers=h)]
+            return last[0].status_code == 401
+
+        took = wait_for(refused, RELOAD_S + 5)
+        running, seen = stream.is_alive() and not stream.done, stream.nbytes
+        assert took <= RELOAD_S + 1, f"revoked key still accepted {took:.2f} s after the revoke"
+        assert "revoked" in assert_401(last[0])["message"]
+        assert_401(chat(gw.url, h))
+        assert httpx.get(gw.url + "/v1/models", headers=auth_headers(staying)).status_code == 200
+
+        # The stream admitted before the revoke runs to its end.
+        stream.join(300)
+        assert not stream.is_alive() and stream.error is None
+        assert stream.done, "no [DONE]"
+        assert all("error" not in e for e in stream.events)
+        usage = stream.usage()
+        assert usage is not None and usage["completion_tokens"] == LONG
+        assert [e["choices"][0]["finish_reason"] for e in stream.events if e["choices"]][-1] == "length"
+        text = metrics(gw.url)
+        assert counter(text, "qwen_serve_tokens_total", key_id=key_id, kind="completion") == LONG
+        assert counter(text, "qwen_serve_auth_failures_total", reason="disabled") == 2 * (attempt + 1)
+        rounds.append(f"cli {t_cli:.2f}s, refused after {took:.2f}s, {seen}/{stream.nbytes} bytes by then, "
+                      f"stream over {time.monotonic() - t_first:.2f}s after its headers")
+        if running and stream.nbytes - seen >= 20_000:  # ~100 events arrived after the revoke
+            break
+    else:
+        pytest.fail("every stream ended before its key's revoke took effect: " + "; ".join(rounds))
+
+
+def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    """The layout a Kubernetes Secret volume has: ``keys.yaml -> ..data/keys.yaml``, ``..data -> ..<ts>``."""
+    mount = tmp_path / "secret"
+    old_dir, new_dir = mount / "..2026_01_01_00_00_00.1", mount / "..2026_01_02_00_00_00.2"
+    old_dir.mkdir(parents=True)
+    old = make_keys(old_dir / "keys.yaml", team={})["team"]
+    os.symlink(old_dir.name, mount / "..data")
+    os.symlink("..data/keys.yaml", mount / "keys.yaml")
+    gw = gateway_factory(auth={"enabled": True, "keys_file": str(mount / "keys.yaml"), "reload_interval_s": RELOAD_S})
+    assert chat(gw.url, auth_headers(old)).status_code == 200
+
+    # The kubelet writes the new version into a new directory, then renames a new ..data link over the old.
+    new_dir.mkdir()
+    new = make_keys(new_dir / "keys.yaml", team={}, ops={"models": ["other-*"]})
+    os.symlink(new_dir.name, mount / "..data_tmp")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    swapped_at = time.monotonic()
+    for path in old_dir.iterdir():
+        path.unlink()
+    old_dir.rmdir()
+
+    took = wait_for(lambda: httpx.get(gw.url + "/v1/models", headers=auth_headers(new["team"])).status_code == 200,
+                    RELOAD_S + 5)
+    assert took <= RELOAD_S + 1, took
+    assert chat(gw.url, auth_headers(new["team"])).status_code == 200
+    assert_401(chat(gw.url, auth_headers(old)))
+    assert httpx.get(gw.url + "/v1/models", headers=auth_headers(new["ops"])).json()["data"] == []
+    assert time.monotonic() - swapped_at < 60
+
+
+# --------------------------------------------------------------------------------------------- no leaks
+def test_no_secret_in_stack_log_or_metrics(stack: Stack) -> None:
+    """The ``qwen-serve up`` stack: secrets (valid, revoked, unknown) and hashes appear in neither its log
+    nor ``/metrics``; unknown keys create no ``key_id`` values."""
+    key_id = f"auth-leak-{uuid.uuid4().hex[:8]}"
+    secret = remember(keys_mod.create_key(stack.keys_file, key_id, rpm=1000))
+    h = auth_headers(secret)
+    wait_for(lambda: httpx.get(stack.url + "/v1/models", headers=h).status_code == 200, 30, interval=0.2)
+
+    assert chat(stack.url, h).status_code == 200
+    assert chat(stack.url, {"x-api-key": secret}).status_code == 200
+    s = Stream(stack.url, secret, max_tokens=3)
+    s.run()
+    assert s.status == 200 and s.done
+    assert httpx.post(stack.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=h).status_code == 200
+    presented = [fake_secret(), remember("sk-" + pysecrets.token_hex(24)), remember(pysecrets.token_urlsafe(40))]
+    for bad in presented:
+        assert_401(chat(stack.url, auth_headers(bad)))
+        assert_401(httpx.post(stack.url + "/tokenize", json={"prompt": "hi"}, headers={"x-api-key": bad}))
+        assert_401(httpx.get(stack.url + "/v1/models", headers={"Authorization": f"Bearer {bad}"}))
+    assert_401(chat(stack.url, auth_headers(hash_secret(secret))))  # the hash is not a key either
+    keys_mod.revoke_key(stack.keys_file, key_id)
+    wait_for(lambda: httpx.get(stack.url + "/v1/models", headers=h).status_code == 401, 30, interval=0.2)
+    assert_401(chat(stack.url, h))
+    time.sleep(0.5)  # let the stack's log catch up
+
+    log = stack.log_text()
+    text = metrics(stack.url)
+    for s_ in SECRETS:
+        assert s_ not in log, "a secret appears in the stack's log"
+        assert hash_secret(s_) not in log, "a key hash appears in the stack's log"
+        assert s_ not in text and hash_secret(s_) not in text, "a secret or hash appears in /metrics"
+    gateway_lines = [line for line in log.splitlines() if not line.startswith("[engine]")]
+    assert not [line for line in gateway_lines if _HEX64.search(line)], "a SHA-256-like value in the gateway log"
+    configured = {k.id for k in keys_mod.load_keys_file(stack.keys_file).keys}
+    assert key_id in key_id_values(text)
+    assert key_id_values(text) <= configured | {"anonymous", "none"}, key_id_values(text) - configured
