@@ -171,16 +171,19 @@ def serve_gateway(port: int, upstream: str, auth: str, keys_file: str) -> None:
                 access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
 
 
-def write_keys(path: Path, n: int) -> list[str]:
-    """A keys file of ``n`` keys with limits that never trigger here; returns the secrets."""
+def write_keys(path: Path, n: int, limits: bool = True) -> list[str]:
+    """A keys file of ``n`` keys with limits that never trigger here (or none); returns the secrets."""
     sys.path.insert(0, str(ROOT))
     import yaml
 
     from qwen_serve.keys import generate_secret, hash_secret, load_keys_file
 
     secrets = [generate_secret() for _ in range(n)]
-    entries = [{"id": f"team-{i:03d}", "sha256": hash_secret(s), "models": ["*"], "rpm": 1_000_000,
-                "tpm": 1_000_000_000, "max_concurrent": 1_000} for i, s in enumerate(secrets)]
+    entries: list[dict[str, Any]] = [{"id": f"team-{i:03d}", "sha256": hash_secret(s), "models": ["*"]}
+                                     for i, s in enumerate(secrets)]
+    if limits:
+        for e in entries:
+            e.update(rpm=1_000_000, tpm=1_000_000_000, max_concurrent=1_000)
     path.write_text(yaml.safe_dump({"keys": entries}, sort_keys=False))
     assert len(load_keys_file(path).keys) == n
     return secrets
@@ -323,7 +326,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="auth-overhead-"))
     keys_file = work / "keys.yaml"
-    secrets = write_keys(keys_file, args.keys)
+    secrets = write_keys(keys_file, args.keys, not args.no_limits)
     used = secrets[: min(args.concurrency, len(secrets))]
     fake_port = free_port()
     fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
@@ -422,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--keys", type=int, default=100, help="keys in the file (>= concurrency to give each worker one)")
     p.add_argument("--stream-events", type=int, default=0, help="stream answers of N content events (0: non-stream)")
+    p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--quick", action="store_true", help="4 rounds x 2 s")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)

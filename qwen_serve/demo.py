@@ -30,9 +30,10 @@ _SCHEMA = {
     "properties": {
         "city": {"type": "string", "maxLength": 40},
         "country": {"type": "string", "maxLength": 40},
-        "population_millions": {"type": "number"},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 100},
+        "famous_for": {"type": "string", "maxLength": 80},
     },
-    "required": ["city", "country", "population_millions"],
+    "required": ["city", "country", "population_millions", "famous_for"],
     "additionalProperties": False,
 }
 
@@ -110,7 +111,7 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float) -> boo
 
 
 def _streamed(client: httpx.Client, model: str) -> None:
-    question = "In two sentences, what is the capital of France known for?"
+    question = "What are three things to see in Paris? Answer in a short list."
     _say(f"==> streamed answer to: {question!r}")
     body = {"model": model, "stream": True, "max_tokens": 96, "temperature": 0.2,
             "messages": [{"role": "user", "content": question}]}
@@ -133,12 +134,15 @@ def _streamed(client: httpx.Client, model: str) -> None:
 def _guided(client: httpx.Client, model: str) -> bool:
     _say("==> guided-JSON answer (response_format json_schema):")
     body = {"model": model, "max_tokens": 120, "temperature": 0,
-            "messages": [{"role": "user", "content": "Give the city, country and population (millions) of Paris as JSON."}],
+            "messages": [{"role": "user", "content": "Describe Paris as JSON: city, country, population in millions, and what it is famous for."}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": _SCHEMA}}}
     resp = client.post("/v1/chat/completions", json=body)
     resp.raise_for_status()
     content = resp.json()["choices"][0]["message"]["content"]
-    _say(f"    {content}")
+    try:
+        _say("    " + json.dumps(json.loads(content), ensure_ascii=False))
+    except ValueError:
+        _say(f"    {content}")
     _say(f"    X-Guided-Output: {resp.headers.get('x-guided-output')}")
     try:
         jsonschema.validate(json.loads(content), _SCHEMA)
