@@ -24,7 +24,9 @@ The load generator, the fake and both gateways share the machine's cores.
 
 Run::
 
-    .venv/bin/python benchmarks/auth_overhead.py                       # 10 rounds x 5 s x 2 (~2 min)
+    .venv/bin/python benchmarks/auth_overhead.py                       # 20 rounds x 3 s x 2 (~2.5 min)
+    .venv/bin/python benchmarks/auth_overhead.py --simultaneous        # both gateways loaded at once
+    .venv/bin/python benchmarks/auth_overhead.py --control             # A/A: the method's noise floor
     .venv/bin/python benchmarks/auth_overhead.py --stream-events 16    # streamed answers instead
     .venv/bin/python benchmarks/auth_overhead.py --quick               # smoke run (~20 s)
 """
@@ -153,7 +155,7 @@ def serve_fake(port: int) -> None:
 
 
 # ============================================================================ gateway (subprocess)
-def serve_gateway(port: int, upstream: str, auth: str, keys_file: str) -> None:
+def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     import uvicorn
 
@@ -162,7 +164,7 @@ def serve_gateway(port: int, upstream: str, auth: str, keys_file: str) -> None:
 
     config = parse_config({
         "model": {"source": MODEL},
-        "auth": {"enabled": auth == "on", "keys_file": keys_file, "reload_interval_s": 2},
+        "auth": {"enabled": auth == "on" and not control, "keys_file": keys_file, "reload_interval_s": 2},
         "gateway": {"ui": False, "host": "127.0.0.1", "port": port},
     })
     app = build_app(config, upstream_url=upstream)
@@ -251,6 +253,7 @@ class Sample:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     lat_ms: list[float] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -282,11 +285,16 @@ class Load:
         self.headers = [{"content-type": "application/json",
                          "authorization": f"Bearer {secrets[i % len(secrets)]}"} for i in range(concurrency)]
 
-    async def one(self, i: int) -> bool:
-        async with self.session.post(self.url + "/v1/chat/completions", data=self.body,
-                                     headers=self.headers[i]) as r:
-            data = await r.read()
-            return r.status == 200 and (b"[DONE]" in data if self.stream else b'"usage"' in data)
+    async def one(self, i: int) -> str | None:
+        """None when the answer is complete, else what went wrong."""
+        try:
+            async with self.session.post(self.url + "/v1/chat/completions", data=self.body,
+                                         headers=self.headers[i]) as r:
+                data = await r.read()
+                ok = r.status == 200 and (b"[DONE]" in data if self.stream else b'"usage"' in data)
+                return None if ok else f"HTTP {r.status}"
+        except Exception as exc:  # counted, not fatal: the run goes on
+            return type(exc).__name__
 
     async def run(self, duration: float, record: bool = True) -> Sample:
         sample = Sample()
@@ -294,10 +302,12 @@ class Load:
         async def worker(i: int, until: float) -> None:
             while time.perf_counter() < until:
                 t0 = time.perf_counter()
-                ok = await self.one(i)
+                error = await self.one(i)
                 sample.lat_ms.append(1000 * (time.perf_counter() - t0))
                 sample.requests += 1
-                sample.errors += not ok
+                if error is not None:
+                    sample.errors += 1
+                    sample.error_kinds[error] = sample.error_kinds.get(error, 0) + 1
 
         cpu0, t0 = cpu_seconds(self.pid), time.perf_counter()
         await asyncio.gather(*(worker(i, t0 + duration) for i in range(self.concurrency)))
@@ -307,6 +317,42 @@ class Load:
 
     async def aclose(self) -> None:
         await self.session.close()
+
+
+def stage_cost(keys_file: Path, secrets: Sequence[str], body: bytes, n: int = 100_000) -> dict[str, float]:
+    """In-process CPU microseconds per request of the auth and limits stages alone, at a steady state
+    (the limiter's windows filled as at 1500 req/s): ``authenticate`` and ``acquire`` + ``release``,
+    against the ``anonymous`` path of ``auth.enabled: false``. Noise-free next to the end-to-end figures."""
+    sys.path.insert(0, str(ROOT))
+    from starlette.datastructures import Headers
+
+    from qwen_serve.gateway.auth import AnonymousAuth, KeyFileAuth
+    from qwen_serve.gateway.limits import LocalLimiter, estimate_prompt_tokens
+
+    now = [0.0]
+    on_auth, off_auth = KeyFileAuth(keys_file), AnonymousAuth()
+    on_lim, off_lim = LocalLimiter(clock=lambda: now[0]), LocalLimiter(clock=lambda: now[0])
+    headers = [Headers(raw=[(b"host", b"gw"), (b"content-type", b"application/json"),
+                            (b"authorization", f"Bearer {s}".encode())]) for s in secrets]
+    req = json.loads(body)
+
+    def one(auth: Any, limiter: LocalLimiter, h: Headers) -> None:
+        now[0] += 1 / 1500
+        principal = auth.authenticate(h)
+        limiter.try_acquire(principal, estimate_prompt_tokens(req)).release(50)
+
+    for i in range(90_000):  # fill the 60 s windows
+        one(on_auth, on_lim, headers[i % len(headers)])
+    out = {}
+    for name, auth, lim in (("on", on_auth, on_lim), ("off", off_auth, off_lim)):
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.process_time()
+            for i in range(n // 5):
+                one(auth, lim, headers[i % len(headers)])
+            best = min(best, (time.process_time() - t0) / (n // 5) * 1e6)
+        out[name] = best
+    return out
 
 
 async def gateway_metrics(url: str) -> str:
@@ -335,17 +381,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for cfg in CONFIGS:
         port = free_port()
         gws[cfg] = spawn(f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
-                                             "--auth", cfg, "--keys-file", str(keys_file)], port)
+                                             "--auth", cfg, "--keys-file", str(keys_file),
+                                             *(["--control"] if args.control else [])], port)
         procs.append(gws[cfg])
     results: dict[str, list[Sample]] = {cfg: [] for cfg in CONFIGS}
     body = request_body(args.stream_events)
     loads: dict[str, Load] = {}
+    stages = stage_cost(keys_file, used, body)
+    print(f"auth + limits stages in-process: {stages['on']:.1f} us/request (auth off: {stages['off']:.1f} us)",
+          flush=True)
     try:
         async with aiohttp.ClientSession() as s:
             await wait_ready(s, fake, "/health")
             for p in gws.values():
                 await wait_ready(s, p, "/ready")
-        print(f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
+        print(f"{'A/A CONTROL (both auth off), ' if args.control else ''}"
+              f"{'simultaneous' if args.simultaneous else 'alternating'}: "
+              f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
               f"{'stream ' + str(args.stream_events) + ' events' if args.stream_events else 'non-stream'}, "
               f"{args.keys} keys ({len(used)} in use)", flush=True)
         print(f"{'round':>5}  {'order':<8}{'on req/s':>10}{'off req/s':>11}{'on/off':>8}"
@@ -355,9 +407,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                               bool(args.stream_events))
             await loads[cfg].run(1.0)
         for r in range(args.rounds):
-            order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
-            for cfg in order:
-                results[cfg].append(await loads[cfg].run(args.duration))
+            if args.simultaneous:  # both at once, each with its own workers: the same noise for both
+                order: tuple[str, ...] = ("both",)
+                on, off = await asyncio.gather(loads["on"].run(args.duration), loads["off"].run(args.duration))
+                results["on"].append(on)
+                results["off"].append(off)
+            else:
+                order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
+                for cfg in order:
+                    results[cfg].append(await loads[cfg].run(args.duration))
             on, off = results["on"][-1], results["off"][-1]
             print(f"{r + 1:>5}  {'/'.join(order):<8}{on.rps:>10.0f}{off.rps:>11.0f}{on.rps / off.rps:>8.3f}"
                   f"{on.cpu_ms_per_req:>15.3f}{off.cpu_ms_per_req:>16.3f}", flush=True)
@@ -372,9 +430,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         work.rmdir()
 
     errors = {cfg: sum(s.errors for s in results[cfg]) for cfg in CONFIGS}
+    error_kinds = {cfg: {k: sum(s.error_kinds.get(k, 0) for s in results[cfg])
+                         for k in {k for s in results[cfg] for k in s.error_kinds}} for cfg in CONFIGS}
     ratios = [on.rps / off.rps for on, off in zip(results["on"], results["off"])]
     cpu_ratios = [on.cpu_ms_per_req / off.cpu_ms_per_req for on, off in zip(results["on"], results["off"])]
     summary = {
+        "mode": "simultaneous" if args.simultaneous else "alternating",
         "rounds": args.rounds, "duration_s": args.duration, "concurrency": args.concurrency, "keys": args.keys,
         "stream_events": args.stream_events, "cpus": os.cpu_count(),
         "rps": {cfg: [round(s.rps, 1) for s in results[cfg]] for cfg in CONFIGS},
@@ -388,6 +449,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                              / statistics.median(s.rps for s in results["off"])),
         "cpu_ratio_median": statistics.median(cpu_ratios),
         "errors": errors,
+        "error_kinds": error_kinds,
+        "control": args.control,
+        "stage_us_per_req": stages,
         # Sanity: the "on" gateway really authenticated every request and limited none.
         "on_key_ids_seen": sorted({line.split('key_id="', 1)[1].split('"', 1)[0] for line in text_on.splitlines()
                                    if line.startswith("qwen_serve_requests_total") and 'key_id="team-' in line}),
@@ -401,11 +465,17 @@ def report(s: dict[str, Any]) -> None:
     on, off = s["median_rps"], s["p50_ms"]
     print(f"\nmedian req/s: on {on['on']:.0f}, off {on['off']:.0f}; "
           f"median per-round on/off = {s['median_ratio']:.3f} (ratio of medians {s['ratio_of_medians']:.3f}; "
-          f"target >= 0.95: {'PASS' if s['median_ratio'] >= 0.95 else 'FAIL'})")
+          + ("A/A control, expect 1.0)" if s["control"] else
+             f"target >= 0.95: {'PASS' if s['median_ratio'] >= 0.95 else 'FAIL'})"))
     print(f"latency p50 ms: on {off['on']:.2f}, off {off['off']:.2f}; p99 ms: on {s['p99_ms']['on']:.2f}, "
           f"off {s['p99_ms']['off']:.2f}")
     print(f"gateway CPU ms/req: on {s['cpu_ms_per_req']['on']:.3f}, off {s['cpu_ms_per_req']['off']:.3f} "
           f"(median per-round ratio {s['cpu_ratio_median']:.3f})")
+    added = s["stage_us_per_req"]["on"] - s["stage_us_per_req"]["off"]
+    print(f"auth + limits stages add {added:.1f} us CPU per request in-process, "
+          f"{100 * added / (1000 * s['cpu_ms_per_req']['off']):.1f}% of the auth-off gateway's CPU per request")
+    if any(s["errors"].values()):
+        print(f"error kinds: {s['error_kinds']}")
     print(f"errors: {s['errors']}; on-gateway key_ids seen: {len(s['on_key_ids_seen'])}, "
           f"rate-limited: {s['on_rate_limited']}; off-gateway anonymous: {s['off_anonymous']}")
 
@@ -420,11 +490,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--upstream", required=True)
     g.add_argument("--auth", choices=CONFIGS, required=True)
     g.add_argument("--keys-file", required=True)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per gateway per round")
+    g.add_argument("--control", action="store_true")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per gateway per round")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--keys", type=int, default=100, help="keys in the file (>= concurrency to give each worker one)")
     p.add_argument("--stream-events", type=int, default=0, help="stream answers of N content events (0: non-stream)")
+    p.add_argument("--simultaneous", action="store_true",
+                   help="load both gateways at the same time (each --concurrency workers) instead of alternating")
+    p.add_argument("--control", action="store_true",
+                   help="A/A control: the 'on' gateway runs with auth off too (the noise floor of the method)")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--quick", action="store_true", help="4 rounds x 2 s")
     p.add_argument("--json", help="write the summary here")
@@ -433,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_fake(args.port)
         return 0
     if args.cmd == "_gateway":
-        serve_gateway(args.port, args.upstream, args.auth, args.keys_file)
+        serve_gateway(args.port, args.upstream, args.auth, args.keys_file, args.control)
         return 0
     if args.quick:
         args.rounds, args.duration = 4, 2.0

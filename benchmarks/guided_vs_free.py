@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -61,6 +62,27 @@ LONG_SCHEMA: dict[str, Any] = {
     "required": ["log"], "additionalProperties": False,
 }
 ARMS = ("free", "guided")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root: int | None) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and its descendants (Linux /proc), 0 without."""
+    if root is None:
+        return 0.0
+    stats: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+        grew = bool(more)
+        tree |= more
+    return sum(stats[pid][1] for pid in tree if pid in stats)
 
 
 def _reject_constant(name: str) -> Any:
@@ -76,9 +98,16 @@ def valid(text: str, schema: dict[str, Any]) -> bool:
         return False
 
 
+_GEN_TOKENS = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})? ([0-9.eE+]+)$", re.M)
+
+
 class Runner:
-    def __init__(self, url: str, model: str, api_key: str | None, concurrency: int, max_tokens: int) -> None:
+    def __init__(self, url: str, model: str, api_key: str | None, concurrency: int, max_tokens: int,
+                 server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
         self.url = url.rstrip("/") + "/v1/chat/completions"
+        self.metrics_url = url.rstrip("/") + "/metrics"
+        self.engine_metrics = True
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.concurrency = concurrency
@@ -115,15 +144,37 @@ class Runner:
                     if schema is not None and valid(choice["message"]["content"] or "", schema):
                         ok += 1
 
-        t0 = time.perf_counter()
+        gen0 = await self.engine_tokens(session)
+        cpu0, t0 = tree_cpu_s(self.server_pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, tree_cpu_s(self.server_pid) - cpu0
+        gen1 = await self.engine_tokens(session)
+        # tokens the engine generated for someone else meanwhile (shared engine): the round is disturbed
+        foreign = None if gen0 is None or gen1 is None else max(0.0, gen1 - gen0 - tokens)
         return {"tokens": tokens, "requests": requests, "finished": finished, "valid": ok, "errors": errors,
-                "wall_s": wall, "tok_s": tokens / wall if wall else 0.0}
+                "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
+                "cpu_s": cpu, "tok_per_cpu_s": tokens / cpu if cpu else float("nan"), "foreign_tokens": foreign}
+
+    async def engine_tokens(self, session: aiohttp.ClientSession) -> float | None:
+        """The engine's ``vllm:generation_tokens_total`` (the gateway's /metrics includes it), if readable."""
+        if not self.engine_metrics:
+            return None
+        try:
+            async with session.get(self.metrics_url, headers=self.headers) as r:
+                text = await r.text()
+        except aiohttp.ClientError:
+            text = ""
+        values = [float(v) for v in _GEN_TOKENS.findall(text)]
+        if not values:
+            self.engine_metrics = False
+            print("  (no vllm:generation_tokens_total at /metrics: rounds cannot be checked for other load)",
+                  file=sys.stderr)
+            return None
+        return sum(values)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    runner = Runner(args.url, args.model, args.api_key, args.concurrency, args.max_tokens)
+    runner = Runner(args.url, args.model, args.api_key, args.concurrency, args.max_tokens, args.server_pid)
     generated = generate_schemas()
     workloads: dict[str, list[dict[str, Any]]] = {
         "long": [LONG_SCHEMA] * args.requests,
@@ -139,22 +190,41 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for schemas in workloads.values():  # each distinct schema once (grammar compiled and cached)
             await runner.batch(session, [json.loads(s) for s in dict.fromkeys(map(json.dumps, schemas))])
         for name, schemas in workloads.items():
-            rounds = []
-            for i in range(args.rounds):
-                order = ARMS if i % 2 == 0 else ARMS[::-1]
+            rounds: list[dict[str, Any]] = []
+            discarded = 0
+            i = 0
+            while len(rounds) < args.rounds:
+                order = ARMS if len(rounds) % 2 == 0 else ARMS[::-1]
                 r: dict[str, Any] = {"order": "/".join(order)}
                 for arm in order:
                     r[arm] = await runner.batch(session, list(schemas) if arm == "guided" else [None] * len(schemas))
+                i += 1
+                foreign = [r[a]["foreign_tokens"] for a in ARMS]
+                if any(f is not None and f > 0.01 * max(1, r[a]["tokens"]) for f, a in zip(foreign, ARMS)):
+                    discarded += 1
+                    print(f"[{name}] attempt {i}: discarded, the engine also generated {foreign} tokens for "
+                          "other clients", flush=True)
+                    if discarded > args.max_discards:
+                        raise SystemExit(f"more than {args.max_discards} rounds disturbed by other clients of the engine")
+                    await asyncio.sleep(args.discard_pause)
+                    continue
                 r["ratio"] = r["guided"]["tok_s"] / r["free"]["tok_s"] if r["free"]["tok_s"] else float("nan")
+                r["cpu_ratio"] = r["guided"]["tok_per_cpu_s"] / r["free"]["tok_per_cpu_s"]
                 rounds.append(r)
-                print(f"[{name}] round {i + 1}/{args.rounds} ({r['order']}): "
+                print(f"[{name}] round {len(rounds)}/{args.rounds} ({r['order']}): "
                       f"free {r['free']['tok_s']:7.1f} tok/s ({r['free']['tokens'] / max(1, r['free']['requests']):.0f} tok/req)  "
                       f"guided {r['guided']['tok_s']:7.1f} tok/s ({r['guided']['tokens'] / max(1, r['guided']['requests']):.0f} tok/req, "
                       f"{r['guided']['valid']}/{r['guided']['requests']} valid, {r['guided']['finished']} finished)  "
-                      f"ratio {r['ratio']:.3f}", flush=True)
+                      f"ratio {r['ratio']:.3f}" + (f" (per CPU-s {r['cpu_ratio']:.3f})" if args.server_pid else ""),
+                      flush=True)
             out[name] = {
                 "rounds": rounds,
+                "discarded": discarded,
+                "checked": runner.engine_metrics,
                 "median_ratio": statistics.median(x["ratio"] for x in rounds),
+                "median_cpu_ratio": statistics.median(x["cpu_ratio"] for x in rounds) if args.server_pid else None,
+                "median_free_tok_per_cpu_s": statistics.median(x["free"]["tok_per_cpu_s"] for x in rounds),
+                "median_guided_tok_per_cpu_s": statistics.median(x["guided"]["tok_per_cpu_s"] for x in rounds),
                 "median_free_tok_s": statistics.median(x["free"]["tok_s"] for x in rounds),
                 "median_guided_tok_s": statistics.median(x["guided"]["tok_s"] for x in rounds),
                 "guided_valid": sum(x["guided"]["valid"] for x in rounds),
@@ -163,7 +233,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "errors": sum(x[a]["errors"] for x in rounds for a in ARMS),
             }
             print(f"[{name}] median ratio guided/free = {out[name]['median_ratio']:.3f} "
-                  f"(free {out[name]['median_free_tok_s']:.1f} tok/s, guided {out[name]['median_guided_tok_s']:.1f} tok/s)")
+                  f"(free {out[name]['median_free_tok_s']:.1f} tok/s, guided {out[name]['median_guided_tok_s']:.1f} tok/s)"
+                  + (f"; per server CPU-second {out[name]['median_cpu_ratio']:.3f}" if args.server_pid else ""))
     return out
 
 
@@ -196,38 +267,58 @@ def markdown(args: argparse.Namespace, res: dict[str, Any], command: str) -> str
         "",
         f"Concurrency {args.concurrency}, {args.requests} requests per arm and round, max_tokens {args.max_tokens}, "
         f"{args.rounds} rounds alternating which arm goes first. tok/s = sum of usage.completion_tokens / wall time "
-        "of the arm's batch.",
+        "of the arm's batch"
+        + ("; tok/CPU-s = the same tokens / CPU seconds (user+system) of the serving process tree (gateway + "
+           "vLLM API server, engine core, worker), as a cross-check: vLLM-CPU keeps its cores busy while it "
+           "serves, so on this 2-CPU box it is about 2 CPU-s per wall second and tracks the tok/s figure." if args.server_pid else "."),
+        f"Load average (1 min) before / after: {args.load_before} / {os.getloadavg()[0]:.2f}.",
         "",
     ]
+    cpu = args.server_pid is not None
     for name, r in res.items():
         lines += [
             f"### Workload `{name}`" + (" (headline: both arms decode max_tokens per request)" if name == "long"
                                          else " (the 36 test schemas; guided answers stop early)"),
             "",
-            "| round | order | free tok/s | free tok/req | guided tok/s | guided tok/req | guided valid/finished/sent | ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            "| round | order | free tok/s | free tok/req | guided tok/s | guided tok/req | guided valid/finished/sent "
+            "| ratio |" + (" free tok/CPU-s | guided tok/CPU-s | CPU ratio |" if cpu else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if cpu else ""),
         ]
         for i, x in enumerate(r["rounds"], 1):
             f, g = x["free"], x["guided"]
             lines.append(
                 f"| {i} | {x['order']} | {f['tok_s']:.1f} | {f['tokens'] / max(1, f['requests']):.0f} | "
                 f"{g['tok_s']:.1f} | {g['tokens'] / max(1, g['requests']):.0f} | "
-                f"{g['valid']}/{g['finished']}/{g['requests']} | {x['ratio']:.3f} |")
-        lines += ["", f"**Median guided/free = {r['median_ratio']:.3f}** (free {r['median_free_tok_s']:.1f} tok/s, "
-                      f"guided {r['median_guided_tok_s']:.1f} tok/s; target >= 0.8; request errors: {r['errors']})", ""]
+                f"{g['valid']}/{g['finished']}/{g['requests']} | {x['ratio']:.3f} |"
+                + (f" {f['tok_per_cpu_s']:.1f} | {g['tok_per_cpu_s']:.1f} | {x['cpu_ratio']:.3f} |" if cpu else ""))
+        lines += ["", (f"Rounds discarded because the engine served other clients meanwhile: {r['discarded']}."
+                       if r["checked"] else "Rounds were not checked for other clients of the engine."),
+                  "", f"**Median guided/free = {r['median_ratio']:.3f}** (free {r['median_free_tok_s']:.1f} tok/s, "
+                      f"guided {r['median_guided_tok_s']:.1f} tok/s; target >= 0.8; request errors: {r['errors']})"
+                  + (f"; per CPU-second of the serving processes: **{r['median_cpu_ratio']:.3f}** "
+                     f"(free {r['median_free_tok_per_cpu_s']:.1f}, guided {r['median_guided_tok_per_cpu_s']:.1f} "
+                     "tok/CPU-s)" if cpu else ""), ""]
     return "\n".join(lines)
 
 
+NOTES = "### Reading these figures"
+
+
 def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone. A hand-written
+    ``### Reading these figures`` block at the end of the old section is kept (re-read it: it may need
+    updating for the new figures)."""
     current = RESULTS.read_text() if RESULTS.exists() else "# qwen-serve benchmark results\n"
     start = current.find(SECTION + "\n")
     if start < 0:
         new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     else:
         end = current.find("\n## ", start + len(SECTION))
+        old = current[start:end if end >= 0 else len(current)]
+        notes = old[old.find(NOTES):].rstrip("\n") if NOTES in old else ""
         tail = current[end + 1:] if end >= 0 else ""
-        new = current[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+        body = text.rstrip("\n") + ("\n\n" + notes if notes else "")
+        new = current[:start] + body + "\n" + ("\n" + tail if tail else "")
     RESULTS.write_text(new)
 
 
@@ -245,10 +336,16 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help=f"write the figures to {RESULTS.relative_to(ROOT)}")
     p.add_argument("--note", default="", help="free text for RESULTS.md (backend, load, ...)")
     p.add_argument("--json", default=None, help="also write raw figures to this file")
+    p.add_argument("--max-discards", type=int, default=40,
+                   help="give up after this many rounds disturbed by other clients of the same engine")
+    p.add_argument("--discard-pause", type=float, default=5.0, help="seconds to wait after a disturbed round")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="local pid whose process tree serves (e.g. qwen-serve up): also report tokens per CPU-second")
     args = p.parse_args()
     if args.stack:
         d = json.loads(Path(args.stack).read_text())
         args.url, args.api_key = d["url"], next(iter(d["keys"].values()))
+        args.server_pid = args.server_pid or d.get("pid")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if args.model is None:
         import urllib.request
@@ -257,6 +354,7 @@ def main() -> None:
                                      headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
         with urllib.request.urlopen(req, timeout=30) as r:
             args.model = json.load(r)["data"][0]["id"]
+    args.load_before = f"{os.getloadavg()[0]:.2f}"
     res = asyncio.run(run(args))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -26,8 +26,8 @@ alternating, and reports streamed tokens/s (ratio) and first-token latency.
 
 Run::
 
-    .venv/bin/python benchmarks/proxy_overhead.py                 # full run (~3-5 min)
-    .venv/bin/python benchmarks/proxy_overhead.py --quick         # smoke run (~1 min)
+    .venv/bin/python benchmarks/proxy_overhead.py                 # full run (~6 min on a busy 2-core box)
+    .venv/bin/python benchmarks/proxy_overhead.py --quick         # smoke run (1-3 min)
     .venv/bin/python benchmarks/proxy_overhead.py --real-stack /tmp/dev/stack.json --json out.json
 """
 
@@ -482,9 +482,13 @@ def summarize(suite: dict[str, Any]) -> dict[str, Any]:
                 d["p50_ms"] = med([pct(s.lat_ms, 50) for s in samples])
                 d["p99_ms"] = med([pct(s.lat_ms, 99) for s in samples])
                 d["req_per_s"] = med([s.requests / s.wall_s for s in samples])
+                d["per_round"] = [{"p50_ms": pct(s.lat_ms, 50), "p99_ms": pct(s.lat_ms, 99),
+                                   "cpu_ms_per_req": s.cpu_ms_per_req} for s in samples]
             else:
                 d["ttfe_p50_ms"] = med([pct(s.ttfe_ms, 50) for s in samples])
                 d["events_per_s"] = med([s.events_per_s for s in samples])
+                d["per_round"] = [{"events_per_s": s.events_per_s, "ttfe_p50_ms": pct(s.ttfe_ms, 50),
+                                   "cpu_ms_per_req": s.cpu_ms_per_req} for s in samples]
             row[t] = d
         for c in CLIENTS:
             if sc.kind == "nonstream":
@@ -544,12 +548,15 @@ def print_tables(summary: dict[str, Any]) -> None:
 async def run_real(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    gw_url, engine_url, key = args.gateway_url, args.engine_url, args.api_key
+    gw_url, engine_url, key, gw_pid = args.gateway_url, args.engine_url, args.api_key, args.gateway_pid
     if args.real_stack:
         stack = json.loads(Path(args.real_stack).read_text())
         gw_url = gw_url or stack["url"]
         engine_url = engine_url or stack["engine_url"]
         key = key or stack["keys"]["admin"]
+        gw_pid = gw_pid or stack.get("pid")  # the `qwen-serve up` process: gateway + supervisor
+    gw_cpu = 0.0
+    gw_tokens = 0
     targets = {"direct": (engine_url.rstrip("/"), {}),
                "gateway": (gw_url.rstrip("/"), {"authorization": f"Bearer {key}"} if key else {})}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
@@ -563,10 +570,11 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
                 "stream": True, "stream_options": {"include_usage": True},
             }).encode()
 
-        async def one(target: str, i: int, max_tokens: int) -> tuple[int, float, float, str]:
+        async def one(target: str, i: int, max_tokens: int) -> tuple[int, float, float, float, str]:
+            """One stream: (completion tokens, first-token s, last-token s, total s, text)."""
             url, headers = targets[target]
             t0 = time.perf_counter()
-            first = float("nan")
+            first = last = float("nan")
             tokens = 0
             text: list[str] = []
             buf = b""
@@ -584,15 +592,16 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
                         for ch in obj.get("choices") or ():
                             piece = (ch.get("delta") or {}).get("content")
                             if piece:
+                                last = time.perf_counter() - t0
                                 if first != first:
-                                    first = time.perf_counter() - t0
+                                    first = last
                                 text.append(piece)
                         if obj.get("usage"):
                             tokens = int(obj["usage"]["completion_tokens"])
-            return tokens, first, time.perf_counter() - t0, "".join(text)
+            return tokens, first, last, time.perf_counter() - t0, "".join(text)
 
         # Warm-up (and the seeded-equality check) on both paths.
-        texts = {t: (await one(t, 0, 32))[3] for t in targets}
+        texts = {t: (await one(t, 0, 32))[4] for t in targets}
         same_text = texts["direct"] == texts["gateway"]
 
         tps: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -601,13 +610,26 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
             order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
             got: dict[str, float] = {}
             for t in order:
+                cpu0 = cpu_seconds(gw_pid) if gw_pid and t == "gateway" else 0.0
                 t0 = time.perf_counter()
                 res = await asyncio.gather(*(one(t, 100 + i, args.real_tokens) for i in range(args.real_concurrency)))
                 got[t] = sum(x[0] for x in res) / (time.perf_counter() - t0)
+                if gw_pid and t == "gateway":
+                    gw_cpu += cpu_seconds(gw_pid) - cpu0
+                    gw_tokens += sum(x[0] for x in res)
                 tps[t].append(got[t])
             ratios.append(got["gateway"] / got["direct"])
             print(f"  real round {r + 1}: direct {got['direct']:.1f} tok/s, gateway {got['gateway']:.1f} tok/s, "
                   f"ratio {ratios[-1]:.3f}", flush=True)
+        # Mixed batches: half the streams direct, half through the gateway, in the same engine batch, so
+        # the engine's speed (noisy on a shared box) cancels out; per-stream tokens / stream duration.
+        mixed: list[float] = []
+        for r in range(args.real_rounds):
+            who = [("gateway", "direct")[(i + r) % 2] for i in range(args.real_concurrency)]
+            res = await asyncio.gather(*(one(t, 200 + i, args.real_tokens) for i, t in enumerate(who)))
+            rate = {t: statistics.mean(x[0] / x[3] for x, w in zip(res, who) if w == t) for t in targets}
+            mixed.append(rate["gateway"] / rate["direct"])
+        print(f"  mixed batches, per-round ratio: {' '.join(f'{x:.3f}' for x in mixed)}", flush=True)
         ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
         for r in range(args.real_ttft_pairs):
             for t in (("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")):
@@ -621,6 +643,8 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_direct_ms": med(ttft["direct"]), "ttft_gateway_ms": med(ttft["gateway"]),
         "ttft_added_ms": med([g - d for g, d in zip(ttft["gateway"], ttft["direct"])]),
         "ttft_pairs": args.real_ttft_pairs,
+        "gateway_cpu_us_per_token": 1e6 * gw_cpu / gw_tokens if gw_tokens else None,
+        "mixed_ratio": med(mixed), "mixed_q1": pct(mixed, 25), "mixed_q3": pct(mixed, 75),
     }
 
 
@@ -640,7 +664,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--engine-url", help="real vLLM URL behind that gateway")
     p.add_argument("--api-key", help="API key for the real gateway")
     p.add_argument("--real-concurrency", type=int, default=4)
-    p.add_argument("--real-tokens", type=int, default=128, help="max_tokens per real request (ignore_eos)")
+    p.add_argument("--real-tokens", type=int, default=256, help="max_tokens per real request (ignore_eos)")
+    p.add_argument("--gateway-pid", type=int, help="pid of the real gateway, for its CPU per token")
     p.add_argument("--real-rounds", type=int, default=16, help="alternating direct/gateway rounds")
     p.add_argument("--real-ttft-pairs", type=int, default=10)
     p.add_argument("--json", help="write raw summary JSON here")
@@ -679,6 +704,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{real['gateway_tok_s']:.1f} tok/s (medians); per-round ratio median {real['ratio']:.3f} "
               f"(IQR {real['ratio_q1']:.3f}-{real['ratio_q3']:.3f}), ratio of sums {real['ratio_sum']:.3f}; "
               f"seeded text identical: {real['same_seeded_text']}")
+        print(f"  mixed batches (half direct, half gateway, same engine batch): per-stream tokens/s ratio "
+              f"median {real['mixed_ratio']:.3f} (IQR {real['mixed_q1']:.3f}-{real['mixed_q3']:.3f})")
+        if real["gateway_cpu_us_per_token"] is not None:
+            print(f"  gateway process CPU per streamed token: {real['gateway_cpu_us_per_token']:.1f} us")
         print(f"  first token (median of {real['ttft_pairs']} alternating pairs): direct {real['ttft_direct_ms']:.1f} "
               f"ms, gateway {real['ttft_gateway_ms']:.1f} ms, added {real['ttft_added_ms']:+.1f} ms")
     ru1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -279,6 +279,11 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         args += ["--structured-outputs-config", json.dumps({"backend": engine.structured_outputs_backend})]
     if model.tool_calling:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        if engine.structured_outputs_backend not in ("xgrammar", "auto"):
+            # vLLM 0.32 enforces named/required tool choice with xgrammar-only structural tags
+            # ("Invalid grammar specification: 'triggers'" on guidance); its JSON-schema path works
+            # with every backend.
+            env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
     if rope_scaling is not None:
         rope = dict(rope_scaling)
         if geometry.rope_theta is not None:

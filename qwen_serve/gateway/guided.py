@@ -23,6 +23,12 @@ grammar, json_object, structural_tag} + opts   known keys only: vLLM drops unkno
                                                (accepted there, but no 0.32 backend reads it)
 ``guided_decoding_backend``                    ignored; per-request backend choice is not
                                                supported (the engine's backend is used) → dropped
+``structured_outputs.disable_additional_``     ignored per request (only the engine-wide setting
+``properties``                                 is read) → applied to the schema here:
+                                               ``additionalProperties: false`` on every object
+                                               schema with properties that does not set it
+``structured_outputs.disable_any_whitespace``  ignored per request (engine-wide setting only);
+                                               kept, it only affects formatting
 =============================================  ==============================================
 
 Two constraints in one request (e.g. ``response_format`` + ``guided_json``) are a 400 naming both.
@@ -240,6 +246,8 @@ def prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> Guided
         return None
 
     param, key, value = found[0]
+    if key == "json" and isinstance(so, dict) and so.get("disable_additional_properties") is True:
+        value = _close_objects(_load_schema(param, value))  # vLLM 0.32 ignores the per-request flag
     value, guided = _check(param, key, value)
     guided.validate = config.validate_output and not (route == COMPLETIONS_ROUTE and body.get("echo"))
     if param.startswith("guided_"):
@@ -332,6 +340,42 @@ def _check(param: str, key: str, value: Any) -> tuple[Any, GuidedRequest]:
     if key == "grammar" and (not isinstance(value, str) or not value.strip()):
         raise InvalidRequest(f"{param} must be a non-empty string", param=param)
     return value, GuidedRequest(kind, param)  # grammar, structural_tag: vLLM checks them
+
+
+# schema keywords holding a map of subschemas / a subschema or a list of them (as vLLM's guidance backend)
+_MAP_KEYWORDS: Final = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
+_SUB_KEYWORDS: Final = (
+    "additionalProperties", "unevaluatedProperties", "propertyNames", "contains", "additionalItems",
+    "unevaluatedItems", "not", "if", "then", "else", "contentSchema", "items", "prefixItems", "allOf", "anyOf", "oneOf",
+)
+
+
+def _close_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema that has
+    ``properties``/``patternProperties`` and does not set it: what ``disable_additional_properties`` means
+    in vLLM (whose 0.32 backends only read the engine-wide flag, never the per-request one)."""
+
+    def walk(node: object) -> object:
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for k in _MAP_KEYWORDS:
+            if isinstance(out.get(k), dict):
+                out[k] = {name: walk(sub) for name, sub in out[k].items()}
+        for k in _SUB_KEYWORDS:
+            if isinstance(out.get(k), (dict, list)):
+                out[k] = walk(out[k])
+        if "additionalProperties" not in out and (
+            isinstance(out.get("properties"), dict) or isinstance(out.get("patternProperties"), dict)
+        ):
+            out["additionalProperties"] = False
+        return out
+
+    result = walk(schema)
+    assert isinstance(result, dict)
+    return result
 
 
 def _load_schema(param: str, value: Any) -> dict[str, Any]:

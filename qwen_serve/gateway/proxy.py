@@ -13,8 +13,10 @@ server calls it, it sends the prepared request to the engine and relays the answ
 While the call runs, a watcher waits for ``http.disconnect``; when the client goes away the call is
 cancelled and the upstream response is closed, which drops the connection so vLLM aborts the request.
 
-Errors before the response started become an OpenAI-shaped JSON error with the right status; after
-the first byte they end the stream with exactly one ``data: {"error": ...}`` event.
+Errors before the response started become an OpenAI-shaped JSON error with the right status (engine
+error bodies are normalised to the contract's shape; an SSE stream whose first event is an error, as
+vLLM sends for some refusals, becomes that HTTP error); after the first byte they end the stream with
+exactly one ``data: {"error": ...}`` event. Response headers of a stream go out with its first event.
 Whatever happens, ``hooks.on_finish`` runs exactly once.
 """
 
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -32,12 +35,13 @@ from qwen_serve.errors import QwenServeError, UpstreamError, error_body
 from qwen_serve.gateway.types import Receive, Scope, Send
 from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
 
-__all__ = ["ProxyCall", "ProxyHooks", "send_error"]
+__all__ = ["ProxyCall", "ProxyHooks", "normalise_error", "send_error"]
 
 log = logging.getLogger("qwen_serve.gateway")
 
 _USAGE_MARK = b'"usage"'
 _DONE_EVENT = SSE_DONE + SSE_EVENT_SEPARATOR
+_ERROR_EVENT = SSE_DATA_PREFIX + b'{"error"'
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -147,11 +151,15 @@ class ProxyCall:
             return
         body = await resp.read()
         status = resp.status
-        if status >= 500:
-            body = json.dumps(_upstream_error_body(status, body)).encode()
+        content_type = resp.content_type.encode() or b"application/json"
+        if status >= 400:
+            body, content_type = normalise_error(status, body), b"application/json"
         body, extra = self._hooks.on_response(status, body)
-        headers = [(b"content-type", resp.content_type.encode() or b"application/json"),
-                   (b"content-length", str(len(body)).encode()), *extra]
+        await self._send_whole(send, status, body, content_type, extra)
+
+    async def _send_whole(self, send: Send, status: int, body: bytes, content_type: bytes,
+                          extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or ())]
         self._status = status
         self._started = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -160,16 +168,10 @@ class ProxyCall:
     async def _relay_sse(self, resp: UpstreamResponse, send: Send) -> None:
         hooks = self._hooks
         inspect_all = hooks.inspect_all
-        self._status = 200
-        self._started = True
-        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
         first = True
         pending = b""
         chunks = resp.aiter_chunks()
         async for chunk in chunks:
-            if first:
-                hooks.on_first_chunk()
-                first = False
             if pending:
                 chunk = pending + chunk
             cut = chunk.rfind(SSE_EVENT_SEPARATOR)
@@ -179,6 +181,15 @@ class ProxyCall:
             cut += len(SSE_EVENT_SEPARATOR)
             pending = chunk[cut:]
             ready = chunk[:cut] if pending else chunk
+            if first:
+                first = False
+                if ready.startswith(_ERROR_EVENT):  # refused before any token: a real HTTP error
+                    await self._refuse(send, ready)
+                    return
+                hooks.on_first_chunk()
+                self._status = 200
+                self._started = True
+                await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
             if inspect_all or _USAGE_MARK in ready:
                 ready = _filter_events(ready, hooks, inspect_all)
                 if not ready:
@@ -191,9 +202,23 @@ class ProxyCall:
                         pass
                 return
             await send({"type": "http.response.body", "body": ready, "more_body": True})
+        if not self._started:  # the engine closed the stream without a single complete event
+            raise UpstreamError("the engine ended the stream before any event", kind="protocol")
         if pending:
             await send({"type": "http.response.body", "body": pending, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _refuse(self, send: Send, events: bytes) -> None:
+        """vLLM streams some refusals (e.g. a grammar it cannot compile) as a lone error event after a
+        200; since nothing was sent yet, answer with the HTTP status the error carries instead."""
+        payload = events.split(SSE_EVENT_SEPARATOR, 1)[0][len(SSE_DATA_PREFIX):]
+        try:
+            code = json.loads(payload)["error"].get("code")
+        except (ValueError, KeyError, AttributeError):
+            code = None
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        self._complete = True
+        await self._send_whole(send, status, normalise_error(status, payload), b"application/json")
 
 
 def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
@@ -221,12 +246,33 @@ def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
     return b"".join(out)
 
 
-def _upstream_error_body(status: int, body: bytes) -> dict[str, Any]:
-    """Keep the engine's OpenAI-shaped error if it sent one, else wrap it."""
+_PARAM_IN_MESSAGE = re.compile(r"\(parameter=([A-Za-z_][\w.\[\]]*)")
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          429: "rate_limit_exceeded"}
+
+
+def normalise_error(status: int, body: bytes) -> bytes:
+    """An engine error body in the contract's shape.
+
+    vLLM answers ``{"error": {"message", "type": "BadRequestError", "param": null, "code": 400}}`` and
+    names the parameter only inside the message (``(parameter=max_tokens, value=...)``); clients get
+    ``type`` per status (``invalid_request_error`` for 4xx), ``param`` recovered from the message,
+    and the engine's message unchanged. 5xx become ``upstream_error``. Error path only.
+    """
+    message, param, code = f"engine error (HTTP {status})", None, None
     try:
         obj = json.loads(body)
-        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-            return obj
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+        elif isinstance(obj, dict) and isinstance(obj.get("detail"), str):  # FastAPI-style {"detail": ...}
+            message = obj["detail"]
     except ValueError:
         pass
-    return error_body(f"engine error (HTTP {status})", UpstreamError.type, UpstreamError.code)
+    if param is None and (found := _PARAM_IN_MESSAGE.search(message)):
+        param = found.group(1)
+    if status >= 500:
+        return json.dumps(error_body(message, UpstreamError.type, code or UpstreamError.code, param)).encode()
+    return json.dumps(error_body(message, _TYPES.get(status, "invalid_request_error"), code, param)).encode()

@@ -22,17 +22,20 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from qwen_serve import keys as keys_mod
 from qwen_serve.keys import hash_secret
-from tests.conftest import ROOT, Gateway, GatewayFactory, Stack, auth_headers, metric_value, sse_events
+from tests.conftest import (ROOT, Gateway, GatewayFactory, Stack, auth_headers, free_port, metric_value, sse_events,
+                            stack_config, wait_ready)
 
 pytestmark = pytest.mark.engine
 
@@ -218,6 +221,59 @@ def long_stream_body(tokens: int) -> dict[str, Any]:
     return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
 
 
+def assert_no_secret_in(text: str, where: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"a secret appears in {where}"
+        assert hash_secret(secret) not in text, f"a key hash appears in {where}"
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def gateway_process(stack: Stack, tmp_path: Path) -> Iterator[Callable[[Path], GatewayProcess]]:
+    """``qwen-serve gateway --config F --upstream ENGINE`` as a subprocess with its own keys file.
+
+    For the timing-sensitive tests: an in-process gateway shares the test's GIL, and on a starved CPU the
+    test's own client threads can hold up its event loop for seconds.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(keys_file: Path) -> GatewayProcess:
+        port = free_port()
+        cfg = stack_config(stack.model_path, int(stack.engine_url.rsplit(":", 1)[1]), port,
+                           auth={"keys_file": str(keys_file), "reload_interval_s": RELOAD_S})
+        config = tmp_path / f"gateway-{port}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        log = tmp_path / f"gateway-{port}.log"
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "qwen_serve", "gateway", "--config", str(config), "--upstream", stack.engine_url],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        gw = GatewayProcess(f"http://127.0.0.1:{port}", log)
+        try:
+            wait_ready(gw.url, timeout=90)
+        except AssertionError:
+            raise AssertionError(f"gateway did not start:\n{gw.log_text()[-3000:]}") from None
+        return gw
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def no_secret_in_gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Whatever a test did, the in-process gateways logged neither a secret nor its hash."""
@@ -226,9 +282,7 @@ def no_secret_in_gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None
     formatter = logging.Formatter("%(name)s %(message)s")
     text = "\n".join(formatter.format(r) for phase in ("setup", "call") for r in caplog.get_records(phase)
                      if not r.name.startswith(("httpx", "httpcore")))
-    for secret in SECRETS:
-        assert secret not in text, "a secret was logged"
-        assert hash_secret(secret) not in text, "a key hash was logged"
+    assert_no_secret_in(text, "the in-process gateways' logs")
 
 
 # --------------------------------------------------------------------------------------------- 401
@@ -242,7 +296,7 @@ def test_every_401_reason_is_openai_shaped_and_counted(gateway_factory: GatewayF
     cases = {
         "missing": [{}, {"Authorization": "Bearer"}, {"Authorization": f"Basic {unknown}"}, {"x-api-key": ""}],
         "invalid": [auth_headers(unknown), {"x-api-key": unknown}, auth_headers(hash_secret(k["ok"])),
-                    auth_headers(k["ok"] + "x"), auth_headers("sk-" + "a" * 48)],
+                    auth_headers(remember(k["ok"] + "x")), auth_headers(remember("sk-" + "a" * 48))],
         "expired": [auth_headers(k["expired"]), {"x-api-key": k["expired"]}],
         "disabled": [auth_headers(k["revoked"]), {"x-api-key": k["revoked"]}],
     }
@@ -349,6 +403,7 @@ def test_rpm_burst_gets_exactly_the_excess_refused(gateway_factory: GatewayFacto
         if r.status_code == 429:
             assert_429(r)
             assert "5 requests per minute" in r.json()["error"]["message"]
+    assert counter(metrics(gw.url), "qwen_serve_rate_limited_total", key_id="burst", limit="rpm") == 3
     # Still refused a moment later (the window is a minute); limits are per key, not global.
     assert_429(chat(gw.url, auth_headers(k["burst"])))
     assert chat(gw.url, auth_headers(k["other"])).status_code == 200
@@ -405,8 +460,10 @@ def test_tpm_counts_real_streamed_usage(gateway_factory: GatewayFactory, tmp_pat
     assert counter(text, "qwen_serve_rate_limited_total", key_id="meter", limit="tpm") == 0
 
 
-def test_concurrency_limit_with_a_stream_in_flight(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
-    gw, k = keyed_gateway(gateway_factory, tmp_path / "keys.yaml", solo={"max_concurrent": 1}, free={})
+def test_concurrency_limit_with_a_stream_in_flight(gateway_process: Callable[[Path], GatewayProcess],
+                                                  tmp_path: Path) -> None:
+    k = make_keys(tmp_path / "keys.yaml", solo={"max_concurrent": 1}, free={})
+    gw = gateway_process(tmp_path / "keys.yaml")
     refused = 0
     # A ~2000-token stream lasts a few seconds; on a starved CPU vLLM may deliver it in one late burst, so
     # a round where the stream was already over when the second request came says nothing and is repeated.
@@ -444,6 +501,7 @@ def test_concurrency_limit_with_a_stream_in_flight(gateway_factory: GatewayFacto
     text = metrics(gw.url)
     assert counter(text, "qwen_serve_rate_limited_total", key_id="solo", limit="concurrency") == refused
     assert counter(text, "qwen_serve_rate_limited_total", key_id="free", limit="concurrency") == 0
+    assert_no_secret_in(gw.log_text(), "the gateway's log")
 
 
 # --------------------------------------------------------------------------------------------- auth off
@@ -470,12 +528,12 @@ def test_auth_disabled_serves_anonymous(gateway_factory: GatewayFactory) -> None
 
 # --------------------------------------------------------------------------------------------- hot reload
 def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
-        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+        gateway_process: Callable[[Path], GatewayProcess], tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     staying = remember(cli("keys", "create", "--file", str(path), "--id", "staying").stdout.strip())
     assert staying.startswith("qs-") and len(staying) == 46
     assert staying not in path.read_text() and hash_secret(staying) in path.read_text()
-    gw = gateway_factory(auth={"enabled": True, "keys_file": str(path), "reload_interval_s": RELOAD_S})
+    gw = gateway_process(path)
     # A round shows something only if the stream was still running when the revoke took effect; on a
     # starved CPU the stream may be over before that, then the round is repeated with a new key.
     rounds: list[str] = []
@@ -522,6 +580,9 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
             break
     else:
         pytest.fail("every stream ended before its key's revoke took effect: " + "; ".join(rounds))
+    log = gw.log_text()
+    assert "reloaded 2 API keys" in log  # the revoke was seen by a reload, not a restart
+    assert_no_secret_in(log, "the gateway's log")
 
 
 def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: GatewayFactory, tmp_path: Path) -> None:

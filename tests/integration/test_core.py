@@ -223,9 +223,10 @@ def test_request_errors_are_openai_shaped(gateway: Endpoint) -> None:
     r = httpx.post(url, content=big, headers=h)
     _assert_openai_error(r, 413)
     assert r.json()["error"]["code"] == "request_too_large"
-    # The engine's own 400s (bad sampling parameter) keep the OpenAI shape.
-    _assert_openai_error(httpx.post(url, json={"model": gateway.model, "messages": CHAT, "temperature": -3}, headers=h),
-                         400)
+    # The engine's own 400s (bad sampling parameter) come in the contract's shape, param named.
+    r = httpx.post(url, json={"model": gateway.model, "messages": CHAT, "max_tokens": 99999}, headers=h)
+    _assert_openai_error(r, 400, "invalid_request_error", "max_tokens")
+    assert "max_tokens" in r.json()["error"]["message"]
 
 
 def test_request_id_is_echoed(gateway: Endpoint) -> None:

@@ -87,6 +87,11 @@ class _SlowUpstream:
                     conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
                     time.sleep(0.15)
                 conn.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            elif self.mode == "error_first":  # how vLLM streams a grammar it cannot compile
+                event = (b'data: {"error": {"message": "Grammar error: Invalid type: nonsense", '
+                         b'"type": "BadRequestError", "param": null, "code": 400}}\n\ndata: [DONE]\n\n')
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(event), event))
             elif self.mode == "midstream":
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n"
                              b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n')
@@ -181,3 +186,33 @@ def test_sigterm_drains_in_flight_stream_then_exits_0(tmp_path) -> None:  # type
     assert len(lines) == 6 and lines[-1] == "data: [DONE]", lines
     log = proc.stdout.read().decode() if proc.stdout else ""
     assert "draining" in log
+
+
+def test_stream_refused_at_first_event_becomes_http_error() -> None:
+    fake = _SlowUpstream("error_first")
+    try:
+        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+            wait_ready(url)
+            r = httpx.post(url + "/v1/chat/completions", timeout=20,
+                           json={"model": "qwen2-random", "messages": CHAT, "stream": True})
+    finally:
+        fake.close()
+    _assert_openai_error(r, 400, "invalid_request_error")
+    assert r.json()["error"]["message"] == "Grammar error: Invalid type: nonsense"
+
+
+@pytest.mark.parametrize("status,body,expected", [
+    (400, b'{"error": {"message": "max_tokens=3000 cannot be greater than max_model_len=2048. (parameter=max_tokens,'
+          b' value=3000)", "type": "BadRequestError", "param": null, "code": 400}}',
+     {"type": "invalid_request_error", "param": "max_tokens", "code": None}),
+    (404, b'{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model",'
+          b' "code": 404}}', {"type": "invalid_request_error", "param": "model", "code": None}),
+    (500, b"Internal Server Error", {"type": "upstream_error", "param": None, "code": "upstream_error"}),
+    (422, b'{"detail": "bad field"}', {"type": "invalid_request_error", "param": None, "code": None}),
+])
+def test_engine_errors_are_normalised(status: int, body: bytes, expected: dict[str, object]) -> None:
+    from qwen_serve.gateway.proxy import normalise_error
+
+    err = json.loads(normalise_error(status, body))["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert {k: err[k] for k in expected} == expected

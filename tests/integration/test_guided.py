@@ -247,6 +247,26 @@ def test_streamed_answers_are_valid_and_counted(gateway_factory: GatewayFactory,
     assert guided_counts(gw.url, gateway.model, expected) == {f"{k}/{o}": v for (k, o), v in expected.items() if v}
 
 
+def test_disable_additional_properties_is_enforced(gateway_factory: GatewayFactory, gateway: Endpoint) -> None:
+    # vLLM 0.32 reads this option only from the engine config and silently ignores it per request; the
+    # random model then adds noise keys to an open object. The gateway applies it to the schema instead.
+    gw = gateway_factory()
+    open_schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                    "b": {"type": "object", "properties": {"c": {"type": "boolean"}}}},
+                   "required": ["a", "b"]}
+    closed = {**open_schema, "additionalProperties": False,
+              "properties": {**open_schema["properties"], "b": {**open_schema["properties"]["b"],
+                                                                 "additionalProperties": False}}}
+    options = {"disable_additional_properties": True}
+    bodies = [_body(gateway.model, CHAT_PATH, {"structured_outputs": {"json": open_schema, **options}, "seed": i})
+              for i in range(8)]
+    bodies += [_body(gateway.model, CHAT_PATH, {"guided_json": open_schema, "structured_outputs": options, "seed": i})
+               for i in range(8)]
+    with httpx.Client(base_url=gw.url, headers=auth_headers(gateway.api_key), timeout=300) as c:
+        finished, _ = check_guided_json(post_all(c, CHAT_PATH, bodies), [{**closed, "title": "closed"}] * len(bodies))
+    assert finished >= MIN_FINISHED * len(bodies)
+
+
 # -- regex, choice, json_object --------------------------------------------------------------------
 
 REGEXES = [r"[a-z]{3}-\d{2,4}", r"(yes|no) [0-9]{1,3}", r"#[0-9a-f]{6}", r"\d{4}-\d{2}-\d{2}", r"[A-Z][a-z]{1,8}( [A-Z][a-z]{1,8})?"]

@@ -209,7 +209,7 @@ def test_cpu_plan() -> None:
     p = plan("qwen2.5-0.5b-instruct", engine={"device": "cpu", "cpu_kv_cache_gib": 3, "env": {"OMP_NUM_THREADS": "2"}})
     assert p.device == "cpu"
     assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 1)
-    assert p.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2"}
+    assert p.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
     assert p.kv_cache_tokens_per_replica == 3 * GIB // p.kv_cache_bytes_per_token // 16 * 16
     assert "--gpu-memory-utilization" not in p.vllm_args
     assert "--data-parallel-size" not in p.vllm_args
@@ -317,3 +317,12 @@ def test_json_dict_has_contract_keys() -> None:
     assert d.keys() >= CONTRACT_KEYS
     assert d.keys() >= {"device", "served_name", "env", "engine_port"}
     assert json.loads(json.dumps(d)) == d
+
+
+def test_strict_tool_calling_off_unless_xgrammar() -> None:
+    # vLLM 0.32 enforces named/required tool_choice with xgrammar-only structural tags.
+    assert plan("qwen2.5-7b-instruct").env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
+    xg = plan("qwen2.5-7b-instruct", engine={"structured_outputs_backend": "xgrammar"})
+    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in xg.env
+    no_tools = plan("qwen2.5-7b-instruct", model={"tool_calling": False})
+    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in no_tools.env
