@@ -43,23 +43,32 @@ class EngineState:
 
 
 class EngineMonitor:
-    """Polls ``GET /health`` on the engine and updates an :class:`EngineState`."""
+    """Polls ``GET /health`` on the engine and updates an :class:`EngineState`.
+
+    One success marks the engine up; it is marked down only after ``failure_threshold`` failures in a
+    row (like a Kubernetes probe): a vLLM frontend busy streaming can take seconds to answer
+    ``/health``, and one slow answer must not turn traffic away.
+    """
 
     def __init__(self, upstream: Upstream, state: EngineState, *, interval: float = 1.0, timeout: float = 2.0,
-                 on_change: Callable[[bool], None] | None = None) -> None:
+                 failure_threshold: int = 3, on_change: Callable[[bool], None] | None = None) -> None:
         self._upstream = upstream
         self.state = state
         self._interval = interval
         self._timeout = timeout
+        self._failure_threshold = failure_threshold
+        self._failures = 0
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
 
     async def check(self) -> bool:
         try:
             status, _ = await self._upstream.get_bytes("/health", self._timeout)
-            ok = status == 200
+            healthy = status == 200
         except UpstreamError:
-            ok = False
+            healthy = False
+        self._failures = 0 if healthy else self._failures + 1
+        ok = healthy or (self.state.up and self._failures < self._failure_threshold)
         if ok != self.state.up:
             log.info("engine %s", "is up" if ok else "stopped answering /health")
             if ok:

@@ -129,3 +129,33 @@ def test_engine_runs_in_its_own_process_group(fake_engine_path: Path, tmp_path: 
         await sup._upstream.aclose()
 
     asyncio.run(run())
+
+
+class _Scripted:
+    """An upstream whose /health answers follow a script (200, 503, or raise)."""
+
+    base_url = "scripted"
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers = answers
+
+    async def get_bytes(self, path: str, timeout: float) -> tuple[int, bytes]:
+        from qwen_serve.errors import UpstreamTimeout
+
+        answer = self.answers.pop(0)
+        if answer == "timeout":
+            raise UpstreamTimeout("slow")
+        assert isinstance(answer, int)
+        return answer, b""
+
+
+async def test_monitor_needs_consecutive_failures_to_mark_down() -> None:
+    from qwen_serve.engine.state import EngineMonitor
+
+    state = EngineState()
+    monitor = EngineMonitor(_Scripted([503, 200, "timeout", "timeout", 200, "timeout", 503, "timeout"]),  # type: ignore[arg-type]
+                            state, failure_threshold=3)
+    seen = [await monitor.check() for _ in range(8)]
+    # down until the first success; a busy engine's slow answers (fewer than 3 in a row) keep it up
+    assert seen == [False, True, True, True, True, True, True, False]
+    assert state.describe() == "engine_down"
