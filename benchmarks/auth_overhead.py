@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -211,9 +212,9 @@ class Proc:
     popen: subprocess.Popen[bytes]
 
 
-def spawn(name: str, args: Sequence[str], port: int) -> Proc:
-    popen = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+def spawn(name: str, args: Sequence[str], port: int, prefix: Sequence[str] = (), stderr: Any = subprocess.PIPE) -> Proc:
+    popen = subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), *args],
+                             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
     return Proc(name, f"http://127.0.0.1:{port}", popen)
 
 
@@ -461,6 +462,69 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
+    """Instructions per request of each gateway, counted by valgrind's callgrind (deterministic: immune to
+    the other processes on the box). Each gateway runs under callgrind with instrumentation off; after a
+    warm-up it is switched on (``callgrind_control -i on``) for exactly ``--instructions`` requests at
+    concurrency 8, then off. Startup and warm-up are not counted."""
+    import aiohttp
+
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        raise SystemExit("--instructions needs valgrind (callgrind) on PATH")
+    work = Path(tempfile.mkdtemp(prefix="auth-overhead-"))
+    keys_file = work / "keys.yaml"
+    secrets = write_keys(keys_file, args.keys, not args.no_limits)
+    fake_port = free_port()
+    fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
+    body = request_body(args.stream_events)
+    out: dict[str, Any] = {"requests": args.instructions, "stream_events": args.stream_events,
+                           "limits": not args.no_limits}
+    n = args.instructions // 8
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, fake, "/health")
+            for cfg in CONFIGS:
+                port = free_port()
+                log = work / f"valgrind-{cfg}.log"
+                with open(log, "w") as err:
+                    gw = spawn(cfg, ["_gateway", "--port", str(port), "--upstream", fake.url, "--auth", cfg,
+                                     "--keys-file", str(keys_file)], port, stderr=err,
+                               prefix=["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                       f"--callgrind-out-file={work}/callgrind-{cfg}.out"])
+                try:
+                    await wait_ready(session, gw, "/ready", timeout=600)
+                    headers = [{"content-type": "application/json", "authorization": f"Bearer {secrets[i]}"}
+                               for i in range(8)]
+
+                    async def worker(i: int, count: int) -> None:
+                        for _ in range(count):
+                            async with session.post(gw.url + "/v1/chat/completions", data=body,
+                                                    headers=headers[i]) as r:
+                                await r.read()
+                                assert r.status == 200, r.status
+
+                    await asyncio.gather(*(worker(i, 50) for i in range(8)))
+                    subprocess.run(["callgrind_control", "-i", "on", str(gw.popen.pid)], check=True,
+                                   capture_output=True)
+                    await asyncio.gather(*(worker(i, n) for i in range(8)))
+                    subprocess.run(["callgrind_control", "-i", "off", str(gw.popen.pid)], check=True,
+                                   capture_output=True)
+                finally:
+                    gw.popen.send_signal(signal.SIGINT)
+                    gw.popen.wait(300)
+                collected = [line for line in log.read_text().splitlines() if "Collected :" in line]
+                out[cfg] = int(collected[-1].rsplit(":", 1)[1]) / (8 * n)
+                print(f"{cfg}: {out[cfg]:,.0f} instructions per request", flush=True)
+    finally:
+        stop([fake])
+        shutil.rmtree(work, ignore_errors=True)
+    out["ratio_on_off"] = out["on"] / out["off"]
+    print(f"auth + limits add {out['on'] - out['off']:,.0f} instructions per request "
+          f"(+{100 * (out['ratio_on_off'] - 1):.1f}%): expected req/s ratio with the gateway as the bottleneck "
+          f"~{out['off'] / out['on']:.3f}")
+    return out
+
+
 def report(s: dict[str, Any]) -> None:
     on, off = s["median_rps"], s["p50_ms"]
     print(f"\nmedian req/s: on {on['on']:.0f}, off {on['off']:.0f}; "
@@ -501,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--control", action="store_true",
                    help="A/A control: the 'on' gateway runs with auth off too (the noise floor of the method)")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
+    p.add_argument("--instructions", type=int, metavar="N",
+                   help="instead of req/s: count each gateway's instructions for N requests under callgrind")
     p.add_argument("--quick", action="store_true", help="4 rounds x 2 s")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
@@ -512,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.quick:
         args.rounds, args.duration = 4, 2.0
+    if args.instructions:
+        counted = asyncio.run(count_instructions(args))
+        if args.json:
+            Path(args.json).write_text(json.dumps(counted, indent=2))
+        return 0
     summary = asyncio.run(run(args))
     report(summary)
     if args.json:

@@ -228,7 +228,8 @@ class Pipeline:
             raise
         hooks = Exchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
                          estimate, check, self.s.guided.validate_output, wants_usage)
-        return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks)
+        return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
+                         defer_headers=check is not None)
 
     async def passthrough(self, request: Request, route: str) -> ProxyCall:
         """``/tokenize`` and ``/detokenize``: authenticated, model-checked, not rate-limited by tokens."""

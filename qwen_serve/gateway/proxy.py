@@ -15,8 +15,9 @@ cancelled and the upstream response is closed, which drops the connection so vLL
 
 Errors before the response started become an OpenAI-shaped JSON error with the right status (engine
 error bodies are normalised to the contract's shape; an SSE stream whose first event is an error, as
-vLLM sends for some refusals, becomes that HTTP error); after the first byte they end the stream with
-exactly one ``data: {"error": ...}`` event. Response headers of a stream go out with its first event.
+vLLM sends for a grammar it cannot compile, becomes that HTTP error when the call was built with
+``defer_headers``: guided streams send their headers with the first event); after the first byte they
+end the stream with exactly one ``data: {"error": ...}`` event.
 Whatever happens, ``hooks.on_finish`` runs exactly once.
 """
 
@@ -86,7 +87,8 @@ class ProxyCall:
     """One proxied request; an ASGI app that is called exactly once."""
 
     def __init__(self, upstream: Upstream, method: str, path: str, body: bytes | None,
-                 headers: Mapping[str, str], *, stream: bool, hooks: ProxyHooks) -> None:
+                 headers: Mapping[str, str], *, stream: bool, hooks: ProxyHooks,
+                 defer_headers: bool = False) -> None:
         self._upstream = upstream
         self._method = method
         self._path = path
@@ -94,6 +96,9 @@ class ProxyCall:
         self._headers = headers
         self._stream = stream
         self._hooks = hooks
+        # Hold a stream's response headers until its first event (guided requests: vLLM reports a
+        # grammar it cannot compile as the first event, which then becomes a real HTTP error).
+        self._defer_headers = defer_headers
         self._started = False
         self._complete = False  # the client has the whole response (an SSE stream up to data: [DONE])
         self._status = 0
@@ -170,6 +175,8 @@ class ProxyCall:
         inspect_all = hooks.inspect_all
         first = True
         pending = b""
+        if not self._defer_headers:
+            await self._start_sse(send)
         chunks = resp.aiter_chunks()
         async for chunk in chunks:
             if pending:
@@ -183,13 +190,12 @@ class ProxyCall:
             ready = chunk[:cut] if pending else chunk
             if first:
                 first = False
-                if ready.startswith(_ERROR_EVENT):  # refused before any token: a real HTTP error
-                    await self._refuse(send, ready)
-                    return
+                if not self._started:
+                    if ready.startswith(_ERROR_EVENT):  # refused before any token: a real HTTP error
+                        await self._refuse(send, ready)
+                        return
+                    await self._start_sse(send)
                 hooks.on_first_chunk()
-                self._status = 200
-                self._started = True
-                await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
             if inspect_all or _USAGE_MARK in ready:
                 ready = _filter_events(ready, hooks, inspect_all)
                 if not ready:
@@ -207,6 +213,11 @@ class ProxyCall:
         if pending:
             await send({"type": "http.response.body", "body": pending, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _start_sse(self, send: Send) -> None:
+        self._status = 200
+        self._started = True
+        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
 
     async def _refuse(self, send: Send, events: bytes) -> None:
         """vLLM streams some refusals (e.g. a grammar it cannot compile) as a lone error event after a

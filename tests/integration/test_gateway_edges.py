@@ -188,17 +188,25 @@ def test_sigterm_drains_in_flight_stream_then_exits_0(tmp_path) -> None:  # type
     assert "draining" in log
 
 
-def test_stream_refused_at_first_event_becomes_http_error() -> None:
+def test_guided_stream_refused_at_first_event_becomes_http_error() -> None:
     fake = _SlowUpstream("error_first")
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    guided = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
     try:
         with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
             wait_ready(url)
             r = httpx.post(url + "/v1/chat/completions", timeout=20,
-                           json={"model": "qwen2-random", "messages": CHAT, "stream": True})
+                           json={"model": "qwen2-random", "messages": CHAT, "stream": True, **guided})
+            # Unguided streams send their headers at once; an error event then stays an event.
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as plain:
+                assert plain.status_code == 200
+                events = [line for line in plain.iter_lines() if line.startswith("data: {")]
     finally:
         fake.close()
     _assert_openai_error(r, 400, "invalid_request_error")
     assert r.json()["error"]["message"] == "Grammar error: Invalid type: nonsense"
+    assert len(events) == 1 and json.loads(events[0][6:])["error"]["code"] == 400
 
 
 @pytest.mark.parametrize("status,body,expected", [
