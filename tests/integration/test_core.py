@@ -74,7 +74,7 @@ def test_chat_and_completion_through_gateway(gateway: Endpoint) -> None:
     assert body["usage"]["completion_tokens"] > 0
     assert r.headers["x-request-id"]
     r = httpx.post(gateway.url + "/v1/completions", headers=auth_headers(gateway.api_key), timeout=120,
-                   json={"model": gateway.model, "prompt": "Once upon a time", "max_tokens": 8})
+                   json={"model": gateway.model, "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["object"] == "text_completion" and r.json()["usage"]["completion_tokens"] == 8
 

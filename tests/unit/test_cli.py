@@ -72,3 +72,28 @@ def test_plan_7b_128k_uses_yarn() -> None:
     assert plan["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert "--hf-overrides" in plan["vllm_args"]
     assert plan["vllm_args"][plan["vllm_args"].index("--host") + 1] == "127.0.0.1"
+
+
+def test_keys_cli_create_then_revoke(tmp_path: Path) -> None:
+    import re
+
+    import yaml
+
+    keys = tmp_path / "keys.yaml"
+    created = run_cli("keys", "create", "--file", str(keys), "--id", "team-a", "--models", "qwen2.5-*", "--rpm", "60")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert re.fullmatch(r"qs-[A-Za-z0-9_-]{43}", secret)
+    assert secret not in keys.read_text()  # only the hash is stored
+    entry = yaml.safe_load(keys.read_text())["keys"][0]
+    assert entry["id"] == "team-a" and entry["models"] == ["qwen2.5-*"] and entry["rpm"] == 60
+    revoked = run_cli("keys", "revoke", "--file", str(keys), "--id", "team-a")
+    assert revoked.returncode == 0, revoked.stderr
+    assert yaml.safe_load(keys.read_text())["keys"][0]["disabled"] is True
+
+
+def test_keys_cli_unknown_id_is_a_one_line_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    assert run_cli("keys", "create", "--file", str(keys), "--id", "a").returncode == 0
+    line = _one_line_error(run_cli("keys", "revoke", "--file", str(keys), "--id", "nope"))
+    assert "nope" in line
