@@ -45,6 +45,9 @@ MODEL = "qwen2-random"
 CHAT = [{"role": "user", "content": "Say something."}]
 RELOAD_S = 0.5
 SECRETS: set[str] = set()  # every secret created or presented in this module
+# One client for the helpers' requests: a new httpx client per call builds an SSL context (tens of ms of
+# CPU), which on a starved shared box can stall the test for seconds at the moments that are timed.
+HTTP = httpx.Client(timeout=120)
 _HEX64 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 
 
@@ -81,19 +84,19 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def chat(url: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "ignore_eos": True, **extra}
-    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=120)
+    return HTTP.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=120)
 
 
 def probe(url: str, secret: str) -> int:
     """Whether the gateway accepts ``secret`` now, without waiting on the engine: a keyed route with a body
     that is not JSON answers 401 for a refused key and 400 for an accepted one, before any upstream call."""
-    r = httpx.post(url + "/v1/chat/completions", content=b"{", headers=auth_headers(secret), timeout=30)
+    r = HTTP.post(url + "/v1/chat/completions", content=b"{", headers=auth_headers(secret), timeout=30)
     assert r.status_code in (400, 401), r.text
     return r.status_code
 
 
 def metrics(url: str) -> str:
-    return httpx.get(url + "/metrics", timeout=30).text
+    return HTTP.get(url + "/metrics", timeout=30).text
 
 
 def counter(text: str, name: str, **labels: str) -> float:
@@ -330,13 +333,13 @@ def test_bearer_and_x_api_key_are_both_accepted_on_every_keyed_route(gateway_fac
     for headers in (auth_headers(secret), {"authorization": f"bearer {secret}"}, {"x-api-key": secret}):
         r = chat(gw.url, headers)
         assert r.status_code == 200, r.text
-        r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+        r = HTTP.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
                        headers=headers, timeout=120)
         assert r.status_code == 200, r.text
-        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
-        tok = httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello world"}, headers=headers)
+        assert [m["id"] for m in HTTP.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
+        tok = HTTP.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello world"}, headers=headers)
         assert tok.status_code == 200, tok.text
-        detok = httpx.post(gw.url + "/detokenize", json={"model": MODEL, "tokens": tok.json()["tokens"]},
+        detok = HTTP.post(gw.url + "/detokenize", json={"model": MODEL, "tokens": tok.json()["tokens"]},
                            headers=headers)
         assert detok.status_code == 200 and "hello" in detok.json()["prompt"]
     text = metrics(gw.url)
@@ -355,9 +358,9 @@ def test_keyed_routes_refuse_without_a_key(gateway: Any, route: str, body: dict[
     """The shared ``qwen-serve up`` stack: no key, no answer; a wrong key neither."""
     for headers in ({}, {"x-api-key": fake_secret()}):
         if body is None:
-            r = httpx.get(gateway.url + route, headers=headers)
+            r = HTTP.get(gateway.url + route, headers=headers)
         else:
-            r = httpx.post(gateway.url + route, json=body, headers=headers, timeout=60)
+            r = HTTP.post(gateway.url + route, json=body, headers=headers, timeout=60)
         assert_401(r)
 
 
@@ -368,16 +371,16 @@ def test_model_scope_403_and_filtered_model_list(gateway_factory: GatewayFactory
     h = auth_headers(k["elsewhere"])
     assert_error(chat(gw.url, h), 403, "permission_error", "model_not_allowed", "model")
     assert_error(chat(gw.url, h, model=None), 403, "permission_error", "model_not_allowed", "model")  # default model
-    r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}, headers=h)
+    r = HTTP.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}, headers=h)
     assert_error(r, 403, "permission_error", "model_not_allowed", "model")
-    r = httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello"}, headers=h)
+    r = HTTP.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hello"}, headers=h)
     assert_error(r, 403, "permission_error", "model_not_allowed", "model")
-    listing = httpx.get(gw.url + "/v1/models", headers=h)
+    listing = HTTP.get(gw.url + "/v1/models", headers=h)
     assert listing.status_code == 200 and listing.json()["object"] == "list"
     assert listing.json()["data"] == []
     for allowed in ("pattern", "exact"):
         ha = auth_headers(k[allowed])
-        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=ha).json()["data"]] == [MODEL]
+        assert [m["id"] for m in HTTP.get(gw.url + "/v1/models", headers=ha).json()["data"]] == [MODEL]
         assert chat(gw.url, ha).status_code == 200
     # A model nobody serves is a 404 whatever the key's scope.
     assert_error(chat(gw.url, h, model="other-model"), 404, "invalid_request_error", "model_not_found", "model")
@@ -510,8 +513,8 @@ def test_auth_disabled_serves_anonymous(gateway_factory: GatewayFactory) -> None
     gw = gateway_factory(auth={"enabled": False})
     for headers in ({}, {"x-api-key": fake_secret()}):
         assert chat(gw.url, headers).status_code == 200
-        assert httpx.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=headers).status_code == 200
-        assert [m["id"] for m in httpx.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
+        assert HTTP.post(gw.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=headers).status_code == 200
+        assert [m["id"] for m in HTTP.get(gw.url + "/v1/models", headers=headers).json()["data"]] == [MODEL]
     s = Stream(gw.url, "", **long_stream_body(5))
     s.run()
     assert s.status == 200 and s.done
@@ -558,14 +561,14 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
         last: list[httpx.Response] = []
 
         def refused() -> bool:
-            last[:] = [httpx.post(gw.url + "/v1/chat/completions", content=b"{", headers=h, timeout=30)]
+            last[:] = [HTTP.post(gw.url + "/v1/chat/completions", content=b"{", headers=h, timeout=30)]
             return last[0].status_code == 401
 
         took = wait_for(refused, RELOAD_S + 5)
         running, seen = stream.is_alive() and not stream.done, stream.nbytes
         assert "revoked" in assert_401(last[0])["message"]
         assert_401(chat(gw.url, h))
-        assert httpx.get(gw.url + "/v1/models", headers=auth_headers(staying)).status_code == 200
+        assert HTTP.get(gw.url + "/v1/models", headers=auth_headers(staying)).status_code == 200
 
         # The stream admitted before the revoke runs to its end.
         stream.join(300)
@@ -627,7 +630,7 @@ def test_secret_symlink_swap_rotates_keys_without_restart(gateway_factory: Gatew
         pytest.fail(f"no Secret swap was picked up within reload_interval_s + 1 s: {times}")
     assert chat(gw.url, auth_headers(new["team"])).status_code == 200
     assert_401(chat(gw.url, auth_headers(old)))
-    assert httpx.get(gw.url + "/v1/models", headers=auth_headers(new["ops"])).json()["data"] == []
+    assert HTTP.get(gw.url + "/v1/models", headers=auth_headers(new["ops"])).json()["data"] == []
     assert time.monotonic() - swapped_at < 60
 
 
@@ -638,22 +641,22 @@ def test_no_secret_in_stack_log_or_metrics(stack: Stack) -> None:
     key_id = f"auth-leak-{uuid.uuid4().hex[:8]}"
     secret = remember(keys_mod.create_key(stack.keys_file, key_id, rpm=1000))
     h = auth_headers(secret)
-    wait_for(lambda: httpx.get(stack.url + "/v1/models", headers=h).status_code == 200, 30, interval=0.2)
+    wait_for(lambda: HTTP.get(stack.url + "/v1/models", headers=h).status_code == 200, 30, interval=0.2)
 
     assert chat(stack.url, h).status_code == 200
     assert chat(stack.url, {"x-api-key": secret}).status_code == 200
     s = Stream(stack.url, secret, max_tokens=3)
     s.run()
     assert s.status == 200 and s.done
-    assert httpx.post(stack.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=h).status_code == 200
+    assert HTTP.post(stack.url + "/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=h).status_code == 200
     presented = [fake_secret(), remember("sk-" + pysecrets.token_hex(24)), remember(pysecrets.token_urlsafe(40))]
     for bad in presented:
         assert_401(chat(stack.url, auth_headers(bad)))
-        assert_401(httpx.post(stack.url + "/tokenize", json={"prompt": "hi"}, headers={"x-api-key": bad}))
-        assert_401(httpx.get(stack.url + "/v1/models", headers={"Authorization": f"Bearer {bad}"}))
+        assert_401(HTTP.post(stack.url + "/tokenize", json={"prompt": "hi"}, headers={"x-api-key": bad}))
+        assert_401(HTTP.get(stack.url + "/v1/models", headers={"Authorization": f"Bearer {bad}"}))
     assert_401(chat(stack.url, auth_headers(hash_secret(secret))))  # the hash is not a key either
     keys_mod.revoke_key(stack.keys_file, key_id)
-    wait_for(lambda: httpx.get(stack.url + "/v1/models", headers=h).status_code == 401, 30, interval=0.2)
+    wait_for(lambda: HTTP.get(stack.url + "/v1/models", headers=h).status_code == 401, 30, interval=0.2)
     assert_401(chat(stack.url, h))
     time.sleep(0.5)  # let the stack's log catch up
 

