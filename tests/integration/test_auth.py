@@ -214,6 +214,20 @@ def assert_no_secret_in(text: str, where: str) -> None:
         assert hash_secret(secret) not in text, f"a key hash appears in {where}"
 
 
+def reload_lag(log: str, since: datetime) -> str:
+    """How long after ``since`` (local wall clock) the gateway logged its next keys reload: tells a late
+    reload (gateway starved) from a late observation (test process starved)."""
+    for line in log.splitlines():
+        if "reloaded" in line and "API keys" in line:
+            try:
+                at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            except ValueError:
+                continue
+            if at >= since:
+                return f"{(at - since).total_seconds():.2f}s"
+    return "never"
+
+
 @pytest.fixture
 def shm_path(tmp_path: Path) -> Iterator[Path]:
     """A fresh directory on tmpfs when there is one (else ``tmp_path``), as a Kubernetes Secret volume is.
@@ -556,6 +570,7 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
         t_first = time.monotonic()
         # In-process, the function `qwen-serve keys revoke` calls (the CLI itself: test_keys_cli_*
         # in tests/unit/test_cli.py): a CLI start-up on a starved 2-core box can outlast the stream.
+        revoked_wall = datetime.now()  # the create's reload is already logged (the probe saw the key)
         keys_mod.revoke_key(path, key_id)
         t_cli = time.monotonic() - t_first
         last: list[httpx.Response] = []
@@ -581,7 +596,8 @@ def test_revoked_key_stops_within_reload_interval_while_running_stream_finishes(
         text = metrics(gw.url)
         assert counter(text, "qwen_serve_tokens_total", key_id=key_id, kind="completion") == LONG
         assert counter(text, "qwen_serve_auth_failures_total", reason="disabled") == 2 * (attempt + 1)
-        rounds.append(f"revoke {t_cli:.2f}s, refused after {took:.2f}s, {seen}/{stream.nbytes} bytes by then, "
+        rounds.append(f"revoke {t_cli:.2f}s, refused after {took:.2f}s (gateway reloaded after "
+                      f"{reload_lag(gw.log_text(), revoked_wall)}), {seen}/{stream.nbytes} bytes by then, "
                       f"stream over {time.monotonic() - t_first:.2f}s after its headers")
         # The gateway still had the stream in flight (no [DONE] yet) when the key stopped working, and the
         # stream then ran to its end above. (vLLM's CPU frontend often writes the tiny model's whole answer
