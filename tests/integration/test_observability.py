@@ -447,7 +447,10 @@ def test_rule_expression_evaluates(prometheus: Prometheus, traffic: Traffic, rul
     data = prometheus.query(rule["expr"])  # parses and evaluates
     if "record" in rule:
         assert _finite(data), f"recording rule {rule['record']} has no data: {rule['expr']}"
-        recorded = prometheus.query(rule["record"])
+        # A loaded box can delay a rule group's evaluation: give it a few evaluation rounds.
+        deadline = time.monotonic() + 20
+        while not (recorded := prometheus.query(rule["record"]))["result"] and time.monotonic() < deadline:
+            time.sleep(1)
         assert recorded["result"], f"Prometheus recorded no series for {rule['record']}"
 
 
