@@ -39,7 +39,7 @@ class GatewayMetrics:
     def __init__(self, served_models: Iterable[str] = ()) -> None:
         # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
         # process-wide switch of prometheus-client; the gateway process exports only our registry.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)

@@ -178,6 +178,10 @@ class Stream(threading.Thread):
                     self.first.set()
                     if self.stop.is_set():
                         break
+                    # A reader that re-takes the GIL after every small read starves the test's main thread
+                    # (measured: 5 ms of Python took 2.7 s during a stream); a short sleep lets it run, and
+                    # the next read collects what arrived meanwhile.
+                    time.sleep(0.002)
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
