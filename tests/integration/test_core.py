@@ -81,12 +81,14 @@ def test_chat_and_completion_through_gateway(gateway: Endpoint) -> None:
 
 def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint, engine: Endpoint) -> None:
     # The same long generation streamed at the same time directly and through the gateway: both ride
-    # the same engine batch, so the gateway must deliver with the engine's own pacing. The tiny model
-    # outruns vLLM's CPU frontend, which then writes a whole answer in one burst (direct too, on
-    # fresh or reused connections alike); such rounds say nothing and are repeated (at most 5).
+    # the same engine batch, so the gateway must deliver with the engine's own pacing. On this 2-core
+    # box vLLM's CPU frontend now and then stalls for about a second and then writes everything it
+    # holds at once, on fresh and reused connections alike (probed: 2 of 12 direct 600-token streams);
+    # a long generation (~4 s) outlasts such a stall, and a round whose direct stream burst anyway
+    # says nothing about the gateway and is repeated (at most 5).
     # The deterministic proof of no buffering is test_gateway_edges::test_events_sent_apart_arrive_apart.
-    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 600, "stream": True,
-            "min_tokens": 600, "ignore_eos": True, "seed": 7}
+    body = {"model": gateway.model, "messages": CHAT, "max_tokens": 1500, "stream": True,
+            "min_tokens": 1500, "ignore_eos": True, "seed": 7}
     paced_rounds = []
     for _ in range(5):
         results: dict[str, tuple[httpx.Headers, list[tuple[float, bytes]]]] = {}
@@ -108,7 +110,7 @@ def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint, engi
             t.join(120)
         direct = [t for t, c in results["direct"][1] if b'"content"' in c]
         via = [t for t, c in results["gateway"][1] if b'"content"' in c]
-        if direct[-1] - direct[0] < 0.3:
+        if direct[-1] - direct[0] < 1.0:
             continue  # vLLM's own frontend burst this round out: it says nothing about the gateway
         paced_rounds.append((len(via), via[-1] - via[0], direct[-1] - direct[0], via[0] - direct[0]))
         if len(via) >= 5 and via[-1] - via[0] >= 0.5 * (direct[-1] - direct[0]):
@@ -123,7 +125,7 @@ def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint, engi
     assert data.rstrip().endswith(b"data: [DONE]")
     # The usage chunk the gateway injected for accounting is not shown to a client that did not ask.
     events = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
-    assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) >= 590
+    assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) >= 1400
     assert all("usage" not in e for e in events)
 
 
@@ -164,19 +166,27 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
     rounds = []
     for _ in range(3):
         before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
-        # A raw client: send the request, let the engine generate for a moment, hang up.
+        # A raw client: send the request, read until the first tokens arrived (mid-stream), hang up.
         with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(60)
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
                          % ((gateway.api_key or "").encode(), len(body), body))
-            time.sleep(0.3)
-        # The engine must stop promptly: nothing running within 5 s.
+            received = b""
+            while b'"content"' not in received:
+                chunk = sock.recv(65536)
+                assert chunk, f"the gateway closed the stream before any token: {received[:300]!r}"
+                received += chunk
+        if b"data: [DONE]" in received:  # the frontend stalled and then wrote the whole answer at once
+            rounds.append("whole answer in one write")
+            continue
+        # The engine must stop promptly: nothing running within 5 s, and the gateway counted the abort.
         deadline = time.monotonic() + 5
-        while _engine_sample(engine, "vllm:num_requests_running") != 0:
-            assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
+        while _engine_sample(engine, "vllm:num_requests_running") != 0 or disconnects() != before + 1:
+            assert time.monotonic() < deadline, (
+                f"5 s after the client left: engine running {_engine_sample(engine, 'vllm:num_requests_running')}, "
+                f"gateway disconnects counted {disconnects() - before}")
             time.sleep(0.2)
-        time.sleep(0.5)
-        assert disconnects() == before + 1
         generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
         rounds.append(generated)
         if generated < 1500:
