@@ -156,22 +156,60 @@ def serve_fake(port: int) -> None:
 
 
 # ============================================================================ gateway (subprocess)
-def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: bool = False) -> None:
+def _gateway_app(port: int, upstream: str, auth_on: bool, keys_file: str) -> Any:
     sys.path.insert(0, str(ROOT))
-    import uvicorn
-
     from qwen_serve.config import parse_config
     from qwen_serve.gateway.app import build_app
 
     config = parse_config({
         "model": {"source": MODEL},
-        "auth": {"enabled": auth == "on" and not control, "keys_file": keys_file, "reload_interval_s": 2},
+        "auth": {"enabled": auth_on, "keys_file": keys_file, "reload_interval_s": 2},
         "gateway": {"ui": False, "host": "127.0.0.1", "port": port},
     })
-    app = build_app(config, upstream_url=upstream)
-    # The server settings of qwen_serve/serve.py (_uvicorn_config), quieter logs.
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
+    return build_app(config, upstream_url=upstream)
+
+
+def _uvicorn_config(app: Any, port: int) -> Any:
+    """The server settings of qwen_serve/serve.py (_uvicorn_config), quieter logs."""
+    import uvicorn
+
+    return uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
+                          access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
+
+
+def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: bool = False) -> None:
+    import uvicorn
+
+    app = _gateway_app(port, upstream, auth == "on" and not control, keys_file)
+    uvicorn.Server(_uvicorn_config(app, port)).run()
+
+
+def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False) -> None:
+    """Both gateways (on, off) in ONE process and event loop, each on its own port.
+
+    Separate processes differ by more than the code under test: the A/A control between two identical
+    gateway processes spread 0.88-1.10 on this box (where each process's memory and caches landed,
+    which core it ran on). In one process the two apps share the interpreter, the loop and the
+    allocator, so alternating rounds compare only what auth + limits add.
+    """
+    import uvicorn
+    import uvloop
+
+    servers: list[uvicorn.Server] = []
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            for server in servers:
+                server.should_exit = True
+
+    for cfg, port in sorted(zip(CONFIGS, ports), key=lambda item: item[0] != first):
+        servers.append(_Server(_uvicorn_config(_gateway_app(port, upstream, cfg == "on" and not control,
+                                                            keys_file), port)))
+
+    async def main() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    uvloop.run(main())
 
 
 def write_keys(path: Path, n: int, limits: bool = True) -> list[str]:
@@ -377,66 +415,94 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     used = secrets[: min(args.concurrency, len(secrets))]
     fake_port = free_port()
     fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
-    procs = [fake]
-    gws: dict[str, Proc] = {}
-    for cfg in CONFIGS:
-        port = free_port()
-        gws[cfg] = spawn(f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
-                                             "--auth", cfg, "--keys-file", str(keys_file),
-                                             *(["--control"] if args.control else [])], port)
-        procs.append(gws[cfg])
+    control = ["--control"] if args.control else []
     results: dict[str, list[Sample]] = {cfg: [] for cfg in CONFIGS}
     body = request_body(args.stream_events)
-    loads: dict[str, Load] = {}
     stages = stage_cost(keys_file, used, body)
     print(f"auth + limits stages in-process: {stages['on']:.1f} us/request (auth off: {stages['off']:.1f} us)",
           flush=True)
+
+    def start_gateways(server_order: Sequence[str]) -> tuple[dict[str, Proc], list[Proc]]:
+        if args.one_process:  # one process serving both; server_order = which app its loop starts first
+            ports = {cfg: free_port() for cfg in CONFIGS}
+            pair = spawn("gateways", ["_gateway_pair", "--ports", *(str(ports[c]) for c in CONFIGS),
+                                      "--upstream", fake.url, "--keys-file", str(keys_file),
+                                      "--first", server_order[0], *control], ports["on"])
+            return {cfg: Proc(f"gateway-{cfg}", f"http://127.0.0.1:{ports[cfg]}", pair.popen) for cfg in CONFIGS}, [pair]
+        gws = {}
+        for cfg in CONFIGS:
+            port = free_port()
+            gws[cfg] = spawn(f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
+                                                 "--auth", cfg, "--keys-file", str(keys_file), *control], port)
+        return gws, list(gws.values())
+
+    # One process: the app whose server starts first measured 2-3% slower in A/A runs (either label), so
+    # the run is split in two halves with the server order swapped, each half in a fresh process.
+    half = args.rounds // 4 * 2  # even: no ABBA block straddles the two processes
+    phases = [(CONFIGS, half), (CONFIGS[::-1], args.rounds - half)] if args.one_process else [(CONFIGS, args.rounds)]
+    print(f"{'A/A CONTROL (both auth off), ' if args.control else ''}"
+          f"{'simultaneous' if args.simultaneous else 'alternating'}"
+          f"{', both gateways in one process (server order swapped halfway)' if args.one_process else ''}: "
+          f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
+          f"{'stream ' + str(args.stream_events) + ' events' if args.stream_events else 'non-stream'}, "
+          f"{args.keys} keys ({len(used)} in use)", flush=True)
+    print(f"{'round':>5}  {'order':<8}{'on req/s':>10}{'off req/s':>11}{'on/off':>8}"
+          f"{'on cpu ms/req':>15}{'off cpu ms/req':>16}", flush=True)
+    r = 0
     try:
         async with aiohttp.ClientSession() as s:
             await wait_ready(s, fake, "/health")
-            for p in gws.values():
-                await wait_ready(s, p, "/ready")
-        print(f"{'A/A CONTROL (both auth off), ' if args.control else ''}"
-              f"{'simultaneous' if args.simultaneous else 'alternating'}: "
-              f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
-              f"{'stream ' + str(args.stream_events) + ' events' if args.stream_events else 'non-stream'}, "
-              f"{args.keys} keys ({len(used)} in use)", flush=True)
-        print(f"{'round':>5}  {'order':<8}{'on req/s':>10}{'off req/s':>11}{'on/off':>8}"
-              f"{'on cpu ms/req':>15}{'off cpu ms/req':>16}", flush=True)
-        for cfg in CONFIGS:  # warm-up: open the keep-alive connections on both hops
-            loads[cfg] = Load(gws[cfg].url, gws[cfg].popen.pid, used, args.concurrency, body,
-                              bool(args.stream_events))
-            await loads[cfg].run(1.0)
-        for r in range(args.rounds):
-            if args.simultaneous:  # both at once, each with its own workers: the same noise for both
-                order: tuple[str, ...] = ("both",)
-                on, off = await asyncio.gather(loads["on"].run(args.duration), loads["off"].run(args.duration))
-                results["on"].append(on)
-                results["off"].append(off)
-            else:
-                order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
-                for cfg in order:
-                    results[cfg].append(await loads[cfg].run(args.duration))
-            on, off = results["on"][-1], results["off"][-1]
-            print(f"{r + 1:>5}  {'/'.join(order):<8}{on.rps:>10.0f}{off.rps:>11.0f}{on.rps / off.rps:>8.3f}"
-                  f"{on.cpu_ms_per_req:>15.3f}{off.cpu_ms_per_req:>16.3f}", flush=True)
-        text_on = await gateway_metrics(gws["on"].url)
-        text_off = await gateway_metrics(gws["off"].url)
+        for server_order, n_rounds in phases:
+            gws, procs = start_gateways(server_order)
+            loads: dict[str, Load] = {}
+            try:
+                async with aiohttp.ClientSession() as s:
+                    for p in gws.values():
+                        await wait_ready(s, p, "/ready")
+                for cfg in CONFIGS:  # warm-up: open the keep-alive connections on both hops
+                    loads[cfg] = Load(gws[cfg].url, gws[cfg].popen.pid, used, args.concurrency, body,
+                                      bool(args.stream_events))
+                    await loads[cfg].run(1.0)
+                for _ in range(n_rounds):
+                    if args.simultaneous:  # both at once, each with its own workers: the same noise for both
+                        order: tuple[str, ...] = ("both",)
+                        on, off = await asyncio.gather(loads["on"].run(args.duration),
+                                                       loads["off"].run(args.duration))
+                        results["on"].append(on)
+                        results["off"].append(off)
+                    else:
+                        order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
+                        for cfg in order:
+                            results[cfg].append(await loads[cfg].run(args.duration))
+                    on, off = results["on"][-1], results["off"][-1]
+                    r += 1
+                    print(f"{r:>5}  {'/'.join(order):<8}{on.rps:>10.0f}{off.rps:>11.0f}{on.rps / off.rps:>8.3f}"
+                          f"{on.cpu_ms_per_req:>15.3f}{off.cpu_ms_per_req:>16.3f}", flush=True)
+                text_on = await gateway_metrics(gws["on"].url)
+                text_off = await gateway_metrics(gws["off"].url)
+            finally:
+                for ld in loads.values():
+                    await ld.aclose()
+                stop(procs)
     finally:
-        for ld in loads.values():
-            await ld.aclose()
-        stop(procs)
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
+        stop([fake])
+        shutil.rmtree(work, ignore_errors=True)
 
     errors = {cfg: sum(s.errors for s in results[cfg]) for cfg in CONFIGS}
     error_kinds = {cfg: {k: sum(s.error_kinds.get(k, 0) for s in results[cfg])
                          for k in {k for s in results[cfg] for k in s.error_kinds}} for cfg in CONFIGS}
     ratios = [on.rps / off.rps for on, off in zip(results["on"], results["off"])]
+    # ABBA blocks: rounds alternate on/off, off/on, so two consecutive rounds give each gateway one
+    # first and one second place; the block ratio cancels order effects and linear drift (measured:
+    # the first gateway of a round ran up to 10% faster, so per-round ratios are bimodal).
+    blocks = [sum(s.requests for s in results["on"][i:i + 2]) / sum(s.wall_s for s in results["on"][i:i + 2])
+              / (sum(s.requests for s in results["off"][i:i + 2]) / sum(s.wall_s for s in results["off"][i:i + 2]))
+              for i in range(0, len(ratios) - 1, 2)]
+    spread = 1.96 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
     cpu_ratios = [on.cpu_ms_per_req / off.cpu_ms_per_req for on, off in zip(results["on"], results["off"])]
     summary = {
-        "mode": "simultaneous" if args.simultaneous else "alternating",
+        "mode": ("simultaneous" if args.simultaneous else "alternating")
+                + (", one process" if args.one_process else ", two processes"),
         "rounds": args.rounds, "duration_s": args.duration, "concurrency": args.concurrency, "keys": args.keys,
         "stream_events": args.stream_events, "cpus": os.cpu_count(),
         "rps": {cfg: [round(s.rps, 1) for s in results[cfg]] for cfg in CONFIGS},
@@ -446,6 +512,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_ms_per_req": {cfg: statistics.median(s.cpu_ms_per_req for s in results[cfg]) for cfg in CONFIGS},
         "ratio_per_round": [round(x, 3) for x in ratios],
         "median_ratio": statistics.median(ratios),
+        "ratio_per_block": [round(x, 3) for x in blocks],
+        "median_block_ratio": statistics.median(blocks),
+        "mean_block_ratio": statistics.fmean(blocks),
+        "mean_block_ratio_ci95": [statistics.fmean(blocks) - spread, statistics.fmean(blocks) + spread],
         "ratio_of_medians": (statistics.median(s.rps for s in results["on"])
                              / statistics.median(s.rps for s in results["off"])),
         "cpu_ratio_median": statistics.median(cpu_ratios),
@@ -527,10 +597,13 @@ async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(s: dict[str, Any]) -> None:
     on, off = s["median_rps"], s["p50_ms"]
-    print(f"\nmedian req/s: on {on['on']:.0f}, off {on['off']:.0f}; "
-          f"median per-round on/off = {s['median_ratio']:.3f} (ratio of medians {s['ratio_of_medians']:.3f}; "
-          + ("A/A control, expect 1.0)" if s["control"] else
-             f"target >= 0.95: {'PASS' if s['median_ratio'] >= 0.95 else 'FAIL'})"))
+    lo, hi = s["mean_block_ratio_ci95"]
+    verdict = ("A/A control, expect 1.0" if s["control"] else
+               f"target >= 0.95: {'PASS' if s['median_block_ratio'] >= 0.95 else 'FAIL'}")
+    print(f"\nmedian req/s: on {on['on']:.0f}, off {on['off']:.0f}; on/off over {len(s['ratio_per_block'])} ABBA "
+          f"blocks: median {s['median_block_ratio']:.3f}, mean {s['mean_block_ratio']:.3f} "
+          f"(95% CI {lo:.3f} to {hi:.3f}) ({verdict})")
+    print(f"per round: median {s['median_ratio']:.3f}, ratio of medians {s['ratio_of_medians']:.3f}")
     print(f"latency p50 ms: on {off['on']:.2f}, off {off['off']:.2f}; p99 ms: on {s['p99_ms']['on']:.2f}, "
           f"off {s['p99_ms']['off']:.2f}")
     print(f"gateway CPU ms/req: on {s['cpu_ms_per_req']['on']:.3f}, off {s['cpu_ms_per_req']['off']:.3f} "
@@ -555,6 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--auth", choices=CONFIGS, required=True)
     g.add_argument("--keys-file", required=True)
     g.add_argument("--control", action="store_true")
+    gp = sub.add_parser("_gateway_pair")
+    gp.add_argument("--ports", type=int, nargs=2, required=True)
+    gp.add_argument("--upstream", required=True)
+    gp.add_argument("--keys-file", required=True)
+    gp.add_argument("--first", choices=CONFIGS, default="on", help="the app whose server starts first")
+    gp.add_argument("--control", action="store_true")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per gateway per round")
     p.add_argument("--concurrency", type=int, default=32)
@@ -564,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="load both gateways at the same time (each --concurrency workers) instead of alternating")
     p.add_argument("--control", action="store_true",
                    help="A/A control: the 'on' gateway runs with auth off too (the noise floor of the method)")
+    p.add_argument("--one-process", action="store_true",
+                   help="serve both gateways from one process and event loop (cancels per-process effects)")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="instead of req/s: count each gateway's instructions for N requests under callgrind")
@@ -572,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "_fake":
         serve_fake(args.port)
+        return 0
+    if args.cmd == "_gateway_pair":
+        serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control)
         return 0
     if args.cmd == "_gateway":
         serve_gateway(args.port, args.upstream, args.auth, args.keys_file, args.control)

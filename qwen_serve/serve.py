@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from qwen_serve.engine.state import EngineState
 from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
 from qwen_serve.gateway.app import build_app
 from qwen_serve.gateway.upstream import create_upstream
+from qwen_serve.logs import setup_logging
 
 __all__ = ["gpu_visible", "run_gateway", "run_up"]
 
@@ -67,14 +67,9 @@ def _uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
     gw = config.gateway
     return uvicorn.Config(
         app, host=gw.host, port=gw.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=gw.log_requests, log_level="info", timeout_graceful_shutdown=int(gw.drain_timeout_s),
+        access_log=gw.log_requests, log_level="info", log_config=None,  # uvicorn logs through logs.py timeout_graceful_shutdown=int(gw.drain_timeout_s),
         timeout_keep_alive=75, server_header=False,
     )
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
 
 
 def run_gateway(config: Config, upstream_url: str | None = None) -> int:

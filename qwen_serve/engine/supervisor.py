@@ -4,9 +4,10 @@ Owned by ``qwen_serve.serve`` (``qwen-serve up``); the gateway only sees the sha
 :class:`~qwen_serve.engine.state.EngineState`.
 
 * :meth:`EngineSupervisor.start` spawns ``python -m vllm.entrypoints.openai.api_server <plan args>``
-  in its own process group (the plan binds it to 127.0.0.1), pumps its output to our stderr while
-  keeping the last lines, and waits until ``/health`` answers 200. It raises :class:`EngineStartError`
-  (carrying those last lines) when the process exits or ``startup_timeout_s`` passes first.
+  in its own process group (the plan binds it to 127.0.0.1), logs its output line by line
+  (``qwen_serve.logs.ENGINE_LOGGER``, written as ``[engine] ...``) while keeping the last lines, and
+  waits until ``/health`` answers 200. It raises :class:`EngineStartError` (carrying those last lines)
+  when the process exits or ``startup_timeout_s`` passes first.
 * :meth:`EngineSupervisor.watch` waits for the process; on an unexpected exit it restarts it
   (``restart: on-failure``, at most ``max_restarts`` times) or calls ``on_fatal`` (``restart: never``).
 * :meth:`EngineSupervisor.stop` sends SIGTERM to the group, then SIGKILL after ``timeout``.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import QwenServeError, UpstreamError
 from qwen_serve.gateway.upstream import Upstream
+from qwen_serve.logs import ENGINE_LOGGER
 
 __all__ = ["ENGINE_MODULE", "EngineStartError", "EngineSupervisor"]
 
@@ -161,7 +163,7 @@ class EngineSupervisor:
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        out = sys.stderr
+        engine_log = logging.getLogger(ENGINE_LOGGER)
         while True:
             try:
                 raw = await proc.stdout.readline()
@@ -171,7 +173,7 @@ class EngineSupervisor:
                 return
             line = raw.decode(errors="replace").rstrip()
             self.last_lines.append(line)
-            print(f"[engine] {line}", file=out, flush=True)
+            engine_log.info("%s", line)
 
     async def _drain_pump(self) -> None:
         if self._pump is not None:

@@ -1,0 +1,67 @@
+"""Process logging (qwen_serve.logs): records are written by a background thread, never by the caller."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from qwen_serve.logs import ENGINE_LOGGER, setup_logging, stop_logging
+
+
+class _BlockedStream(io.StringIO):
+    """A stderr whose reader is stuck: every write waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.writing = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.writing.set()
+        assert self.release.wait(30), "the test never released the stream"
+        return super().write(s)
+
+
+@pytest.fixture
+def stream() -> Iterator[_BlockedStream]:
+    s = _BlockedStream()
+    setup_logging(stream=s)
+    try:
+        yield s
+    finally:
+        s.release.set()
+        stop_logging()
+
+
+def test_a_stuck_stderr_never_blocks_the_caller(stream: _BlockedStream) -> None:
+    log = logging.getLogger("qwen_serve.gateway")
+    log.warning("first")
+    assert stream.writing.wait(10)  # the writer thread is now stuck inside write()
+    done = threading.Event()
+
+    def caller() -> None:
+        for i in range(1000):
+            log.warning("more %d", i)
+        done.set()
+
+    threading.Thread(target=caller, daemon=True).start()
+    assert done.wait(10), "logging blocked the caller while stderr was stuck"
+    assert "more" not in stream.getvalue()  # nothing got past the stuck write
+    stream.release.set()
+    stop_logging()  # writes what is still queued
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1001 and lines[-1].endswith("WARNING qwen_serve.gateway: more 999")
+
+
+def test_engine_lines_keep_their_own_format(stream: _BlockedStream) -> None:
+    stream.release.set()
+    logging.getLogger(ENGINE_LOGGER).info("%s", "INFO 11-29 08:33:18 [api_server.py:1] Started")
+    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    stop_logging()
+    engine_line, uvicorn_line = stream.getvalue().splitlines()
+    assert engine_line == "[engine] INFO 11-29 08:33:18 [api_server.py:1] Started"
+    assert uvicorn_line.endswith(" INFO uvicorn.error: Application startup complete.")
