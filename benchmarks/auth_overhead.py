@@ -436,23 +436,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  "--auth", cfg, "--keys-file", str(keys_file), *control], port)
         return gws, list(gws.values())
 
-    # One process: the app whose server starts first measured 2-3% slower in A/A runs (either label), so
-    # the run is split in two halves with the server order swapped, each half in a fresh process.
-    half = args.rounds // 4 * 2  # even: no ABBA block straddles the two processes
-    phases = [(CONFIGS, half), (CONFIGS[::-1], args.rounds - half)] if args.one_process else [(CONFIGS, args.rounds)]
+    # One process: which app runs faster than its twin is a property of each process instance (A/A
+    # halves measured 0.96 and 0.88 with identical apps), so the rounds are spread over --phases fresh
+    # processes, alternating which app's server starts first. Phases hold whole ABBA blocks.
+    n_phases = max(1, min(args.phases, args.rounds // 2)) if args.one_process else 1
+    blocks_per_phase = [len(range(i, args.rounds // 2, n_phases)) for i in range(n_phases)]
+    phases = [(CONFIGS if i % 2 == 0 else CONFIGS[::-1], 2 * b) for i, b in enumerate(blocks_per_phase)]
+    if args.rounds % 2:
+        phases[-1] = (phases[-1][0], phases[-1][1] + 1)
     print(f"{'A/A CONTROL (both auth off), ' if args.control else ''}"
           f"{'simultaneous' if args.simultaneous else 'alternating'}"
-          f"{', both gateways in one process (server order swapped halfway)' if args.one_process else ''}: "
+          f"{f', both gateways in one process, {len(phases)} processes in turn' if args.one_process else ''}: "
           f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
           f"{'stream ' + str(args.stream_events) + ' events' if args.stream_events else 'non-stream'}, "
           f"{args.keys} keys ({len(used)} in use)", flush=True)
     print(f"{'round':>5}  {'order':<8}{'on req/s':>10}{'off req/s':>11}{'on/off':>8}"
           f"{'on cpu ms/req':>15}{'off cpu ms/req':>16}", flush=True)
     r = 0
+    round_phase: list[int] = []
     try:
         async with aiohttp.ClientSession() as s:
             await wait_ready(s, fake, "/health")
-        for server_order, n_rounds in phases:
+        for phase, (server_order, n_rounds) in enumerate(phases):
             gws, procs = start_gateways(server_order)
             loads: dict[str, Load] = {}
             try:
@@ -475,6 +480,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         for cfg in order:
                             results[cfg].append(await loads[cfg].run(args.duration))
                     on, off = results["on"][-1], results["off"][-1]
+                    round_phase.append(phase)
                     r += 1
                     print(f"{r:>5}  {'/'.join(order):<8}{on.rps:>10.0f}{off.rps:>11.0f}{on.rps / off.rps:>8.3f}"
                           f"{on.cpu_ms_per_req:>15.3f}{off.cpu_ms_per_req:>16.3f}", flush=True)
@@ -498,6 +504,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     blocks = [sum(s.requests for s in results["on"][i:i + 2]) / sum(s.wall_s for s in results["on"][i:i + 2])
               / (sum(s.requests for s in results["off"][i:i + 2]) / sum(s.wall_s for s in results["off"][i:i + 2]))
               for i in range(0, len(ratios) - 1, 2)]
+    def rps(samples: Sequence[Sample]) -> float:
+        return sum(x.requests for x in samples) / sum(x.wall_s for x in samples)
+
+    per_phase = [rps([x for x, ph in zip(results["on"], round_phase) if ph == i])
+                 / rps([x for x, ph in zip(results["off"], round_phase) if ph == i]) for i in sorted(set(round_phase))]
     spread = 1.96 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
     cpu_ratios = [on.cpu_ms_per_req / off.cpu_ms_per_req for on, off in zip(results["on"], results["off"])]
     summary = {
@@ -513,6 +524,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_per_round": [round(x, 3) for x in ratios],
         "median_ratio": statistics.median(ratios),
         "ratio_per_block": [round(x, 3) for x in blocks],
+        "ratio_per_process": [round(x, 3) for x in per_phase],
         "median_block_ratio": statistics.median(blocks),
         "mean_block_ratio": statistics.fmean(blocks),
         "mean_block_ratio_ci95": [statistics.fmean(blocks) - spread, statistics.fmean(blocks) + spread],
@@ -604,6 +616,8 @@ def report(s: dict[str, Any]) -> None:
           f"blocks: median {s['median_block_ratio']:.3f}, mean {s['mean_block_ratio']:.3f} "
           f"(95% CI {lo:.3f} to {hi:.3f}) ({verdict})")
     print(f"per round: median {s['median_ratio']:.3f}, ratio of medians {s['ratio_of_medians']:.3f}")
+    if len(s["ratio_per_process"]) > 1:
+        print(f"per gateway process: {s['ratio_per_process']} (median {statistics.median(s['ratio_per_process']):.3f})")
     print(f"latency p50 ms: on {off['on']:.2f}, off {off['off']:.2f}; p99 ms: on {s['p99_ms']['on']:.2f}, "
           f"off {s['p99_ms']['off']:.2f}")
     print(f"gateway CPU ms/req: on {s['cpu_ms_per_req']['on']:.3f}, off {s['cpu_ms_per_req']['off']:.3f} "
@@ -645,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="A/A control: the 'on' gateway runs with auth off too (the noise floor of the method)")
     p.add_argument("--one-process", action="store_true",
                    help="serve both gateways from one process and event loop (cancels per-process effects)")
+    p.add_argument("--phases", type=int, default=10,
+                   help="with --one-process: fresh gateway processes the rounds are spread over")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="instead of req/s: count each gateway's instructions for N requests under callgrind")
