@@ -363,19 +363,17 @@ def stage_cost(keys_file: Path, secrets: Sequence[str], body: bytes, n: int = 10
     (the limiter's windows filled as at 1500 req/s): ``authenticate`` and ``acquire`` + ``release``,
     against the ``anonymous`` path of ``auth.enabled: false``. Noise-free next to the end-to-end figures."""
     sys.path.insert(0, str(ROOT))
-    from starlette.datastructures import Headers
-
     from qwen_serve.gateway.auth import AnonymousAuth, KeyFileAuth
     from qwen_serve.gateway.limits import LocalLimiter, estimate_prompt_tokens
 
     now = [0.0]
     on_auth, off_auth = KeyFileAuth(keys_file), AnonymousAuth()
     on_lim, off_lim = LocalLimiter(clock=lambda: now[0]), LocalLimiter(clock=lambda: now[0])
-    headers = [Headers(raw=[(b"host", b"gw"), (b"content-type", b"application/json"),
-                            (b"authorization", f"Bearer {s}".encode())]) for s in secrets]
+    headers = [[(b"host", b"gw"), (b"content-type", b"application/json"), (b"authorization", f"Bearer {s}".encode())]
+               for s in secrets]
     req = json.loads(body)
 
-    def one(auth: Any, limiter: LocalLimiter, h: Headers) -> None:
+    def one(auth: Any, limiter: LocalLimiter, h: list[tuple[bytes, bytes]]) -> None:
         now[0] += 1 / 1500
         principal = auth.authenticate(h)
         limiter.try_acquire(principal, estimate_prompt_tokens(req)).release(50)

@@ -1,8 +1,9 @@
 """Stage 1 of the gateway pipeline: request headers → :class:`Principal` (contract: CONTRACTS.md §2–3, §5).
 
-The pipeline calls ``authenticator.authenticate(headers)`` first, once per request, with the request
-headers (lower-case names, e.g. starlette's ``Headers``). The key is read from ``Authorization: Bearer <key>``
-or, failing that, ``x-api-key``. It returns the caller's :class:`Principal` or raises
+The pipeline calls ``authenticator.authenticate(headers)`` first, once per request, with the raw ASGI
+headers (``scope["headers"]``: ``(name, value)`` byte pairs, names lower-case as ASGI servers send them;
+no header object is built on the hot path). The key is read from ``Authorization: Bearer <key>`` or,
+failing that, ``x-api-key``. It returns the caller's :class:`Principal` or raises
 :class:`~qwen_serve.errors.AuthError` (401) whose ``reason`` — ``missing``, ``invalid``, ``expired`` or
 ``disabled`` — is the ``qwen_serve_auth_failures_total`` label. ``principal.require(model)`` raises
 :class:`~qwen_serve.errors.ModelNotAllowed` (403); ``principal.allows(model)`` filters ``/v1/models``.
@@ -29,7 +30,7 @@ import contextlib
 import hmac
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -47,11 +48,14 @@ __all__ = [
     "Authenticator",
     "KeyFileAuth",
     "Principal",
+    "RawHeaders",
     "build_authenticator",
 ]
 
 logger = logging.getLogger(__name__)
 
+RawHeaders = Iterable[tuple[bytes, bytes]]
+_API_KEY_HEADER = API_KEY_HEADER.encode()
 _MISSING = "Missing API key. Send it as 'Authorization: Bearer <key>' or in the 'x-api-key' header."
 _INVALID = "Incorrect API key provided."
 
@@ -87,7 +91,7 @@ class Authenticator(Protocol):
         """Every configured key id: the only ``key_id`` label values besides ``anonymous``."""
         ...
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: RawHeaders) -> Principal:
         """The caller's principal, or :class:`AuthError` with ``reason``."""
         ...
 
@@ -101,7 +105,7 @@ class AnonymousAuth:
 
     key_ids: frozenset[str] = frozenset({ANONYMOUS_KEY_ID})
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: RawHeaders) -> Principal:
         return ANONYMOUS
 
     async def start(self) -> None:
@@ -174,7 +178,7 @@ class KeyFileAuth:
     def key_ids(self) -> frozenset[str]:
         return self._set.key_ids
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: RawHeaders) -> Principal:
         digest = hash_secret(_presented_secret(headers))
         record = self._set.by_hash.get(digest)
         if record is None or not hmac.compare_digest(record.sha256, digest):
@@ -238,15 +242,19 @@ class KeyFileAuth:
         return True
 
 
-def _presented_secret(headers: Mapping[str, str]) -> str:
-    authorization = headers.get("authorization")
+def _presented_secret(headers: RawHeaders) -> str:
+    authorization = api_key = b""
+    for name, value in headers:  # the first of repeated headers counts
+        if name == b"authorization":
+            authorization = authorization or value
+        elif name == _API_KEY_HEADER:
+            api_key = api_key or value
     if authorization:
-        scheme, _, token = authorization.strip().partition(" ")
+        scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    api_key = headers.get(API_KEY_HEADER)
-    if api_key and api_key.strip():
-        return api_key.strip()
+    if api_key.strip():
+        return api_key.decode("latin-1").strip()
     raise AuthError(_MISSING, reason="missing")
 
 

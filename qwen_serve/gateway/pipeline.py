@@ -164,7 +164,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages 1-3
     def authenticate(self, request: Request) -> Principal:
         try:
-            principal = self.s.auth.authenticate(request.headers)
+            principal = self.s.auth.authenticate(request.scope["headers"])
         except AuthError as exc:
             self.s.metrics.auth_failures.labels(exc.reason).inc()
             raise

@@ -25,13 +25,18 @@ from qwen_serve.keys import create_key, hash_secret, revoke_key
 NO_LIMITS: dict[str, object] = {"models": None, "rpm": None, "tpm": None, "max_concurrent": None, "expires": None}
 
 
-def bearer(secret: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {secret}"}
+def raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as the ASGI server hands them over (``scope["headers"]``)."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-def reason_of(auth: KeyFileAuth | AnonymousAuth, headers: dict[str, str]) -> str:
+def bearer(secret: str) -> list[tuple[bytes, bytes]]:
+    return raw({"authorization": f"Bearer {secret}"})
+
+
+def reason_of(auth: KeyFileAuth | AnonymousAuth, headers: dict[str, str] | list[tuple[bytes, bytes]]) -> str:
     with pytest.raises(AuthError) as info:
-        auth.authenticate(headers)
+        auth.authenticate(raw(headers) if isinstance(headers, dict) else headers)
     assert info.value.status == 401 and info.value.code == "invalid_api_key"
     return info.value.reason
 
@@ -96,7 +101,7 @@ def test_principal_require_raises_403() -> None:
 async def test_anonymous_auth_accepts_everything() -> None:
     auth = AnonymousAuth()
     await auth.start()
-    assert auth.authenticate({}) is ANONYMOUS
+    assert auth.authenticate([]) is ANONYMOUS
     assert auth.authenticate(bearer("whatever")) == Principal("anonymous", ("*",), None, None, None)
     assert auth.key_ids == frozenset({"anonymous"})
     await auth.aclose()
@@ -123,9 +128,9 @@ def test_valid_key_gives_its_principal(keys_path: Path, secret: str) -> None:
     auth = KeyFileAuth(keys_path, 1)
     expected = Principal("team-a", ("qwen2.5-*",), 60, 1000, 2)
     assert auth.authenticate(bearer(secret)) == expected
-    assert auth.authenticate({"authorization": f"bearer   {secret}  "}) == expected
-    assert auth.authenticate({"x-api-key": secret}) == expected
-    assert auth.authenticate({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": secret}) == expected
+    assert auth.authenticate(raw({"authorization": f"bearer   {secret}  "})) == expected
+    assert auth.authenticate(raw({"x-api-key": secret})) == expected
+    assert auth.authenticate(raw({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": secret})) == expected
     assert auth.key_ids == frozenset({"team-a"})
 
 
