@@ -4,15 +4,17 @@ sends apart reach the client apart (no buffering in the gateway)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from qwen_serve.config import parse_config
+from qwen_serve.config import Config, parse_config
 from qwen_serve.gateway.app import build_app
 from tests.conftest import free_port, metric_value, serve_in_thread, wait_ready
 
@@ -28,7 +30,7 @@ def _assert_openai_error(r: httpx.Response, status: int, type_: str | None = Non
     assert r.headers.get("x-request-id")
 
 
-def _config(**gateway: object) -> object:
+def _config(**gateway: object) -> Config:
     return parse_config({"model": {"source": "x", "served_name": "qwen2-random"}, "auth": {"enabled": False},
                          "gateway": gateway})
 
@@ -113,51 +115,46 @@ class _SlowUpstream:
         self._sock.close()
 
 
-@pytest.mark.parametrize("mode,status", [("hang", 504), ("garbage", 502)])
-def test_upstream_failures_map_to_502_504(mode: str, status: int) -> None:
-    fake = _SlowUpstream(mode)
-    cfg = _config(request_timeout_s=1)
+@contextlib.contextmanager
+def _gateway_before(fake: _SlowUpstream, cfg: Config | None = None) -> Iterator[str]:
+    """A gateway (uvicorn in a thread) in front of ``fake``; yields its URL once ready, closes both."""
     try:
-        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
+        with serve_in_thread(build_app(cfg or _config(), upstream_url=f"http://127.0.0.1:{fake.port}"),
+                             free_port()) as url:
             wait_ready(url)
-            r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT}, timeout=20)
-            _assert_openai_error(r, status)
-            errors = metric_value(httpx.get(url + "/metrics").text, "qwen_serve_upstream_errors_total")
-            assert errors is not None and errors >= 1
+            yield url
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("mode,status", [("hang", 504), ("garbage", 502)])
+def test_upstream_failures_map_to_502_504(mode: str, status: int) -> None:
+    with _gateway_before(_SlowUpstream(mode), _config(request_timeout_s=1)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-random", "messages": CHAT}, timeout=20)
+        _assert_openai_error(r, status)
+        errors = metric_value(httpx.get(url + "/metrics").text, "qwen_serve_upstream_errors_total")
+        assert errors is not None and errors >= 1
 
 
 def test_midstream_failure_ends_with_one_error_event() -> None:
-    fake = _SlowUpstream("midstream")
-    cfg = _config()
-    try:
-        with serve_in_thread(build_app(cfg, upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
-                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
-                assert r.status_code == 200
-                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    finally:
-        fake.close()
+    with _gateway_before(_SlowUpstream("midstream")) as url, \
+            httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                         json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == "hi"
     errors = [json.loads(line[6:]) for line in lines if '"error"' in line]
     assert len(errors) == 1 and set(errors[0]["error"]) == {"message", "type", "param", "code"}
 
 
 def test_events_sent_apart_arrive_apart() -> None:
-    fake = _SlowUpstream("paced")
-    try:
-        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            times = []
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
-                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        times.append(time.perf_counter())
-    finally:
-        fake.close()
+    times = []
+    with _gateway_before(_SlowUpstream("paced")) as url, \
+            httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                         json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                times.append(time.perf_counter())
     assert len(times) == 5
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(gaps) > 0.08, f"events were held back and delivered together: gaps {gaps}"
@@ -201,21 +198,16 @@ def test_sigterm_drains_in_flight_stream_then_exits_0(tmp_path) -> None:  # type
 
 
 def test_guided_stream_refused_at_first_event_becomes_http_error() -> None:
-    fake = _SlowUpstream("error_first")
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     guided = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
-    try:
-        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            r = httpx.post(url + "/v1/chat/completions", timeout=20,
-                           json={"model": "qwen2-random", "messages": CHAT, "stream": True, **guided})
-            # Unguided streams send their headers at once; an error event then stays an event.
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
-                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as plain:
-                assert plain.status_code == 200
-                events = [line for line in plain.iter_lines() if line.startswith("data: {")]
-    finally:
-        fake.close()
+    with _gateway_before(_SlowUpstream("error_first")) as url:
+        r = httpx.post(url + "/v1/chat/completions", timeout=20,
+                       json={"model": "qwen2-random", "messages": CHAT, "stream": True, **guided})
+        # Unguided streams send their headers at once; an error event then stays an event.
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                          json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as plain:
+            assert plain.status_code == 200
+            events = [line for line in plain.iter_lines() if line.startswith("data: {")]
     _assert_openai_error(r, 400, "invalid_request_error")
     assert r.json()["error"]["message"] == "Grammar error: Invalid type: nonsense"
     assert len(events) == 1 and json.loads(events[0][6:])["error"]["code"] == 400
@@ -241,19 +233,15 @@ def test_engine_errors_are_normalised(status: int, body: bytes, expected: dict[s
 def test_client_disconnect_drops_the_upstream_connection_at_once() -> None:
     """The gateway's part of an abort: the client leaves → the engine's connection is closed now."""
     fake = _SlowUpstream("paced_watch")
-    try:
-        with serve_in_thread(build_app(_config(), upstream_url=f"http://127.0.0.1:{fake.port}"), free_port()) as url:
-            wait_ready(url)
-            with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
-                              json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
-                next(r.iter_lines())
-                left = time.monotonic()
-            deadline = time.monotonic() + 5
-            while fake.hung_up_at is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            text = httpx.get(url + "/metrics").text
-    finally:
-        fake.close()
+    with _gateway_before(fake) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=20,
+                          json={"model": "qwen2-random", "messages": CHAT, "stream": True}) as r:
+            next(r.iter_lines())
+            left = time.monotonic()
+        deadline = time.monotonic() + 5
+        while fake.hung_up_at is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        text = httpx.get(url + "/metrics").text
     assert not fake.finished and fake.hung_up_at is not None, "the gateway kept reading the abandoned stream"
     # The fake notices only when a later write fails (after the peer's RST), so allow a few seconds of
     # the 10 s stream.
