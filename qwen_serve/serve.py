@@ -67,8 +67,9 @@ def _uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
     gw = config.gateway
     return uvicorn.Config(
         app, host=gw.host, port=gw.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=gw.log_requests, log_level="info", log_config=None,  # uvicorn logs through logs.py timeout_graceful_shutdown=int(gw.drain_timeout_s),
-        timeout_keep_alive=75, server_header=False,
+        access_log=gw.log_requests, log_level="info",
+        log_config=None,  # uvicorn's loggers propagate to the queued root handler (qwen_serve.logs)
+        timeout_graceful_shutdown=int(gw.drain_timeout_s), timeout_keep_alive=75, server_header=False,
     )
 
 
