@@ -5,10 +5,11 @@ Issue 4's target: auth and limits stay off the hot path's cost, **req/s(on) / re
 
 Processes (127.0.0.1, each a subprocess of this script):
 
-* ``fake``: a minimal fake OpenAI upstream (raw asyncio + uvloop + httptools) answering ``/health``,
-  ``/v1/models`` and ``/v1/chat/completions`` with a fixed small chat completion (with ``usage``), or,
-  for ``stream: true``, a short SSE stream (role chunk, ``--stream-events`` content chunks, the usage
-  chunk when ``stream_options.include_usage``, ``[DONE]``). Answers at once: the gateway is the bottleneck.
+* ``fake``: a minimal fake OpenAI upstream (``_harness.serve_fake``, style ``minimal``: raw asyncio + uvloop +
+  httptools) answering ``/health``, ``/v1/models`` and ``/v1/chat/completions`` with a fixed small chat
+  completion (with ``usage``), or, for ``stream: true``, a short SSE stream (role chunk, ``--stream-events``
+  content chunks, the usage chunk when ``stream_options.include_usage``, ``[DONE]``) in one write. Answers
+  at once: the gateway is the bottleneck.
 * ``on``: ``build_app(config)`` under uvicorn (uvloop + httptools, as ``qwen-serve``), auth on, a keys file
   of ``--keys`` keys, each with rpm / tpm / max_concurrent limits high enough never to trigger, so every
   request pays for the key lookup and the full limiter bookkeeping (rpm log, tpm ledger, concurrency).
@@ -39,7 +40,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,138 +50,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "qwen2-random"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from _harness import (MODEL, ROOT, Proc, cpu_seconds, free_port, gateway_app, pct, serve_app, serve_fake, spawn,
+                      stop, uvicorn_config, wait_ready)
+
 CONFIGS = ("on", "off")
-
-
-# ============================================================================ fake upstream (subprocess)
-_COMPLETION = json.dumps({
-    "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1795931646, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": " the cat sat"},
-                 "logprobs": None, "finish_reason": "length", "stop_reason": None}],
-    "usage": {"prompt_tokens": 46, "total_tokens": 50, "completion_tokens": 4},
-}, separators=(",", ":")).encode()
-_MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}).encode()
-
-
-def _sse(n: int, usage: bool) -> bytes:
-    base = {"id": "chatcmpl-0123456789abcdef", "object": "chat.completion.chunk", "created": 1795931645,
-            "model": MODEL}
-    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]}]
-    for i in range(n):
-        events.append({**base, "choices": [{"index": 0, "delta": {"content": " tok"},
-                                            "finish_reason": "length" if i == n - 1 else None}]})
-    if usage:
-        events.append({**base, "choices": [], "usage": {"prompt_tokens": 46, "total_tokens": 46 + n,
-                                                         "completion_tokens": n}})
-    out = b""
-    for e in events:
-        data = b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
-        out += b"%x\r\n%s\r\n" % (len(data), data)
-    done = b"data: [DONE]\n\n"
-    return out + b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)
-
-
-def serve_fake(port: int) -> None:
-    import httptools
-    import uvloop
-
-    def response(body: bytes, ctype: bytes = b"application/json") -> bytes:
-        return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (ctype, len(body), body)
-
-    completion, models = response(_COMPLETION), response(_MODELS)
-    health = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-    metrics = response(b"# HELP vllm:up fake\n# TYPE vllm:up gauge\nvllm:up 1\n", b"text/plain")
-    not_found = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-    sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                b"transfer-encoding: chunked\r\n\r\n")
-    streams: dict[tuple[int, bool], bytes] = {}
-
-    class Conn(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.t: asyncio.Transport = transport  # type: ignore[assignment]
-            self.p = httptools.HttpRequestParser(self)
-            self.url = b""
-            self.body: list[bytes] = []
-
-        def data_received(self, data: bytes) -> None:
-            try:
-                self.p.feed_data(data)
-            except httptools.HttpParserError:
-                self.t.close()
-
-        def on_message_begin(self) -> None:
-            self.url, self.body = b"", []
-
-        def on_url(self, url: bytes) -> None:
-            self.url += url
-
-        def on_body(self, body: bytes) -> None:
-            self.body.append(body)
-
-        def on_message_complete(self) -> None:
-            url = self.url
-            if url.startswith(b"/v1/chat/completions"):
-                body = b"".join(self.body)
-                if b'"stream": true' in body or b'"stream":true' in body:
-                    req = json.loads(body)
-                    key = (int(req.get("max_tokens") or 16),
-                           bool((req.get("stream_options") or {}).get("include_usage")))
-                    if key not in streams:
-                        streams[key] = _sse(*key)
-                    self.t.write(sse_head + streams[key])
-                else:
-                    self.t.write(completion)
-            elif url.startswith(b"/health"):
-                self.t.write(health)
-            elif url.startswith(b"/v1/models"):
-                self.t.write(models)
-            elif url.startswith(b"/metrics"):
-                self.t.write(metrics)
-            else:
-                self.t.write(not_found)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=1024)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        server.close()
-
-    uvloop.run(main())
 
 
 # ============================================================================ gateway (subprocess)
 def _gateway_app(port: int, upstream: str, auth_on: bool, keys_file: str) -> Any:
-    sys.path.insert(0, str(ROOT))
-    from qwen_serve.config import parse_config
-    from qwen_serve.gateway.app import build_app
-
-    config = parse_config({
-        "model": {"source": MODEL},
-        "auth": {"enabled": auth_on, "keys_file": keys_file, "reload_interval_s": 2},
-        "gateway": {"ui": False, "host": "127.0.0.1", "port": port},
-    })
-    return build_app(config, upstream_url=upstream)
-
-
-def _uvicorn_config(app: Any, port: int) -> Any:
-    """The server settings of qwen_serve/serve.py (_uvicorn_config), quieter logs."""
-    import uvicorn
-
-    return uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
-                          access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
+    return gateway_app(port, upstream, {"enabled": auth_on, "keys_file": keys_file, "reload_interval_s": 2})
 
 
 def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: bool = False) -> None:
-    import uvicorn
-
-    app = _gateway_app(port, upstream, auth == "on" and not control, keys_file)
-    uvicorn.Server(_uvicorn_config(app, port)).run()
+    serve_app(_gateway_app(port, upstream, auth == "on" and not control, keys_file), port)
 
 
 def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False) -> None:
@@ -203,7 +84,7 @@ def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, firs
                 server.should_exit = True
 
     for cfg, port in sorted(zip(CONFIGS, ports), key=lambda item: item[0] != first):
-        servers.append(_Server(_uvicorn_config(_gateway_app(port, upstream, cfg == "on" and not control,
+        servers.append(_Server(uvicorn_config(_gateway_app(port, upstream, cfg == "on" and not control,
                                                             keys_file), port)))
 
     async def main() -> None:
@@ -228,60 +109,6 @@ def write_keys(path: Path, n: int, limits: bool = True) -> list[str]:
     path.write_text(yaml.safe_dump({"keys": entries}, sort_keys=False))
     assert len(load_keys_file(path).keys) == n
     return secrets
-
-
-# ============================================================================ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc (resolution 1/CLK_TCK)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-@dataclass
-class Proc:
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-
-
-def spawn(name: str, args: Sequence[str], port: int, prefix: Sequence[str] = (), stderr: Any = subprocess.PIPE) -> Proc:
-    popen = subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), *args],
-                             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
-    return Proc(name, f"http://127.0.0.1:{port}", popen)
-
-
-async def wait_ready(session: Any, proc: Proc, path: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            err = proc.popen.stderr.read().decode() if proc.popen.stderr else ""
-            raise SystemExit(f"{proc.name} exited early:\n{err[-2000:]}")
-        try:
-            async with session.get(proc.url + path) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{proc.name} not ready at {proc.url}{path} after {timeout}s")
-
-
-def stop(procs: Sequence[Proc]) -> None:
-    for p in procs:
-        if p.popen.poll() is None:
-            p.popen.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
-            p.popen.wait()
 
 
 # ============================================================================ load
@@ -399,11 +226,6 @@ async def gateway_metrics(url: str) -> str:
         return await r.text()
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
@@ -412,7 +234,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     secrets = write_keys(keys_file, args.keys, not args.no_limits)
     used = secrets[: min(args.concurrency, len(secrets))]
     fake_port = free_port()
-    fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
+    fake = spawn(__file__, "fake", ["_fake", "--port", str(fake_port)], fake_port)
     control = ["--control"] if args.control else []
     results: dict[str, list[Sample]] = {cfg: [] for cfg in CONFIGS}
     body = request_body(args.stream_events)
@@ -423,15 +245,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     def start_gateways(server_order: Sequence[str]) -> tuple[dict[str, Proc], list[Proc]]:
         if args.one_process:  # one process serving both; server_order = which app its loop starts first
             ports = {cfg: free_port() for cfg in CONFIGS}
-            pair = spawn("gateways", ["_gateway_pair", "--ports", *(str(ports[c]) for c in CONFIGS),
-                                      "--upstream", fake.url, "--keys-file", str(keys_file),
-                                      "--first", server_order[0], *control], ports["on"])
+            pair = spawn(__file__, "gateways", ["_gateway_pair", "--ports", *(str(ports[c]) for c in CONFIGS),
+                                                "--upstream", fake.url, "--keys-file", str(keys_file),
+                                                "--first", server_order[0], *control], ports["on"])
             return {cfg: Proc(f"gateway-{cfg}", f"http://127.0.0.1:{ports[cfg]}", pair.popen) for cfg in CONFIGS}, [pair]
         gws = {}
         for cfg in CONFIGS:
             port = free_port()
-            gws[cfg] = spawn(f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
-                                                 "--auth", cfg, "--keys-file", str(keys_file), *control], port)
+            gws[cfg] = spawn(__file__, f"gateway-{cfg}", ["_gateway", "--port", str(port), "--upstream", fake.url,
+                                                           "--auth", cfg, "--keys-file", str(keys_file), *control],
+                             port)
         return gws, list(gws.values())
 
     # One process: which app runs faster than its twin is a property of each process instance (A/A
@@ -555,7 +378,7 @@ async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
     keys_file = work / "keys.yaml"
     secrets = write_keys(keys_file, args.keys, not args.no_limits)
     fake_port = free_port()
-    fake = spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)
+    fake = spawn(__file__, "fake", ["_fake", "--port", str(fake_port)], fake_port)
     body = request_body(args.stream_events)
     out: dict[str, Any] = {"requests": args.instructions, "stream_events": args.stream_events,
                            "limits": not args.no_limits}
@@ -567,8 +390,8 @@ async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
                 port = free_port()
                 log = work / f"valgrind-{cfg}.log"
                 with open(log, "w") as err:
-                    gw = spawn(cfg, ["_gateway", "--port", str(port), "--upstream", fake.url, "--auth", cfg,
-                                     "--keys-file", str(keys_file)], port, stderr=err,
+                    gw = spawn(__file__, cfg, ["_gateway", "--port", str(port), "--upstream", fake.url,
+                                               "--auth", cfg, "--keys-file", str(keys_file)], port, stderr=err,
                                prefix=["valgrind", "--tool=callgrind", "--instr-atstart=no",
                                        f"--callgrind-out-file={work}/callgrind-{cfg}.out"])
                 try:
@@ -666,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
     if args.cmd == "_fake":
-        serve_fake(args.port)
+        serve_fake(args.port, "minimal")
         return 0
     if args.cmd == "_gateway_pair":
         serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control)

@@ -51,7 +51,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,18 +61,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _harness import (RESULTS, ROOT, free_port, markdown_table, process_tree, reject_constant, tree_cpu_s,
+                      write_section)
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.schemas import generate_schemas  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Structured-output backends: guidance vs xgrammar"
-NOTES = "### Reading these figures"
 BACKENDS = ("guidance", "xgrammar")
 MODEL_NAME = "qwen2-random"
 PROMPT = [{"role": "user", "content": "Reply with one JSON value and nothing else."}]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 Schema = dict[str, Any]
 
 
@@ -104,45 +101,13 @@ OUTCOMES = ("valid", "schema_violation", "invalid_json", "truncated", "refused",
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _proc_stats() -> dict[int, tuple[int, float, list[str]]]:
-    stats: dict[int, tuple[int, float, list[str]]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                cmd = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK, cmd)
-    return stats
-
-
-def _tree(root: int, stats: dict[int, tuple[int, float, list[str]]]) -> set[int]:
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, (ppid, _, _) in stats.items() if ppid in tree} - tree
-        grew = bool(more)
-        tree |= more
-    return tree
-
-
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) used so far by ``root`` and its descendants (Linux /proc)."""
-    stats = _proc_stats()
-    return sum(stats[p][1] for p in _tree(root, stats) if p in stats)
-
-
 def engine_backend_flag(root: int) -> str:
     """The ``--structured-outputs-config`` the vLLM process under ``root`` was really started with."""
-    stats = _proc_stats()
-    for pid in _tree(root, stats):
-        argv = stats.get(pid, (0, 0.0, []))[2]
+    for pid in process_tree(root):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
         if "--structured-outputs-config" in argv:
             return argv[argv.index("--structured-outputs-config") + 1]
     return "(none: vLLM's default)"
@@ -167,19 +132,15 @@ def ctrl_in_strings(text: str) -> list[int]:
     return found
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
 def classify(text: str, schema: Schema) -> tuple[str, bool]:
     """(outcome, invalid only because of control characters) for a finished answer."""
     import jsonschema
 
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=reject_constant)
     except ValueError:
         try:
-            json.loads(text, strict=False, parse_constant=_reject_constant)
+            json.loads(text, strict=False, parse_constant=reject_constant)
             return "invalid_json", True
         except ValueError:
             return "invalid_json", False
@@ -424,48 +385,43 @@ def _finished(c: Counter[str]) -> int:
 
 
 def validity_table(by: dict[str, Any]) -> list[str]:
-    lines = ["| backend | schemas | sent | finished | **valid** | invalid JSON (of which control chars) "
-             "| schema violation | truncated | 4xx refused | other errors | answers with raw control chars "
-             "in strings (incl. truncated) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = (("generated", "36 generated"), ("strings", f"{len(STRING_SCHEMAS)} string-heavy"), ("all", "all"))
+    rows = []
     for backend, b in by.items():
-        for group, label in (("generated", "36 generated"), ("strings", f"{len(STRING_SCHEMAS)} string-heavy"),
-                             ("all", "all")):
+        for group, label in groups:
             c = b["outcomes"].get(group, Counter())
             bold = "**" if group == "all" else ""
-            lines.append(
-                f"| {bold}{backend}{bold} | {label} | {b['sent'][group]} | {_finished(c)} | "
-                f"{bold}{c['valid']}{bold} | {c['invalid_json']} ({b['ctrl_only'][group]}) | "
-                f"{c['schema_violation']} | {c['truncated']} | {c['refused']} | {c['error']} | "
-                f"{b['ctrl_answers'][group]} |")
-    return lines
+            rows.append([f"{bold}{backend}{bold}", label, b["sent"][group], _finished(c), f"{bold}{c['valid']}{bold}",
+                         f"{c['invalid_json']} ({b['ctrl_only'][group]})", c["schema_violation"], c["truncated"],
+                         c["refused"], c["error"], b["ctrl_answers"][group]])
+    return markdown_table(["backend", "schemas", "sent", "finished", "**valid**",
+                           "invalid JSON (of which control chars)", "schema violation", "truncated", "4xx refused",
+                           "other errors", "answers with raw control chars in strings (incl. truncated)"], rows)
 
 
 def speed_table(by: dict[str, Any]) -> list[str]:
-    lines = ["| backend | engine start s | set: guided tok/s | set: guided tok/req | set: guided req/s "
-             "| set: free tok/s | **set ratio** | long: guided tok/s | long: free tok/s | **long ratio** "
-             "| long ratio per CPU-s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for backend, b in by.items():
-        lines.append(
-            f"| {backend} | {b['median_startup_s']:.0f} | {b['median_set_guided_tok_s']:.0f} | "
-            f"{b['median_set_guided_tok_req']:.0f} | {b['median_set_guided_req_s']:.1f} | "
-            f"{b['median_set_free_tok_s']:.0f} | **{b['median_set_ratio']:.2f}** | "
-            f"{b['median_long_guided_tok_s']:.0f} | {b['median_long_free_tok_s']:.0f} | "
-            f"**{b['median_long_ratio']:.2f}** | {b['median_long_cpu_ratio']:.2f} |")
-    return lines
+    return markdown_table(
+        ["backend", "engine start s", "set: guided tok/s", "set: guided tok/req", "set: guided req/s",
+         "set: free tok/s", "**set ratio**", "long: guided tok/s", "long: free tok/s", "**long ratio**",
+         "long ratio per CPU-s"],
+        ([backend, f"{b['median_startup_s']:.0f}", f"{b['median_set_guided_tok_s']:.0f}",
+          f"{b['median_set_guided_tok_req']:.0f}", f"{b['median_set_guided_req_s']:.1f}",
+          f"{b['median_set_free_tok_s']:.0f}", f"**{b['median_set_ratio']:.2f}**",
+          f"{b['median_long_guided_tok_s']:.0f}", f"{b['median_long_free_tok_s']:.0f}",
+          f"**{b['median_long_ratio']:.2f}**", f"{b['median_long_cpu_ratio']:.2f}"]
+         for backend, b in by.items()))
 
 
 def session_table(sessions: list[dict[str, Any]]) -> list[str]:
-    lines = ["| # | round | backend | backend flag seen on the vLLM process | start s | set guided/free tok/s "
-             "| set ratio | long pairs (order: guided/free tok/s = ratio) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for i, s in enumerate(sessions, 1):
+    def row(i: int, s: dict[str, Any]) -> list[object]:
         pairs = "; ".join(f"{p['order']}: {p['guided']['tok_s']:.0f}/{p['free']['tok_s']:.0f} = {p['ratio']:.2f}"
                           for p in s["long"])
-        lines.append(f"| {i} | {s['round'] + 1} | {s['backend']} | `{s['flag']}` | {s['startup_s']:.0f} | "
-                     f"{s['set_guided']['tok_s']:.0f}/{s['set_free']['tok_s']:.0f} | {s['set_ratio']:.2f} | {pairs} |")
-    return lines
+        return [i, s["round"] + 1, s["backend"], f"`{s['flag']}`", f"{s['startup_s']:.0f}",
+                f"{s['set_guided']['tok_s']:.0f}/{s['set_free']['tok_s']:.0f}", f"{s['set_ratio']:.2f}", pairs]
+
+    return markdown_table(["#", "round", "backend", "backend flag seen on the vLLM process", "start s",
+                           "set guided/free tok/s", "set ratio", "long pairs (order: guided/free tok/s = ratio)"],
+                          (row(i, s) for i, s in enumerate(sessions, 1)))
 
 
 def recommendation(by: dict[str, Any]) -> list[str]:
@@ -576,23 +532,6 @@ def _rank(e: dict[str, Any]) -> int:
     return 0 if ctrl_in_strings(e["text"]) else 1
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone; a hand-written
-    ``### Reading these figures`` block at the end of the old section is kept."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# qwen-serve benchmark results\n"
-    start = current.find(SECTION + "\n")
-    if start < 0:
-        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        old = current[start:end if end >= 0 else len(current)]
-        notes = old[old.find(NOTES):].rstrip("\n") if NOTES in old else ""
-        tail = current[end + 1:] if end >= 0 else ""
-        body = text.rstrip("\n") + ("\n\n" + notes if notes else "")
-        new = current[:start] + body + "\n" + ("\n" + tail if tail else "")
-    RESULTS.write_text(new)
-
-
 def versions() -> str:
     from importlib import metadata
 
@@ -688,7 +627,7 @@ def report(meta: dict[str, Any], sessions: list[dict[str, Any]], write: bool) ->
     by = summarize(sessions)
     print_report(sessions, by)
     if write:
-        write_section(markdown(meta, sessions, by))
+        write_section(SECTION, markdown(meta, sessions, by))
         print(f"wrote {RESULTS}")
 
 

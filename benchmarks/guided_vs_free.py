@@ -47,12 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _harness import RESULTS, ROOT, markdown_table, reject_constant, tree_cpu_s, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.schemas import generate_schemas  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Guided JSON vs unconstrained throughput"
 PROMPT = [{"role": "user", "content": "Reply with one JSON value and nothing else."}]
 LONG_SCHEMA: dict[str, Any] = {
@@ -62,38 +61,13 @@ LONG_SCHEMA: dict[str, Any] = {
     "required": ["log"], "additionalProperties": False,
 }
 ARMS = ("free", "guided")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(root: int | None) -> float:
-    """CPU seconds (user + system) used so far by ``root`` and its descendants (Linux /proc), 0 without."""
-    if root is None:
-        return 0.0
-    stats: dict[int, tuple[int, float]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
-        grew = bool(more)
-        tree |= more
-    return sum(stats[pid][1] for pid in tree if pid in stats)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 def valid(text: str, schema: dict[str, Any]) -> bool:
     import jsonschema
 
     try:
-        return bool(jsonschema.Draft202012Validator(schema).is_valid(json.loads(text, parse_constant=_reject_constant)))
+        return bool(jsonschema.Draft202012Validator(schema).is_valid(json.loads(text, parse_constant=reject_constant)))
     except ValueError:
         return False
 
@@ -275,22 +249,24 @@ def markdown(args: argparse.Namespace, res: dict[str, Any], command: str) -> str
         "",
     ]
     cpu = args.server_pid is not None
+    columns = ["round", "order", "free tok/s", "free tok/req", "guided tok/s", "guided tok/req",
+               "guided valid/finished/sent", "ratio"]
+    columns += ["free tok/CPU-s", "guided tok/CPU-s", "CPU ratio"] if cpu else []
+
+    def row(i: int, x: dict[str, Any]) -> list[object]:
+        f, g = x["free"], x["guided"]
+        return [i, x["order"], f"{f['tok_s']:.1f}", f"{f['tokens'] / max(1, f['requests']):.0f}", f"{g['tok_s']:.1f}",
+                f"{g['tokens'] / max(1, g['requests']):.0f}", f"{g['valid']}/{g['finished']}/{g['requests']}",
+                f"{x['ratio']:.3f}"] + ([f"{f['tok_per_cpu_s']:.1f}", f"{g['tok_per_cpu_s']:.1f}",
+                                         f"{x['cpu_ratio']:.3f}"] if cpu else [])
+
     for name, r in res.items():
         lines += [
             f"### Workload `{name}`" + (" (headline: both arms decode max_tokens per request)" if name == "long"
                                          else " (the 36 test schemas; guided answers stop early)"),
             "",
-            "| round | order | free tok/s | free tok/req | guided tok/s | guided tok/req | guided valid/finished/sent "
-            "| ratio |" + (" free tok/CPU-s | guided tok/CPU-s | CPU ratio |" if cpu else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if cpu else ""),
+            *markdown_table(columns, (row(i, x) for i, x in enumerate(r["rounds"], 1))),
         ]
-        for i, x in enumerate(r["rounds"], 1):
-            f, g = x["free"], x["guided"]
-            lines.append(
-                f"| {i} | {x['order']} | {f['tok_s']:.1f} | {f['tokens'] / max(1, f['requests']):.0f} | "
-                f"{g['tok_s']:.1f} | {g['tokens'] / max(1, g['requests']):.0f} | "
-                f"{g['valid']}/{g['finished']}/{g['requests']} | {x['ratio']:.3f} |"
-                + (f" {f['tok_per_cpu_s']:.1f} | {g['tok_per_cpu_s']:.1f} | {x['cpu_ratio']:.3f} |" if cpu else ""))
         lines += ["", (f"Rounds discarded because the engine served other clients meanwhile: {r['discarded']}."
                        if r["checked"] else "Rounds were not checked for other clients of the engine."),
                   "", f"**Median guided/free = {r['median_ratio']:.3f}** (free {r['median_free_tok_s']:.1f} tok/s, "
@@ -299,27 +275,6 @@ def markdown(args: argparse.Namespace, res: dict[str, Any], command: str) -> str
                      f"(free {r['median_free_tok_per_cpu_s']:.1f}, guided {r['median_guided_tok_per_cpu_s']:.1f} "
                      "tok/CPU-s)" if cpu else ""), ""]
     return "\n".join(lines)
-
-
-NOTES = "### Reading these figures"
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone. A hand-written
-    ``### Reading these figures`` block at the end of the old section is kept (re-read it: it may need
-    updating for the new figures)."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# qwen-serve benchmark results\n"
-    start = current.find(SECTION + "\n")
-    if start < 0:
-        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        old = current[start:end if end >= 0 else len(current)]
-        notes = old[old.find(NOTES):].rstrip("\n") if NOTES in old else ""
-        tail = current[end + 1:] if end >= 0 else ""
-        body = text.rstrip("\n") + ("\n\n" + notes if notes else "")
-        new = current[:start] + body + "\n" + ("\n" + tail if tail else "")
-    RESULTS.write_text(new)
 
 
 def main() -> None:
@@ -363,7 +318,7 @@ def main() -> None:
         if "--api-key" in argv:  # never record a secret
             argv[argv.index("--api-key") + 1] = "$API_KEY"
         command = ".venv/bin/python benchmarks/guided_vs_free.py " + " ".join(shlex.quote(a) for a in argv)
-        write_section(markdown(args, res, command.replace("'$API_KEY'", '"$API_KEY"')))
+        write_section(SECTION, markdown(args, res, command.replace("'$API_KEY'", '"$API_KEY"')))
         print(f"wrote {RESULTS}")
 
 

@@ -7,11 +7,12 @@ Measures what the gateway adds on top of the engine (issue 2's targets: <= 1 ms 
 
 Processes (all on 127.0.0.1, each its own subprocess of this script):
 
-* ``fake``: a fast fake vLLM (raw asyncio + uvloop + httptools) answering ``/health``, non-streaming
-  chat completions (fixed JSON with ``usage``) and streaming ones: ``max_tokens`` SSE events in
-  vLLM's chunk format (role chunk, content chunks, usage chunk when ``stream_options.include_usage``,
-  ``data: [DONE]``), one HTTP chunk per event, as fast as possible (yielding to the loop between
-  events) or paced by the request field ``fake_interval_ms``.
+* ``fake``: a fast fake vLLM (``_harness.serve_fake``, style ``vllm``: raw asyncio + uvloop + httptools)
+  answering ``/health``, non-streaming chat completions (fixed JSON with ``usage``; after the request
+  field ``fake_delay_ms``, if any) and streaming ones: ``max_tokens`` SSE events in vLLM's chunk format
+  (role chunk, content chunks, usage chunk when ``stream_options.include_usage``, ``data: [DONE]``), one
+  HTTP chunk per event, as fast as possible (yielding to the loop between events) or paced by the request
+  field ``fake_interval_ms``.
 * ``gateway``: ``build_app(config)`` with auth off under uvicorn (uvloop, httptools), one per
   upstream client, both in front of the same fake.
 
@@ -38,10 +39,7 @@ import asyncio
 import json
 import os
 import resource
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,231 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "qwen2-random"
+from _harness import (MODEL, Proc, cpu_seconds, free_port, gateway_app, pct, serve_app, serve_fake, spawn, stop,
+                      wait_ready)
+
 CLIENTS = ("aiohttp", "httpx")
 TARGETS = ("direct", *CLIENTS)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# ============================================================================ fake upstream (subprocess)
-def _chunk(obj: dict[str, Any]) -> bytes:
-    data = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-_NONSTREAM_BODY = json.dumps({
-    "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1795931646, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": " plcat\",ty", "refusal": None,
-                                         "annotations": None, "audio": None, "function_call": None,
-                                         "reasoning": None},
-                 "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}],
-    "service_tier": None, "system_fingerprint": "vllm-0.32.0-fake",
-    "usage": {"prompt_tokens": 46, "total_tokens": 50, "completion_tokens": 4},
-}, separators=(",", ":")).encode()
-
-
-def _serve_fake(port: int) -> None:
-    import httptools
-    import uvloop
-
-    head_json = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                 % len(_NONSTREAM_BODY))
-    head_sse = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
-    health = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-    not_found = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-    words = [" the", " cat", " sat", " on", " a", " mat", "t", " over", " study", " where"]
-
-    def sse_events(n: int, usage: bool) -> list[bytes]:
-        base = {"id": "chatcmpl-0123456789abcdef", "object": "chat.completion.chunk", "created": 1795931645,
-                "model": MODEL}
-        out = [_chunk({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}],
-                       "prompt_token_ids": None, "prompt_text": None})]
-        for i in range(n):
-            last = i == n - 1
-            choice = {"index": 0, "delta": {"content": words[i % len(words)]}, "logprobs": None,
-                      "finish_reason": "length" if last else None, "token_ids": None}
-            if last:
-                choice["stop_reason"] = None
-            out.append(_chunk({**base, "choices": [choice]}))
-        if usage:
-            out.append(_chunk({**base, "choices": [], "usage": {"prompt_tokens": 46, "total_tokens": 46 + n,
-                                                               "completion_tokens": n},
-                               "system_fingerprint": "vllm-0.32.0-fake"}))
-        done = b"data: [DONE]\n\n"
-        out.append(b"%x\r\n%s\r\n" % (len(done), done))
-        return out
-
-    cache: dict[tuple[int, bool], list[bytes]] = {}
-
-    class Conn(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.t: asyncio.Transport = transport  # type: ignore[assignment]
-            self.p = httptools.HttpRequestParser(self)
-            self.url = b""
-            self.body: list[bytes] = []
-            self.writable = asyncio.Event()
-            self.writable.set()
-            self.task: asyncio.Task[None] | None = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.task is not None:
-                self.task.cancel()
-            self.writable.set()
-
-        def pause_writing(self) -> None:
-            self.writable.clear()
-
-        def resume_writing(self) -> None:
-            self.writable.set()
-
-        def data_received(self, data: bytes) -> None:
-            try:
-                self.p.feed_data(data)
-            except httptools.HttpParserError:
-                self.t.close()
-
-        def on_message_begin(self) -> None:
-            self.url = b""
-            self.body = []
-
-        def on_url(self, url: bytes) -> None:
-            self.url += url
-
-        def on_body(self, body: bytes) -> None:
-            self.body.append(body)
-
-        def on_message_complete(self) -> None:
-            url = self.url
-            if url.startswith(b"/health"):
-                self.t.write(health)
-            elif url.startswith(b"/v1/chat/completions") or url.startswith(b"/v1/completions"):
-                req = json.loads(b"".join(self.body) or b"{}")
-                delay = float(req.get("fake_delay_ms") or 0) / 1000
-                if req.get("stream"):
-                    self.task = asyncio.get_running_loop().create_task(self.stream(req))
-                elif delay:
-                    asyncio.get_running_loop().call_later(delay, self.reply, head_json + _NONSTREAM_BODY)
-                else:
-                    self.t.write(head_json + _NONSTREAM_BODY)
-            else:
-                self.t.write(not_found)
-
-        def reply(self, data: bytes) -> None:
-            if not self.t.is_closing():
-                self.t.write(data)
-
-        async def stream(self, req: dict[str, Any]) -> None:
-            n = int(req.get("max_tokens") or 16)
-            opts = req.get("stream_options") or {}
-            usage = bool(opts.get("include_usage"))
-            events = cache.get((n, usage))
-            if events is None:
-                events = cache[(n, usage)] = sse_events(n, usage)
-            interval = float(req.get("fake_interval_ms") or 0) / 1000
-            t = self.t
-            t.write(head_sse)
-            t0 = time.monotonic()
-            for i, ev in enumerate(events):
-                if interval:
-                    delay = t0 + i * interval - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                else:
-                    await asyncio.sleep(0)  # one event per stream per loop turn (like an engine step)
-                if not self.writable.is_set():
-                    await self.writable.wait()
-                if t.is_closing():
-                    return
-                t.write(ev)
-            t.write(b"0\r\n\r\n")
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=1024)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        server.close()
-
-    uvloop.run(main())
-
-
-# ============================================================================ gateway (subprocess)
-def _serve_gateway(port: int, upstream: str, client: str) -> None:
-    sys.path.insert(0, str(ROOT))
-    import uvicorn
-
-    from qwen_serve.config import parse_config
-    from qwen_serve.gateway.app import build_app
-
-    config = parse_config({
-        "model": {"source": MODEL},
-        "auth": {"enabled": False},
-        "gateway": {"upstream_client": client, "ui": False, "host": "127.0.0.1", "port": port},
-    })
-    app = build_app(config, upstream_url=upstream)
-    # Same server settings as qwen_serve/serve.py (_uvicorn_config), quieter logs.
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
-
-
-# ============================================================================ process handling
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc (resolution 1/CLK_TCK)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-@dataclass
-class Proc:
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-
-def _spawn(name: str, args: Sequence[str], port: int) -> Proc:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    return Proc(name, f"http://127.0.0.1:{port}", popen)
-
-
-async def _wait_ready(session: Any, proc: Proc, path: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            err = proc.popen.stderr.read().decode() if proc.popen.stderr else ""
-            raise SystemExit(f"{proc.name} exited early:\n{err[-2000:]}")
-        try:
-            async with session.get(proc.url + path) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{proc.name} not ready at {proc.url}{path} after {timeout}s")
-
-
-def _stop(procs: Sequence[Proc]) -> None:
-    for p in procs:
-        if p.popen.poll() is None:
-            p.popen.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
 
 
 # ============================================================================ load generator
@@ -291,14 +69,6 @@ def _chat(stream: bool, n: int = 4, interval_ms: float = 0, delay_ms: float = 0)
 
 
 _HEADERS = {"content-type": "application/json"}
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
 
 
 async def _pool(concurrency: int, total: int, one: Callable[[], Awaitable[Any]]) -> list[Any]:
@@ -414,23 +184,23 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
 async def run_fake_suite(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    fake_port = _free_port()
-    procs = [_spawn("fake", ["_fake", "--port", str(fake_port)], fake_port)]
+    fake_port = free_port()
+    procs = [spawn(__file__, "fake", ["_fake", "--port", str(fake_port)], fake_port)]
     fake = procs[0]
     gws: dict[str, Proc] = {}
     for client in CLIENTS:
-        port = _free_port()
-        gws[client] = _spawn(f"gateway-{client}", ["_gateway", "--port", str(port), "--upstream", fake.url,
-                                                    "--client", client], port)
+        port = free_port()
+        gws[client] = spawn(__file__, f"gateway-{client}",
+                            ["_gateway", "--port", str(port), "--upstream", fake.url, "--client", client], port)
         procs.append(gws[client])
     urls = {"direct": fake.url, **{c: p.url for c, p in gws.items()}}
     pids = {"direct": fake.pid, **{c: p.pid for c, p in gws.items()}}
     results: dict[str, dict[str, list[Sample]]] = {}
     try:
         async with aiohttp.ClientSession() as s:
-            await _wait_ready(s, fake, "/health")
+            await wait_ready(s, fake, "/health", timeout=30)
             for p in gws.values():
-                await _wait_ready(s, p, "/ready")
+                await wait_ready(s, p, "/ready", timeout=30)
         plan = scenarios(args)
         for r in range(args.rounds):
             order = TARGETS[r % 3:] + TARGETS[:r % 3]
@@ -453,7 +223,7 @@ async def run_fake_suite(args: argparse.Namespace) -> dict[str, Any]:
                     if sample.errors:
                         print(f"  !! {sc.label} {target}: {sample.errors} errors", flush=True)
     finally:
-        _stop(procs)
+        stop(procs)
     return {"plan": plan, "results": results}
 
 
@@ -504,31 +274,28 @@ def summarize(suite: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _print_table(summary: dict[str, Any], title: str, key: str, width: int, direct_head: str,
+                 client_head: Callable[[str], str], direct: Callable[[dict[str, Any]], str],
+                 client: Callable[[dict[str, Any]], str]) -> None:
+    """One table: a line per scenario that has ``key`` in its ``direct`` figures, direct then each client."""
+    print(title)
+    print(f"{'scenario':<{width}}{direct_head}" + "".join(client_head(c) for c in CLIENTS))
+    for row in summary.values():
+        if key in row["direct"]:
+            print(f"{row['label']:<{width}}{direct(row['direct'])}" + "".join(client(row[c]) for c in CLIENTS))
+
+
 def print_tables(summary: dict[str, Any]) -> None:
-    print("\nNon-streaming latency (ms; medians over rounds of per-round p50/p99; added = gateway - direct)")
-    hdr = f"{'scenario':<18}{'direct p50/p99':>16}" + "".join(
-        f"{c + ' p50/p99':>18}{c + ' added p50/p99':>22}" for c in CLIENTS)
-    print(hdr)
-    for row in summary.values():
-        if "p50_ms" not in row["direct"]:
-            continue
-        line = f"{row['label']:<18}{row['direct']['p50_ms']:>8.2f}/{row['direct']['p99_ms']:<7.2f}"
-        for c in CLIENTS:
-            d = row[c]
-            line += f"{d['p50_ms']:>10.2f}/{d['p99_ms']:<7.2f}{d['added_p50_ms']:>+13.2f}/{d['added_p99_ms']:<+8.2f}"
-        print(line)
-    print("\nStreaming (events/s summed over streams; ratio = gateway / direct, median of per-round ratios)")
-    hdr = f"{'scenario':<26}{'direct ev/s':>12}{'ttfe':>7}" + "".join(
-        f"{c + ' ev/s':>14}{'ratio':>7}{'+ttfe':>7}" for c in CLIENTS)
-    print(hdr)
-    for row in summary.values():
-        if "events_per_s" not in row["direct"]:
-            continue
-        line = f"{row['label']:<26}{row['direct']['events_per_s']:>12.0f}{row['direct']['ttfe_p50_ms']:>7.2f}"
-        for c in CLIENTS:
-            d = row[c]
-            line += f"{d['events_per_s']:>14.0f}{d['ratio']:>7.3f}{d['added_ttfe_ms']:>+7.2f}"
-        print(line)
+    _print_table(
+        summary, "\nNon-streaming latency (ms; medians over rounds of per-round p50/p99; added = gateway - direct)",
+        "p50_ms", 18, f"{'direct p50/p99':>16}", lambda c: f"{c + ' p50/p99':>18}{c + ' added p50/p99':>22}",
+        lambda d: f"{d['p50_ms']:>8.2f}/{d['p99_ms']:<7.2f}",
+        lambda d: f"{d['p50_ms']:>10.2f}/{d['p99_ms']:<7.2f}{d['added_p50_ms']:>+13.2f}/{d['added_p99_ms']:<+8.2f}")
+    _print_table(
+        summary, "\nStreaming (events/s summed over streams; ratio = gateway / direct, median of per-round ratios)",
+        "events_per_s", 26, f"{'direct ev/s':>12}{'ttfe':>7}", lambda c: f"{c + ' ev/s':>14}{'ratio':>7}{'+ttfe':>7}",
+        lambda d: f"{d['events_per_s']:>12.0f}{d['ttfe_p50_ms']:>7.2f}",
+        lambda d: f"{d['events_per_s']:>14.0f}{d['ratio']:>7.3f}{d['added_ttfe_ms']:>+7.2f}")
     print("\nGateway process CPU per request (ms; /proc utime+stime; 'direct' = the fake upstream itself)")
     print(f"{'scenario':<26}" + "".join(f"{t:>10}" for t in TARGETS) + f"{'httpx/aiohttp':>15}"
           + f"{'us/event aiohttp/httpx':>24}")
@@ -606,8 +373,8 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
 
         tps: dict[str, list[float]] = {"direct": [], "gateway": []}
         ratios: list[float] = []
-        for r in range(args.real_rounds):
-            order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
+        for rnd in range(args.real_rounds):
+            order = ("direct", "gateway") if rnd % 2 == 0 else ("gateway", "direct")
             got: dict[str, float] = {}
             for t in order:
                 cpu0 = cpu_seconds(gw_pid) if gw_pid and t == "gateway" else 0.0
@@ -619,20 +386,20 @@ async def run_real(args: argparse.Namespace) -> dict[str, Any]:
                     gw_tokens += sum(x[0] for x in res)
                 tps[t].append(got[t])
             ratios.append(got["gateway"] / got["direct"])
-            print(f"  real round {r + 1}: direct {got['direct']:.1f} tok/s, gateway {got['gateway']:.1f} tok/s, "
+            print(f"  real round {rnd + 1}: direct {got['direct']:.1f} tok/s, gateway {got['gateway']:.1f} tok/s, "
                   f"ratio {ratios[-1]:.3f}", flush=True)
         # Mixed batches: half the streams direct, half through the gateway, in the same engine batch, so
         # the engine's speed (noisy on a shared box) cancels out; per-stream tokens / stream duration.
         mixed: list[float] = []
-        for r in range(args.real_rounds):
-            who = [("gateway", "direct")[(i + r) % 2] for i in range(args.real_concurrency)]
+        for rnd in range(args.real_rounds):
+            who = [("gateway", "direct")[(i + rnd) % 2] for i in range(args.real_concurrency)]
             res = await asyncio.gather(*(one(t, 200 + i, args.real_tokens) for i, t in enumerate(who)))
             rate = {t: statistics.mean(x[0] / x[3] for x, w in zip(res, who) if w == t) for t in targets}
             mixed.append(rate["gateway"] / rate["direct"])
         print(f"  mixed batches, per-round ratio: {' '.join(f'{x:.3f}' for x in mixed)}", flush=True)
         ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
-        for r in range(args.real_ttft_pairs):
-            for t in (("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")):
+        for rnd in range(args.real_ttft_pairs):
+            for t in (("direct", "gateway") if rnd % 2 == 0 else ("gateway", "direct")):
                 ttft[t].append(1000 * (await one(t, 7, 8))[1])
     return {
         "model": model, "concurrency": args.real_concurrency, "max_tokens": args.real_tokens,
@@ -678,10 +445,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.role == "_fake":
-        _serve_fake(args.port)
+        serve_fake(args.port, "vllm")
         return 0
     if args.role == "_gateway":
-        _serve_gateway(args.port, args.upstream, args.client)
+        serve_app(gateway_app(args.port, args.upstream, {"enabled": False}, upstream_client=args.client), args.port)
         return 0
 
     import uvloop
