@@ -16,11 +16,17 @@ ignored); an unreleased lease holds its concurrency slot and its token estimate 
 Limits are per :class:`Limiter` instance, i.e. per gateway process. With N gateway replicas a key gets up to
 N times its limits; configure ``limit / N``. :class:`Limiter` is the seam for a shared store (e.g. Redis).
 
-:class:`LocalLimiter` accounting, exact (no buckets), window W = 60 s:
+:class:`LocalLimiter` accounting, window W = 60 s, kept in time buckets of R = ``resolution_s`` (0.1 s):
+an amount booked at time t counts until the end of its bucket plus W — for at least W (so every bound
+below holds exactly as with a per-request log) and at most R longer. Memory per key is at most W/R + 1
+buckets whatever the request rate, a request adds to the newest bucket instead of allocating, and a
+refusal's Retry-After walks at most W/R buckets (a per-request log at 3,000 req/s held 360,000 objects
+per minute, and every tpm refusal walked them). R = 0 keeps one entry per request (the exact log; tests
+use it to check boundaries to the millisecond).
 
-* **rpm** — a sliding log of admission times. A request at time t is admitted iff fewer than ``rpm``
-  admissions lie in (t − W, t]. Hence *no interval of length W ever contains more than rpm admissions*:
-  the last admission in such an interval would have seen all the others.
+* **rpm** — admissions per window. A request at time t is admitted iff fewer than ``rpm`` admissions
+  still count at t (all of (t − W, t], and some up to R older). Hence *no interval of length W ever
+  contains more than rpm admissions*: the last admission in such an interval would have seen all the others.
 * **tpm** (prompt + completion tokens) — a ledger of charges. A request in flight is charged its estimate
   for as long as it runs (so a long stream cannot slip out of the window); when released it is charged its
   actual tokens (``None`` keeps the estimate) at its release time, for W. A request is admitted iff
@@ -53,6 +59,7 @@ from typing import Any, Protocol
 from qwen_serve.errors import RateLimited
 
 __all__ = [
+    "RESOLUTION_S",
     "WINDOW_S",
     "KeyLimits",
     "Lease",
@@ -62,6 +69,7 @@ __all__ = [
 ]
 
 WINDOW_S = 60.0
+RESOLUTION_S = 0.1
 _UNKNOWN_WAIT_S = 1.0  # when room depends on another request finishing
 
 
@@ -109,31 +117,58 @@ class _NoLease:
 _NO_LEASE = _NoLease()
 
 
-class _KeyState:
-    __slots__ = ("starts", "done", "done_tokens", "in_flight", "in_flight_tokens")
+class _Ledger:
+    """Amounts booked over time, summed over a sliding window, in buckets ``[start, amount]`` of ``resolution``
+    seconds (``resolution`` 0: one bucket per booking). Oldest first; ``total`` is the sum of ``amount``."""
+
+    __slots__ = ("buckets", "total")
 
     def __init__(self) -> None:
-        self.starts: deque[float] = deque()  # admission times (rpm)
-        self.done: deque[tuple[float, int]] = deque()  # (release time, actual tokens) of finished requests
-        self.done_tokens = 0  # sum over done
+        self.buckets: deque[list[float]] = deque()
+        self.total = 0
+
+    def add(self, now: float, amount: int, resolution: float) -> None:
+        buckets = self.buckets
+        if buckets and now < buckets[-1][0] + resolution:
+            buckets[-1][1] += amount
+        else:
+            buckets.append([now, amount])
+        self.total += amount
+
+    def prune(self, now: float, window: float, resolution: float) -> None:
+        """Forget the buckets whose every booking is at least ``window`` old."""
+        buckets = self.buckets
+        span = resolution + window  # the same sum as in wait_to_free: Retry-After lands exactly on it
+        while buckets and buckets[0][0] + span <= now:
+            self.total -= int(buckets.popleft()[1])
+
+    def wait_to_free(self, amount: int, now: float, window: float, resolution: float) -> float | None:
+        """Seconds until bookings totalling ``amount`` have left the window; None if they never will."""
+        freed = 0.0
+        for start, booked in self.buckets:
+            freed += booked
+            if freed >= amount:
+                return start + (resolution + window) - now
+        return None
+
+
+class _KeyState:
+    __slots__ = ("starts", "done", "in_flight", "in_flight_tokens")
+
+    def __init__(self) -> None:
+        self.starts = _Ledger()  # admissions (rpm)
+        self.done = _Ledger()  # actual tokens of finished requests, booked at release (tpm)
         self.in_flight = 0
         self.in_flight_tokens = 0  # sum of estimates of unreleased leases
 
-    def prune(self, horizon: float) -> None:
-        starts, done = self.starts, self.done
-        while starts and starts[0] <= horizon:
-            starts.popleft()
-        while done and done[0][0] <= horizon:
-            self.done_tokens -= done.popleft()[1]
-
 
 class _LocalLease:
-    __slots__ = ("_state", "_estimate", "_clock", "_released")
+    __slots__ = ("_state", "_estimate", "_limiter", "_released")
 
-    def __init__(self, state: _KeyState, estimate: int | None, clock: Callable[[], float]) -> None:
+    def __init__(self, state: _KeyState, estimate: int | None, limiter: LocalLimiter) -> None:
         self._state = state
         self._estimate = estimate  # None when tokens are not tracked (no tpm at admission)
-        self._clock = clock
+        self._limiter = limiter
         self._released = False
 
     def release(self, actual_tokens: int | None = None) -> None:
@@ -146,19 +181,24 @@ class _LocalLease:
             state.in_flight_tokens -= self._estimate
             tokens = self._estimate if actual_tokens is None else max(0, int(actual_tokens))
             if tokens:
-                state.done.append((self._clock(), tokens))
-                state.done_tokens += tokens
+                limiter = self._limiter
+                state.done.add(limiter._clock(), tokens, limiter._resolution)
 
 
 class LocalLimiter:
     """In-memory :class:`Limiter` for one process; see the module docstring for the exact accounting.
 
-    ``clock`` (seconds, monotonic) and ``window_s`` are injectable for tests.
+    ``clock`` (seconds, monotonic), ``window_s`` and ``resolution_s`` (bucket width, 0 = exact log) are
+    injectable for tests.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, window_s: float = WINDOW_S) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, window_s: float = WINDOW_S,
+                 resolution_s: float = RESOLUTION_S) -> None:
+        if not 0 <= resolution_s < window_s:
+            raise ValueError("resolution_s must be >= 0 and below window_s")
         self._clock = clock
         self._window = window_s
+        self._resolution = resolution_s
         self._states: dict[str, _KeyState] = {}
 
     async def acquire(self, principal: KeyLimits, estimated_tokens: int) -> Lease:
@@ -175,11 +215,13 @@ class LocalLimiter:
         key_id = principal.key_id
         estimate = max(0, int(estimated_tokens))
         now = self._clock()
-        window = self._window
+        window, resolution = self._window, self._resolution
         state = self._states.get(key_id)
         if state is None:
             state = self._states[key_id] = _KeyState()
-        state.prune(now - window)
+        starts, done = state.starts, state.done
+        starts.prune(now, window, resolution)
+        done.prune(now, window, resolution)
 
         refusals: list[RateLimited] = []
         if concurrency is not None and state.in_flight >= concurrency:
@@ -188,9 +230,9 @@ class LocalLimiter:
                 "Try again when one has finished.",
                 limit="concurrency", retry_after=_UNKNOWN_WAIT_S,
             ))
-        if rpm is not None and len(state.starts) >= rpm:
-            # Room once len - rpm + 1 admissions have left: the (len - rpm)-th oldest is the last to go.
-            wait = state.starts[len(state.starts) - rpm] + window - now
+        if rpm is not None and starts.total >= rpm:
+            # Room once total - rpm + 1 admissions have left the window.
+            wait = starts.wait_to_free(starts.total - rpm + 1, now, window, resolution) or window
             refusals.append(RateLimited(
                 f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
                 f"Please try again in {_seconds(wait)}s.",
@@ -205,34 +247,28 @@ class LocalLimiter:
                     limit="tpm", retry_after=window,
                 ))
             else:
-                used = state.in_flight_tokens + state.done_tokens
+                used = state.in_flight_tokens + done.total
                 if used + estimate > tpm:
-                    wait = _tokens_wait(state.done, used + estimate - tpm, now, window)
+                    # Finished charges leaving may be enough; else a request in flight must finish first.
+                    freed_in = done.wait_to_free(used + estimate - tpm, now, window, resolution)
+                    if freed_in is None:
+                        last = done.buckets[-1][0] + (resolution + window) - now if done.buckets else 0.0
+                        freed_in = max(_UNKNOWN_WAIT_S, last)
                     refusals.append(RateLimited(
                         f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
-                        f"requested {estimate}). Please try again in {_seconds(wait)}s.",
-                        limit="tpm", retry_after=wait,
+                        f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
+                        limit="tpm", retry_after=freed_in,
                     ))
         if refusals:
             raise max(refusals, key=lambda r: r.retry_after)
 
         state.in_flight += 1
         if rpm is not None:
-            state.starts.append(now)
+            starts.add(now, 1, resolution)
         if tpm is None:
-            return _LocalLease(state, None, self._clock)
+            return _LocalLease(state, None, self)
         state.in_flight_tokens += estimate
-        return _LocalLease(state, estimate, self._clock)
-
-
-def _tokens_wait(done: deque[tuple[float, int]], excess: int, now: float, window: float) -> float:
-    """Seconds until finished charges totalling ``excess`` leave the window (else until all have, ≥ 1 s)."""
-    freed = 0
-    for released_at, tokens in done:
-        freed += tokens
-        if freed >= excess:
-            return released_at + window - now
-    return max(_UNKNOWN_WAIT_S, done[-1][0] + window - now if done else 0.0)
+        return _LocalLease(state, estimate, self)
 
 
 def _seconds(wait: float) -> int:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qwen_serve.errors import RateLimited
 from qwen_serve.gateway.auth import Principal
-from qwen_serve.gateway.limits import LocalLimiter, estimate_prompt_tokens
+from qwen_serve.gateway.limits import RESOLUTION_S, WINDOW_S, LocalLimiter, estimate_prompt_tokens
 
 
 class Clock:
@@ -43,7 +43,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def limiter(clock: Clock) -> LocalLimiter:
-    return LocalLimiter(clock=clock)
+    """The exact per-request log (resolution 0), so boundaries can be checked to the second; the bucketed
+    default is checked against it below and by the property test."""
+    return LocalLimiter(clock=clock, resolution_s=0)
 
 
 # --- rpm --------------------------------------------------------------------------------------------------
@@ -91,6 +93,46 @@ def test_lowered_limit_after_reload_waits_for_enough_to_leave(limiter: LocalLimi
         clock.advance(1)
     exc = refused(limiter, key(rpm=2))  # 5 in the window, 2 allowed: the 4th oldest (t0+3) must leave
     assert exc.retry_after == pytest.approx(60 + 3 - 5)
+
+
+# --- buckets (the default resolution) ---------------------------------------------------------------------
+
+
+def test_buckets_count_an_admission_at_most_one_resolution_longer(clock: Clock) -> None:
+    limiter = LocalLimiter(clock=clock)  # default: 0.1 s buckets
+    assert RESOLUTION_S == 0.1
+    principal = key(rpm=3)
+    for _ in range(3):
+        limiter.try_acquire(principal, 0)
+        clock.advance(10)
+    clock.advance(5)
+    exc = refused(limiter, principal)
+    assert 25 <= exc.retry_after <= 25 + RESOLUTION_S  # exact: 25
+    clock.advance(25)  # t0 + 60: the exact log would admit now; the bucket holds t0 for < 0.1 s more
+    refused(limiter, principal)
+    clock.advance(RESOLUTION_S)
+    limiter.try_acquire(principal, 0)
+
+
+def test_buckets_bound_memory_and_refusal_work_whatever_the_rate(clock: Clock) -> None:
+    limiter = LocalLimiter(clock=clock)
+    principal = key(rpm=10**9, tpm=10**9)
+    for _ in range(120_000):  # 1,000 requests per second for two windows
+        limiter.try_acquire(principal, 10).release(20)
+        clock.advance(0.001)
+    state = limiter._states[principal.key_id]
+    bound = WINDOW_S / RESOLUTION_S + 2
+    assert len(state.starts.buckets) <= bound and len(state.done.buckets) <= bound
+    assert state.starts.total >= 60_000  # the window still counts every admission of the last 60 s
+    assert state.done.total >= 20 * 60_000
+    lowered = key(rpm=10**9, tpm=20 * 60_000)  # the same key after a reload: over its tpm now
+    exc = refused(limiter, lowered, 200)  # a refusal walks at most W/R buckets, not 60,000 entries
+    assert exc.limit == "tpm" and 0 < exc.retry_after <= 1
+
+
+def test_resolution_must_be_below_the_window() -> None:
+    with pytest.raises(ValueError, match="resolution_s"):
+        LocalLimiter(window_s=1, resolution_s=1)
 
 
 # --- concurrency ------------------------------------------------------------------------------------------
@@ -227,10 +269,14 @@ limits = st.tuples(
 )
 
 
-def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound: bool) -> History:
-    """Drive a LocalLimiter and check every decision against an independent model of the rules."""
+def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound: bool, resolution: int = 0) -> History:
+    """Drive a LocalLimiter and check every decision against an independent model of the rules.
+
+    With buckets (``resolution`` > 0) a booking may count up to ``resolution`` longer than the window:
+    an admission must still satisfy the exact rules, and a refusal those of a window ``resolution`` longer.
+    """
     clock = Clock(0)
-    limiter = LocalLimiter(clock=clock, window_s=WINDOW)
+    limiter = LocalLimiter(clock=clock, window_s=WINDOW, resolution_s=resolution)
     history = History()
     leases = {}
     for seq, op in enumerate(operations):
@@ -240,20 +286,24 @@ def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound:
             estimate = int(op[1])  # type: ignore[call-overload]
             now = int(clock.now)
             live = [r for r in history.requests if r.release_seq is None]
-            starts = [r for r in history.requests if r.t > now - WINDOW]
-            charges = sum(r.estimate for r in live) + sum(
-                r.charged for r in history.requests if r.release_t is not None and r.release_t > now - WINDOW
-            )
-            allowed = {
-                "rpm": principal.rpm is None or len(starts) < principal.rpm,
-                "tpm": principal.tpm is None or charges + estimate <= principal.tpm,
-                "concurrency": principal.max_concurrent is None or len(live) < principal.max_concurrent,
-            }
+
+            def allowed_by(window: int) -> dict[str, bool]:
+                starts = [r for r in history.requests if r.t > now - window]
+                charges = sum(r.estimate for r in live) + sum(
+                    r.charged for r in history.requests if r.release_t is not None and r.release_t > now - window
+                )
+                return {
+                    "rpm": principal.rpm is None or len(starts) < principal.rpm,
+                    "tpm": principal.tpm is None or charges + estimate <= principal.tpm,
+                    "concurrency": principal.max_concurrent is None or len(live) < principal.max_concurrent,
+                }
+
+            allowed = allowed_by(WINDOW)
             try:
                 lease = limiter.try_acquire(principal, estimate)
             except RateLimited as exc:
-                assert not allowed[exc.limit], f"refused by {exc.limit} although the rules allow it"
-                assert 0 < exc.retry_after <= WINDOW
+                assert not allowed_by(WINDOW + resolution)[exc.limit], f"refused by {exc.limit} although the rules allow it"
+                assert 0 < exc.retry_after <= WINDOW + resolution
                 continue
             assert all(allowed.values()), f"admitted although {allowed}"
             leases[len(history.requests)] = lease
@@ -274,13 +324,14 @@ def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound:
 
 
 @settings(max_examples=400, deadline=None)
-@given(operations=ops, limit=limits, upper_bound=st.booleans())
+@given(operations=ops, limit=limits, upper_bound=st.booleans(), resolution=st.sampled_from([0, 1, 100, 7_000]))
 def test_no_window_admits_more_than_its_limit(
-    operations: list[tuple[object, ...]], limit: tuple[int | None, int | None, int | None], upper_bound: bool
+    operations: list[tuple[object, ...]], limit: tuple[int | None, int | None, int | None], upper_bound: bool,
+    resolution: int,
 ) -> None:
     rpm, tpm, max_concurrent = limit
     principal = key(rpm, tpm, max_concurrent)
-    requests = run(operations, principal, upper_bound).requests
+    requests = run(operations, principal, upper_bound, resolution).requests
 
     # rpm: every half-open interval [s, s + W) holds at most rpm admissions (the worst ones start at one).
     if rpm is not None:

@@ -28,6 +28,8 @@ class _BlockedStream(io.StringIO):
 
 @pytest.fixture
 def stream() -> Iterator[_BlockedStream]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level  # pytest's capture handlers: setup_logging replaces them
     s = _BlockedStream()
     setup_logging(stream=s)
     try:
@@ -35,6 +37,8 @@ def stream() -> Iterator[_BlockedStream]:
     finally:
         s.release.set()
         stop_logging()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 def test_a_stuck_stderr_never_blocks_the_caller(stream: _BlockedStream) -> None:
@@ -60,8 +64,8 @@ def test_a_stuck_stderr_never_blocks_the_caller(stream: _BlockedStream) -> None:
 def test_engine_lines_keep_their_own_format(stream: _BlockedStream) -> None:
     stream.release.set()
     logging.getLogger(ENGINE_LOGGER).info("%s", "INFO 11-29 08:33:18 [api_server.py:1] Started")
-    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    logging.getLogger("qwen_serve.engine").info("engine is up")
     stop_logging()
-    engine_line, uvicorn_line = stream.getvalue().splitlines()
+    engine_line, own_line = stream.getvalue().splitlines()
     assert engine_line == "[engine] INFO 11-29 08:33:18 [api_server.py:1] Started"
-    assert uvicorn_line.endswith(" INFO uvicorn.error: Application startup complete.")
+    assert own_line.endswith(" INFO qwen_serve.engine: engine is up")
