@@ -160,9 +160,10 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
     body = json.dumps({"model": gateway.model, "messages": CHAT, "max_tokens": 2000, "min_tokens": 2000,
                        "ignore_eos": True, "stream": True}).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
-    # vLLM's CPU frontend, outrun by the tiny model, sometimes only sees the dropped connection once the
-    # answer is complete; such a round is repeated (at most 3). The gateway's own part (it drops the
-    # upstream connection at once) is proven deterministically in test_gateway_edges.
+    # Under the full test suite vLLM's CPU frontend sometimes holds a stream back and writes it whole at
+    # the end; a round whose answer was complete before the hang-up says nothing and is repeated (at most
+    # 3). The gateway's own part (it drops the upstream connection at once) is proven deterministically
+    # in test_gateway_edges.
     rounds = []
     for _ in range(3):
         before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
@@ -180,19 +181,22 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
         if b"data: [DONE]" in received:  # the frontend stalled and then wrote the whole answer at once
             rounds.append("whole answer in one write")
             continue
-        # The engine must stop promptly: nothing running within 5 s, and the gateway counted the abort.
+        # The engine must stop promptly: nothing running within 5 s.
         deadline = time.monotonic() + 5
-        while _engine_sample(engine, "vllm:num_requests_running") != 0 or disconnects() != before + 1:
-            assert time.monotonic() < deadline, (
-                f"5 s after the client left: engine running {_engine_sample(engine, 'vllm:num_requests_running')}, "
-                f"gateway disconnects counted {disconnects() - before}")
+        while _engine_sample(engine, "vllm:num_requests_running") != 0:
+            assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
             time.sleep(0.2)
         generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
-        rounds.append(generated)
-        if generated < 1500:
-            break
+        if generated >= 2000:  # the answer was complete (held back, then sent at once) before the hang-up
+            rounds.append(f"{generated:.0f} tokens: complete before the client left")
+            continue
+        # The engine aborted it: the gateway dropped the upstream connection and counted the disconnect.
+        while disconnects() != before + 1:
+            assert time.monotonic() < deadline + 5, f"disconnects counted: {disconnects() - before}"
+            time.sleep(0.2)
+        break
     else:
-        pytest.fail(f"the engine generated all tokens after the client left, every round: {rounds}")
+        pytest.fail(f"no round hung up while the engine was still generating: {rounds}")
 
 
 def test_openai_client_plain_and_streaming(gateway: Endpoint) -> None:
