@@ -104,6 +104,26 @@ _NOT_SCHEMAS: Final = frozenset({"const", "enum", "default", "examples"})  # val
 _RE_NOTE: Final = "checked with Python's re syntax, which is close to but not identical to the engine's"
 
 
+def _fullmatch(pattern: re.Pattern[str], text: str) -> bool:
+    """``pattern.fullmatch(text)``, with the current Unicode tables where ``re``'s are older.
+
+    ``re`` uses the Unicode version of the running Python (14.0 on 3.11); the engine's grammar uses a
+    newer one, so e.g. a Garay digit (U+10D40..U+10D49, Unicode 16) satisfies ``\\d`` in the engine but
+    not in ``re``. A text ``re`` rejects is checked again with the ``regex`` package (same syntax for
+    what ``re`` accepts, current Unicode) before it is called invalid.
+    """
+    if pattern.fullmatch(text):
+        return True
+    try:
+        import regex
+    except ImportError:  # pragma: no cover - a dependency; without it the check is just stricter
+        return False
+    try:
+        return regex.fullmatch(pattern.pattern, text, flags=regex.VERSION0) is not None
+    except regex.error:
+        return False
+
+
 @dataclass(eq=False)
 class GuidedRequest:
     """What one request asked for, ready to check the answer against.
@@ -161,7 +181,7 @@ class GuidedRequest:
             except referencing.exceptions.Unresolvable:  # pre-checked in prepare; belt and braces
                 return UNCHECKED
         if self.pattern is not None:
-            return VALID if self.pattern.fullmatch(text) else INVALID
+            return VALID if _fullmatch(self.pattern, text) else INVALID
         if self.choices is not None:
             return VALID if text in self.choices else INVALID
         return UNCHECKED  # grammar, structural_tag

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import random
 import string
 from typing import Any
@@ -453,3 +454,12 @@ def test_noise_fails_the_generated_schema(schema: dict[str, Any]) -> None:
     assert all(g.check_response(chat_response(noise(rng))) == "invalid" for _ in range(50))
     # Valid JSON that ignores the schema fails too (additionalProperties is false everywhere).
     assert g.check_response(chat_response('{"unexpected": "key"}')) == "invalid"
+
+
+def test_regex_outcome_uses_current_unicode_digits() -> None:
+    """The engine's grammar knows Unicode 16 (Garay digits, U+10D40..); Python 3.11's ``re`` stops at 14."""
+    check = GuidedRequest("regex", "structured_outputs.regex", pattern=re.compile(r"[a-z]{3}-\d{2,4}"))
+    answer = {"choices": [{"message": {"role": "assistant", "content": "way-789\U00010d41"}, "finish_reason": "stop"}]}
+    assert check.check_response(answer) == "valid"
+    wrong = {"choices": [{"message": {"role": "assistant", "content": "way-78x"}, "finish_reason": "stop"}]}
+    assert check.check_response(wrong) == "invalid"
