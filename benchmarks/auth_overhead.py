@@ -65,7 +65,35 @@ def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: 
     serve_app(_gateway_app(port, upstream, auth == "on" and not control, keys_file), port)
 
 
-def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False) -> None:
+# Diagnostics (--variant): the "on" gateway with one stage replaced, to attribute the cost. They patch
+# only this benchmark's gateway process; the "off" app is unaffected by all of them.
+VARIANTS = ("auth-stub", "limiter-stub", "window-1s", "builtin-sha256")
+
+
+def _apply_variant(variant: str) -> None:
+    import _sha256  # CPython's own SHA-256 (no OpenSSL)
+
+    import qwen_serve.gateway.auth as auth
+    import qwen_serve.gateway.limits as limits
+
+    if variant == "auth-stub":  # every request is the first key, without reading headers or hashing
+        def first_key(self: Any, headers: Any) -> Any:
+            return next(iter(self._set.by_hash.values())).principal
+
+        auth.KeyFileAuth.authenticate = first_key  # type: ignore[method-assign]
+    elif variant == "limiter-stub":  # admit everything, no bookkeeping
+        def admit(self: Any, principal: Any, estimated_tokens: int) -> Any:
+            return limits._NO_LEASE
+
+        limits.LocalLimiter.try_acquire = admit  # type: ignore[method-assign]
+    elif variant == "window-1s":  # ledgers hold 1 s instead of 60 s
+        limits.LocalLimiter.__init__.__kwdefaults__["window_s"] = 1.0  # type: ignore[index]
+    elif variant == "builtin-sha256":
+        auth.hash_secret = lambda secret: _sha256.sha256(secret.encode("utf-8")).hexdigest()  # type: ignore[attr-defined]
+
+
+def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False,
+                       variant: str | None = None) -> None:
     """Both gateways (on, off) in ONE process and event loop, each on its own port.
 
     Separate processes differ by more than the code under test: the A/A control between two identical
@@ -76,6 +104,8 @@ def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, firs
     import uvicorn
     import uvloop
 
+    if variant:
+        _apply_variant(variant)
     servers: list[uvicorn.Server] = []
 
     class _Server(uvicorn.Server):
@@ -247,7 +277,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ports = {cfg: free_port() for cfg in CONFIGS}
             pair = spawn(__file__, "gateways", ["_gateway_pair", "--ports", *(str(ports[c]) for c in CONFIGS),
                                                 "--upstream", fake.url, "--keys-file", str(keys_file),
-                                                "--first", server_order[0], *control], ports["on"])
+                                                "--first", server_order[0], *control,
+                                                *(["--variant", args.variant] if args.variant else [])], ports["on"])
             return {cfg: Proc(f"gateway-{cfg}", f"http://127.0.0.1:{ports[cfg]}", pair.popen) for cfg in CONFIGS}, [pair]
         gws = {}
         for cfg in CONFIGS:
@@ -266,6 +297,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.rounds % 2:
         phases[-1] = (phases[-1][0], phases[-1][1] + 1)
     print(f"{'A/A CONTROL (both auth off), ' if args.control else ''}"
+          f"{f'on gateway variant {args.variant}, ' if args.variant else ''}"
           f"{'simultaneous' if args.simultaneous else 'alternating'}"
           f"{f', both gateways in one process, {len(phases)} processes in turn' if args.one_process else ''}: "
           f"{args.rounds} rounds x {args.duration:g} s per gateway, concurrency {args.concurrency}, "
@@ -355,6 +387,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": errors,
         "error_kinds": error_kinds,
         "control": args.control,
+        "variant": args.variant,
         "stage_us_per_req": stages,
         # Sanity: the "on" gateway really authenticated every request and limited none.
         "on_key_ids_seen": sorted({line.split('key_id="', 1)[1].split('"', 1)[0] for line in text_on.splitlines()
@@ -469,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gp.add_argument("--keys-file", required=True)
     gp.add_argument("--first", choices=CONFIGS, default="on", help="the app whose server starts first")
     gp.add_argument("--control", action="store_true")
+    gp.add_argument("--variant", choices=VARIANTS)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per gateway per round")
     p.add_argument("--concurrency", type=int, default=32)
@@ -476,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stream-events", type=int, default=0, help="stream answers of N content events (0: non-stream)")
     p.add_argument("--simultaneous", action="store_true",
                    help="load both gateways at the same time (each --concurrency workers) instead of alternating")
+    p.add_argument("--variant", choices=VARIANTS,
+                   help="with --one-process: replace one stage of the on gateway (cost attribution)")
     p.add_argument("--control", action="store_true",
                    help="A/A control: the 'on' gateway runs with auth off too (the noise floor of the method)")
     p.add_argument("--one-process", action="store_true",
@@ -492,11 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_fake(args.port, "minimal")
         return 0
     if args.cmd == "_gateway_pair":
-        serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control)
+        serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control, args.variant)
         return 0
     if args.cmd == "_gateway":
         serve_gateway(args.port, args.upstream, args.auth, args.keys_file, args.control)
         return 0
+    if args.variant and not args.one_process:
+        p.error("--variant needs --one-process")
     if args.quick:
         args.rounds, args.duration = 4, 2.0
     if args.instructions:

@@ -61,6 +61,7 @@ from urllib.parse import unquote
 
 import referencing
 import referencing.exceptions
+import regex
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
@@ -114,11 +115,7 @@ def _fullmatch(pattern: re.Pattern[str], text: str) -> bool:
     """
     if pattern.fullmatch(text):
         return True
-    try:
-        import regex
-    except ImportError:  # pragma: no cover - a dependency; without it the check is just stricter
-        return False
-    try:
+    try:  # regex caches compiled patterns; this path runs only for a text re rejected
         return regex.fullmatch(pattern.pattern, text, flags=regex.VERSION0) is not None
     except regex.error:
         return False

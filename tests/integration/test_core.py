@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -205,7 +206,7 @@ def test_openai_client_plain_and_streaming(gateway: Endpoint) -> None:
     assert [m.id for m in models.data] == [gateway.model]
     plain = client.chat.completions.create(model=gateway.model, messages=CHAT, max_tokens=8)  # type: ignore[arg-type]
     assert plain.choices[0].message.content is not None and plain.usage is not None
-    chunks = list(client.chat.completions.create(model=gateway.model, messages=CHAT, max_tokens=8,  # type: ignore[arg-type]
+    chunks: list[Any] = list(client.chat.completions.create(model=gateway.model, messages=CHAT, max_tokens=8,  # type: ignore[arg-type]
                                                  stream=True))
     assert len(chunks) >= 3
     text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
