@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from typing import Any
 
@@ -80,45 +79,30 @@ def test_chat_and_completion_through_gateway(gateway: Endpoint) -> None:
     assert r.json()["object"] == "text_completion" and r.json()["usage"]["completion_tokens"] == 8
 
 
-def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint, engine: Endpoint) -> None:
-    # The same long generation streamed at the same time directly and through the gateway: both ride
-    # the same engine batch, so the gateway must deliver with the engine's own pacing. On this 2-core
-    # box vLLM's CPU frontend now and then stalls for about a second and then writes everything it
-    # holds at once, on fresh and reused connections alike (probed: 2 of 12 direct 600-token streams);
-    # a long generation (~4 s) outlasts such a stall, and a round whose direct stream burst anyway
-    # says nothing about the gateway and is repeated (at most 5).
-    # The deterministic proof of no buffering is test_gateway_edges::test_events_sent_apart_arrive_apart.
+def test_stream_arrives_in_several_chunks_before_the_end(gateway: Endpoint) -> None:
+    # A gateway that buffers delivers a stream in one piece at its end, in every round; so one round
+    # whose content arrived over at least a second, in at least 10 separate reads, proves that nothing
+    # on the gateway's path holds a stream back. Rounds that arrive whole say nothing either way: on
+    # this 2-vCPU VM a process that sleeps while vLLM's CPU worker runs is now and then not woken for
+    # seconds (measured: a thread sleeping 10 ms woke up to 3 s late on either CPU, and the reader
+    # thread, the gateway and vLLM's frontend each stalled so in turn). So the test repeats a round,
+    # at most 8 times, until one arrives spread out. One stream at a time, read in this thread.
+    # The exact, deterministic check of no buffering is test_gateway_edges::test_events_sent_apart_arrive_apart.
     body = {"model": gateway.model, "messages": CHAT, "max_tokens": 1500, "stream": True,
             "min_tokens": 1500, "ignore_eos": True, "seed": 7}
-    paced_rounds = []
-    for _ in range(5):
-        results: dict[str, tuple[httpx.Headers, list[tuple[float, bytes]]]] = {}
-
-        def read(name: str, url: str, key: str | None) -> None:
-            reads: list[tuple[float, bytes]] = []
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth_headers(key),
-                              timeout=120) as r:
-                assert r.status_code == 200
-                for chunk in r.iter_raw():
-                    reads.append((time.perf_counter(), chunk))
-                results[name] = (r.headers, reads)
-
-        threads = [threading.Thread(target=read, args=("gateway", gateway.url, gateway.api_key)),
-                   threading.Thread(target=read, args=("direct", engine.url, None))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        direct = [t for t, c in results["direct"][1] if b'"content"' in c]
-        via = [t for t, c in results["gateway"][1] if b'"content"' in c]
-        if direct[-1] - direct[0] < 1.0:
-            continue  # vLLM's own frontend burst this round out: it says nothing about the gateway
-        paced_rounds.append((len(via), via[-1] - via[0], direct[-1] - direct[0], via[0] - direct[0]))
-        if len(via) >= 5 and via[-1] - via[0] >= 0.5 * (direct[-1] - direct[0]):
+    rounds: list[tuple[int, float]] = []
+    for _ in range(8):
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
+                          headers=auth_headers(gateway.api_key), timeout=120) as r:
+            assert r.status_code == 200
+            headers = r.headers
+            arrivals = [(time.perf_counter(), chunk) for chunk in r.iter_raw()]
+        content = [t for t, chunk in arrivals if b'"content"' in chunk]
+        rounds.append((len(content), content[-1] - content[0]))
+        if len(content) >= 10 and content[-1] - content[0] >= 1.0:
             break
     else:
-        pytest.fail(f"the gateway never kept the engine's pacing (reads, spread, direct spread, lag): {paced_rounds}")
-    headers, arrivals = results["gateway"]
+        pytest.fail(f"no stream through the gateway arrived spread out (content reads, seconds): {rounds}")
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["cache-control"] == "no-cache"
     assert headers["x-accel-buffering"] == "no"
@@ -161,12 +145,12 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
     body = json.dumps({"model": gateway.model, "messages": CHAT, "max_tokens": 2000, "min_tokens": 2000,
                        "ignore_eos": True, "stream": True}).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
-    # Under the full test suite vLLM's CPU frontend sometimes holds a stream back and writes it whole at
-    # the end; a round whose answer was complete before the hang-up says nothing and is repeated (at most
-    # 3). The gateway's own part (it drops the upstream connection at once) is proven deterministically
-    # in test_gateway_edges.
+    # On this 2-vCPU VM a process is now and then not woken for seconds while vLLM's CPU worker runs
+    # (see the streaming test above), so a stream can reach this client whole at its end; a round whose
+    # answer was complete before the hang-up says nothing and is repeated (at most 5). The gateway's own
+    # part (it drops the upstream connection at once) is proven deterministically in test_gateway_edges.
     rounds = []
-    for _ in range(3):
+    for _ in range(5):
         before, tokens_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
         # A raw client: send the request, read until the first tokens arrived (mid-stream), hang up.
         with socket.create_connection((host, int(port))) as sock:
@@ -179,7 +163,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
                 chunk = sock.recv(65536)
                 assert chunk, f"the gateway closed the stream before any token: {received[:300]!r}"
                 received += chunk
-        if b"data: [DONE]" in received:  # the frontend stalled and then wrote the whole answer at once
+        if b"data: [DONE]" in received:  # a stall somewhere let the whole answer pile up
             rounds.append("whole answer in one write")
             continue
         # The engine must stop promptly: nothing running within 5 s.
@@ -188,7 +172,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: Endpoint, engine: 
             assert time.monotonic() < deadline, "engine still running the request 5 s after the client left"
             time.sleep(0.2)
         generated = _engine_sample(engine, "vllm:generation_tokens_total") - tokens_before
-        if generated >= 2000:  # the answer was complete (held back, then sent at once) before the hang-up
+        if generated >= 2000:  # the answer was complete (piled up during a stall) before the hang-up
             rounds.append(f"{generated:.0f} tokens: complete before the client left")
             continue
         # The engine aborted it: the gateway dropped the upstream connection and counted the disconnect.
