@@ -78,7 +78,7 @@ def _apply_variant(variant: str) -> None:
 
     if variant == "auth-stub":  # every request is the first key, without reading headers or hashing
         def first_key(self: Any, headers: Any) -> Any:
-            return next(iter(self._set.by_hash.values())).principal
+            return next(iter(self._set.by_digest.values())).principal
 
         auth.KeyFileAuth.authenticate = first_key  # type: ignore[method-assign]
     elif variant == "limiter-stub":  # admit everything, no bookkeeping
@@ -89,7 +89,7 @@ def _apply_variant(variant: str) -> None:
     elif variant == "window-1s":  # ledgers hold 1 s instead of 60 s
         limits.LocalLimiter.__init__.__kwdefaults__["window_s"] = 1.0  # type: ignore[index]
     elif variant == "builtin-sha256":
-        auth.hash_secret = lambda secret: _sha256.sha256(secret.encode("utf-8")).hexdigest()  # type: ignore[attr-defined]
+        auth.sha256 = _sha256.sha256  # type: ignore[attr-defined]
 
 
 def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False,

@@ -135,20 +135,20 @@ class _Ledger:
             buckets.append([now, amount])
         self.total += amount
 
-    def prune(self, now: float, window: float, resolution: float) -> None:
-        """Forget the buckets whose every booking is at least ``window`` old."""
+    def prune(self, now: float, span: float) -> None:
+        """Forget the buckets whose every booking is at least the window old (``span`` = window + resolution:
+        the same sum as in :meth:`wait_to_free`, so a Retry-After lands exactly on it)."""
         buckets = self.buckets
-        span = resolution + window  # the same sum as in wait_to_free: Retry-After lands exactly on it
         while buckets and buckets[0][0] + span <= now:
             self.total -= int(buckets.popleft()[1])
 
-    def wait_to_free(self, amount: int, now: float, window: float, resolution: float) -> float | None:
+    def wait_to_free(self, amount: int, now: float, span: float) -> float | None:
         """Seconds until bookings totalling ``amount`` have left the window; None if they never will."""
         freed = 0.0
         for start, booked in self.buckets:
             freed += booked
             if freed >= amount:
-                return start + (resolution + window) - now
+                return start + span - now
         return None
 
 
@@ -199,6 +199,7 @@ class LocalLimiter:
         self._clock = clock
         self._window = window_s
         self._resolution = resolution_s
+        self._span = window_s + resolution_s  # how long a booking counts, at most (see the module docstring)
         self._states: dict[str, _KeyState] = {}
 
     async def acquire(self, principal: KeyLimits, estimated_tokens: int) -> Lease:
@@ -212,17 +213,35 @@ class LocalLimiter:
         rpm, tpm, concurrency = principal.rpm, principal.tpm, principal.max_concurrent
         if rpm is None and tpm is None and concurrency is None:
             return _NO_LEASE
-        key_id = principal.key_id
-        estimate = max(0, int(estimated_tokens))
-        now = self._clock()
-        window, resolution = self._window, self._resolution
-        state = self._states.get(key_id)
+        state = self._states.get(principal.key_id)
         if state is None:
-            state = self._states[key_id] = _KeyState()
+            state = self._states[principal.key_id] = _KeyState()
+        now = self._clock()
+        span = self._span
         starts, done = state.starts, state.done
-        starts.prune(now, window, resolution)
-        done.prune(now, window, resolution)
+        if starts.buckets and starts.buckets[0][0] + span <= now:
+            starts.prune(now, span)
+        if done.buckets and done.buckets[0][0] + span <= now:
+            done.prune(now, span)
+        estimate = estimated_tokens if estimated_tokens > 0 else 0
+        if ((concurrency is not None and state.in_flight >= concurrency)
+                or (rpm is not None and starts.total >= rpm)
+                or (tpm is not None and state.in_flight_tokens + done.total + estimate > tpm)):
+            raise self._refusal(principal, state, estimate, now)
+        state.in_flight += 1
+        if rpm is not None:
+            starts.add(now, 1, self._resolution)
+        if tpm is None:
+            return _LocalLease(state, None, self)
+        state.in_flight_tokens += estimate
+        return _LocalLease(state, estimate, self)
 
+    def _refusal(self, principal: KeyLimits, state: _KeyState, estimate: int, now: float) -> RateLimited:
+        """The 429 for a request that :meth:`try_acquire` cannot admit: of the limits that refuse, the one that
+        frees last."""
+        key_id, rpm, tpm, concurrency = principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent
+        window, span = self._window, self._span
+        starts, done = state.starts, state.done
         refusals: list[RateLimited] = []
         if concurrency is not None and state.in_flight >= concurrency:
             refusals.append(RateLimited(
@@ -232,7 +251,7 @@ class LocalLimiter:
             ))
         if rpm is not None and starts.total >= rpm:
             # Room once total - rpm + 1 admissions have left the window.
-            wait = starts.wait_to_free(starts.total - rpm + 1, now, window, resolution) or window
+            wait = starts.wait_to_free(starts.total - rpm + 1, now, span) or window
             refusals.append(RateLimited(
                 f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
                 f"Please try again in {_seconds(wait)}s.",
@@ -250,25 +269,16 @@ class LocalLimiter:
                 used = state.in_flight_tokens + done.total
                 if used + estimate > tpm:
                     # Finished charges leaving may be enough; else a request in flight must finish first.
-                    freed_in = done.wait_to_free(used + estimate - tpm, now, window, resolution)
+                    freed_in = done.wait_to_free(used + estimate - tpm, now, span)
                     if freed_in is None:
-                        last = done.buckets[-1][0] + (resolution + window) - now if done.buckets else 0.0
+                        last = done.buckets[-1][0] + span - now if done.buckets else 0.0
                         freed_in = max(_UNKNOWN_WAIT_S, last)
                     refusals.append(RateLimited(
                         f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
                         f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
                         limit="tpm", retry_after=freed_in,
                     ))
-        if refusals:
-            raise max(refusals, key=lambda r: r.retry_after)
-
-        state.in_flight += 1
-        if rpm is not None:
-            starts.add(now, 1, resolution)
-        if tpm is None:
-            return _LocalLease(state, None, self)
-        state.in_flight_tokens += estimate
-        return _LocalLease(state, estimate, self)
+        return max(refusals, key=lambda r: r.retry_after)
 
 
 def _seconds(wait: float) -> int:
