@@ -197,10 +197,17 @@ def uvicorn_config(app: Any, port: int) -> uvicorn.Config:
                           access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
 
 
-def serve_app(app: Any, port: int) -> None:
+def serve_app(app: Any, port: int, *, tune_gc: bool = True) -> None:
+    """Serve ``app`` as ``qwen-serve`` does: uvicorn with uvloop and httptools, the collector tuned
+    (:func:`qwen_serve.gc_tuning.tune_for_serving`) unless ``tune_gc`` is false."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, port)).run()
+    from qwen_serve.gc_tuning import tune_for_serving
+
+    server = uvicorn.Server(uvicorn_config(app, port))
+    if tune_gc:
+        tune_for_serving()
+    server.run()
 
 
 # ============================================================================ fake upstream (subprocess side)

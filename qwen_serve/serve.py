@@ -22,6 +22,7 @@ from qwen_serve.config import Config
 from qwen_serve.constants import ENGINE_HOST
 from qwen_serve.engine.state import EngineState
 from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
+from qwen_serve.gc_tuning import tune_for_serving
 from qwen_serve.gateway.app import build_app
 from qwen_serve.gateway.upstream import create_upstream
 from qwen_serve.logs import setup_logging
@@ -79,6 +80,7 @@ def run_gateway(config: Config, upstream_url: str | None = None) -> int:
     state = EngineState()
     app = build_app(config, upstream_url=upstream_url, state=state)
     server = _Server(_uvicorn_config(app, config), state)
+    tune_for_serving()
     server.run()
     return server.exit_code
 
@@ -118,5 +120,6 @@ def run_up(config: Config) -> int:
     app = build_app(config, upstream=upstream, state=state, engine_runner=run_engine,
                     engine_stopper=supervisor.stop)
     server = _Server(_uvicorn_config(app, config), state)
+    tune_for_serving()
     server.run()
     return server.exit_code

@@ -118,34 +118,43 @@ _NO_LEASE = _NoLease()
 
 
 class _Ledger:
-    """Amounts booked over time, summed over a sliding window, in buckets ``[start, amount]`` of ``resolution``
-    seconds (``resolution`` 0: one bucket per booking). Oldest first; ``total`` is the sum of ``amount``."""
+    """Amounts booked over time, summed over a sliding window, in buckets of ``resolution`` seconds
+    (``resolution`` 0: one bucket per booking). Oldest first; bucket i starts at ``starts[i]`` and holds
+    ``amounts[i]``; ``total`` is the sum of ``amounts``. Two deques of plain numbers rather than a deque of
+    ``[start, amount]`` pairs: numbers are not tracked by the cyclic garbage collector, so a key's ledgers
+    are two objects to it instead of up to 2 × W/R + 2."""
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("starts", "amounts", "total")
 
     def __init__(self) -> None:
-        self.buckets: deque[list[float]] = deque()
+        self.starts: deque[float] = deque()
+        self.amounts: deque[int] = deque()
         self.total = 0
 
+    def __len__(self) -> int:
+        return len(self.starts)
+
     def add(self, now: float, amount: int, resolution: float) -> None:
-        buckets = self.buckets
-        if buckets and now < buckets[-1][0] + resolution:
-            buckets[-1][1] += amount
+        starts = self.starts
+        if starts and now < starts[-1] + resolution:
+            self.amounts[-1] += amount
         else:
-            buckets.append([now, amount])
+            starts.append(now)
+            self.amounts.append(amount)
         self.total += amount
 
     def prune(self, now: float, span: float) -> None:
         """Forget the buckets whose every booking is at least the window old (``span`` = window + resolution:
         the same sum as in :meth:`wait_to_free`, so a Retry-After lands exactly on it)."""
-        buckets = self.buckets
-        while buckets and buckets[0][0] + span <= now:
-            self.total -= int(buckets.popleft()[1])
+        starts, amounts = self.starts, self.amounts
+        while starts and starts[0] + span <= now:
+            starts.popleft()
+            self.total -= amounts.popleft()
 
     def wait_to_free(self, amount: int, now: float, span: float) -> float | None:
         """Seconds until bookings totalling ``amount`` have left the window; None if they never will."""
-        freed = 0.0
-        for start, booked in self.buckets:
+        freed = 0
+        for start, booked in zip(self.starts, self.amounts):
             freed += booked
             if freed >= amount:
                 return start + span - now
@@ -219,9 +228,9 @@ class LocalLimiter:
         now = self._clock()
         span = self._span
         starts, done = state.starts, state.done
-        if starts.buckets and starts.buckets[0][0] + span <= now:
+        if starts.starts and starts.starts[0] + span <= now:
             starts.prune(now, span)
-        if done.buckets and done.buckets[0][0] + span <= now:
+        if done.starts and done.starts[0] + span <= now:
             done.prune(now, span)
         estimate = estimated_tokens if estimated_tokens > 0 else 0
         if ((concurrency is not None and state.in_flight >= concurrency)
@@ -271,7 +280,7 @@ class LocalLimiter:
                     # Finished charges leaving may be enough; else a request in flight must finish first.
                     freed_in = done.wait_to_free(used + estimate - tpm, now, span)
                     if freed_in is None:
-                        last = done.buckets[-1][0] + span - now if done.buckets else 0.0
+                        last = done.starts[-1] + span - now if done.starts else 0.0
                         freed_in = max(_UNKNOWN_WAIT_S, last)
                     refusals.append(RateLimited(
                         f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
