@@ -67,7 +67,7 @@ def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: 
 
 # Diagnostics (--variant): the "on" gateway with one stage replaced, to attribute the cost. They patch
 # only this benchmark's gateway process; the "off" app is unaffected by all of them.
-VARIANTS = ("auth-stub", "limiter-stub", "window-1s", "builtin-sha256")
+VARIANTS = ("auth-stub", "auth-cache", "limiter-stub", "window-1s", "builtin-sha256")
 
 
 def _apply_variant(variant: str) -> None:
@@ -81,6 +81,20 @@ def _apply_variant(variant: str) -> None:
             return next(iter(self._set.by_digest.values())).principal
 
         auth.KeyFileAuth.authenticate = first_key  # type: ignore[method-assign]
+    elif variant == "auth-cache":  # a repeated Authorization value skips the hash (memo of raw header -> principal)
+        original = auth.KeyFileAuth.authenticate
+        memo: dict[bytes, Any] = {}
+
+        def cached(self: Any, headers: Any) -> Any:
+            for name, value in headers:
+                if name == b"authorization":
+                    hit = memo.get(value)
+                    if hit is None:
+                        hit = memo[value] = original(self, headers)
+                    return hit
+            return original(self, headers)
+
+        auth.KeyFileAuth.authenticate = cached  # type: ignore[method-assign]
     elif variant == "limiter-stub":  # admit everything, no bookkeeping
         def admit(self: Any, principal: Any, estimated_tokens: int) -> Any:
             return limits._NO_LEASE
