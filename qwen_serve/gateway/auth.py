@@ -13,15 +13,9 @@ Implementations (:func:`build_authenticator` picks one from :class:`~qwen_serve.
 * :class:`AnonymousAuth` (``auth.enabled: false``): everyone is ``anonymous``, every model, no limits.
 * :class:`KeyFileAuth`: the keys file (:mod:`qwen_serve.keys`). The presented secret (its header bytes, as
   sent) is hashed with SHA-256 and looked up by digest, then confirmed with :func:`hmac.compare_digest`;
-  timing depends only on the hash of what was presented, never on a stored secret. Secrets and hashes are
-  never logged or written anywhere. The hot path stays in bytes: no header object, no text decoding.
-* **Token cache.** A secret that matched a key is remembered in memory (only there) as the key of a dict
-  of the current key set, so its next request skips the SHA-256: the hash measured as ~6% of the gateway's
-  CPU per request in the running server, though ~0.4 µs in a tight loop (``benchmarks/RESULTS.md``). It
-  holds at most one entry per key (a different secret that matched the same key would be a SHA-256
-  collision); secrets that match nothing are never cached, so callers cannot grow it; it is dropped with
-  the key set on every reload, so a revoked or rotated key stops at the same moment as without it. The
-  lookup compares the dict's keyed SipHash before any bytes, so its timing says nothing about a secret.
+  timing depends only on the hash of what was presented, never on a stored secret (none is stored, not
+  even in memory). Secrets and hashes are never logged. The hot path stays in bytes: no header object, no
+  text decoding, raw 32-byte digests (about 1 µs per request).
 
 Reload: the app's lifespan owns the authenticator — ``await auth.start()`` after construction,
 ``await auth.aclose()`` on exit. :class:`KeyFileAuth` then checks the file every ``reload_interval_s``
@@ -39,7 +33,7 @@ import hmac
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from hashlib import sha256
@@ -138,7 +132,6 @@ class _KeySet:
 
     by_digest: dict[bytes, _Record]
     key_ids: frozenset[str]
-    by_secret: dict[bytes, _Record] = field(default_factory=dict)  # the token cache (module docstring)
 
     @classmethod
     def from_file(cls, keys: KeysFile) -> _KeySet:
@@ -190,15 +183,10 @@ class KeyFileAuth:
         return self._set.key_ids
 
     def authenticate(self, headers: RawHeaders) -> Principal:
-        secret = _presented_secret(headers)
-        keys = self._set
-        record = keys.by_secret.get(secret)
-        if record is None:
-            digest = sha256(secret).digest()
-            record = keys.by_digest.get(digest)
-            if record is None or not hmac.compare_digest(record.digest, digest):
-                raise AuthError(_INVALID, reason="invalid")
-            keys.by_secret[secret] = record
+        digest = sha256(_presented_secret(headers)).digest()
+        record = self._set.by_digest.get(digest)
+        if record is None or not hmac.compare_digest(record.digest, digest):
+            raise AuthError(_INVALID, reason="invalid")
         key_id = record.principal.key_id
         if record.disabled:
             raise AuthError(f"The API key '{key_id}' has been revoked.", reason="disabled")
