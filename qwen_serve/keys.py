@@ -230,6 +230,9 @@ def revoke_key(path: Path, key_id: str) -> None:
     _write_atomic(path, data)
 
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster; the gateway re-reads on its loop
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -237,7 +240,7 @@ def _read_yaml(path: Path) -> Any:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(f"{path}: cannot read keys file ({reason})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader (libyaml's when built with it)
     except yaml.YAMLError as exc:
         # Only the problem and its position: the default str() quotes the offending line, which may hold a hash.
         mark = getattr(exc, "problem_mark", None)
