@@ -67,11 +67,11 @@ def serve_gateway(port: int, upstream: str, auth: str, keys_file: str, control: 
 
 # Diagnostics (--variant): the "on" gateway with one stage replaced, to attribute the cost. They patch
 # only this benchmark's gateway process; the "off" app is unaffected by all of them.
-VARIANTS = ("auth-stub", "auth-cache", "limiter-stub", "window-1s", "builtin-sha256")
+VARIANTS = ("auth-stub", "auth-cache", "limiter-stub", "window-1s", "openssl-sha256")
 
 
 def _apply_variant(variant: str) -> None:
-    import _sha256  # CPython's own SHA-256 (no OpenSSL)
+    import hashlib
 
     import qwen_serve.gateway.auth as auth
     import qwen_serve.gateway.limits as limits
@@ -102,12 +102,79 @@ def _apply_variant(variant: str) -> None:
         limits.LocalLimiter.try_acquire = admit  # type: ignore[method-assign]
     elif variant == "window-1s":  # ledgers hold 1 s instead of 60 s
         limits.LocalLimiter.__init__.__kwdefaults__["window_s"] = 1.0  # type: ignore[index]
-    elif variant == "builtin-sha256":
-        auth.sha256 = _sha256.sha256  # type: ignore[attr-defined]
+    elif variant == "openssl-sha256":  # OpenSSL's SHA-256 (hashlib) instead of CPython's compact one
+        auth.sha256 = hashlib.sha256
+
+
+STAGES = ("authenticate", "acquire", "release")
+_OUTLIER_NS = 50_000  # a stage sample this long was preempted (the stages take ~1-5 us): counted, not averaged
+
+
+def _install_stage_timers(out_path: str) -> None:
+    """Time the auth and limits stages where they run, in the serving gateway (``--stage-timing``).
+
+    Wraps ``authenticate`` (both authenticators), ``LocalLimiter.try_acquire`` and both leases' ``release``
+    with ``perf_counter_ns``; a sample belongs to the on app unless its principal is ``anonymous`` (or its
+    lease is the no-op one). At exit, writes per stage and app: calls, the sum of samples under
+    :data:`_OUTLIER_NS`, and how many were over it (the OS ran something else in between: on 2 shared
+    vCPUs a preemption inside a 2 us stage would otherwise add its milliseconds to the mean).
+    """
+    import atexit
+    from time import perf_counter_ns
+
+    import qwen_serve.gateway.auth as auth
+    import qwen_serve.gateway.limits as limits
+    from qwen_serve.constants import ANONYMOUS_KEY_ID
+
+    acc: dict[str, list[int]] = {f"{stage}/{app}": [0, 0, 0] for stage in STAGES for app in CONFIGS}
+
+    def book(key: str, ns: int) -> None:
+        a = acc[key]
+        a[0] += 1
+        if ns < _OUTLIER_NS:
+            a[1] += ns
+        else:
+            a[2] += 1
+
+    def wrap_auth(cls: Any, app: str) -> None:
+        original = cls.authenticate
+
+        def authenticate(self: Any, headers: Any) -> Any:
+            t0 = perf_counter_ns()
+            principal = original(self, headers)
+            book(f"authenticate/{app}", perf_counter_ns() - t0)
+            return principal
+
+        cls.authenticate = authenticate
+
+    def wrap_release(cls: Any, app: str) -> None:
+        original = cls.release
+
+        def release(self: Any, actual_tokens: int | None = None) -> None:
+            t0 = perf_counter_ns()
+            original(self, actual_tokens)
+            book(f"release/{app}", perf_counter_ns() - t0)
+
+        cls.release = release
+
+    try_acquire = limits.LocalLimiter.try_acquire
+
+    def timed_acquire(self: Any, principal: Any, estimated_tokens: int) -> Any:
+        t0 = perf_counter_ns()
+        lease = try_acquire(self, principal, estimated_tokens)
+        book("acquire/off" if principal.key_id == ANONYMOUS_KEY_ID else "acquire/on", perf_counter_ns() - t0)
+        return lease
+
+    wrap_auth(auth.KeyFileAuth, "on")
+    wrap_auth(auth.AnonymousAuth, "off")
+    wrap_release(limits._LocalLease, "on")
+    wrap_release(limits._NoLease, "off")
+    limits.LocalLimiter.try_acquire = timed_acquire  # type: ignore[method-assign]
+    atexit.register(lambda: Path(out_path).write_text(json.dumps(acc)))
 
 
 def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, first: str, control: bool = False,
-                       variant: str | None = None) -> None:
+                       variant: str | None = None, stage_timing: str | None = None) -> None:
     """Both gateways (on, off) in ONE process and event loop, each on its own port.
 
     Separate processes differ by more than the code under test: the A/A control between two identical
@@ -120,6 +187,8 @@ def serve_gateway_pair(ports: Sequence[int], upstream: str, keys_file: str, firs
 
     if variant:
         _apply_variant(variant)
+    if stage_timing:
+        _install_stage_timers(stage_timing)
     servers: list[uvicorn.Server] = []
 
     class _Server(uvicorn.Server):
@@ -295,7 +364,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pair = spawn(__file__, "gateways", ["_gateway_pair", "--ports", *(str(ports[c]) for c in CONFIGS),
                                                 "--upstream", fake.url, "--keys-file", str(keys_file),
                                                 "--first", server_order[0], *control,
-                                                *(["--variant", args.variant] if args.variant else [])], ports["on"])
+                                                *(["--variant", args.variant] if args.variant else []),
+                                                *(["--stage-timing", str(work / f"stages-{len(stage_files)}.json")]
+                                                  if args.stage_timing else [])], ports["on"])
+            if args.stage_timing:
+                stage_files.append(work / f"stages-{len(stage_files)}.json")
             return {cfg: Proc(f"gateway-{cfg}", f"http://127.0.0.1:{ports[cfg]}", pair.popen) for cfg in CONFIGS}, [pair]
         gws = {}
         for cfg in CONFIGS:
@@ -324,6 +397,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{'on cpu ms/req':>15}{'off cpu ms/req':>16}", flush=True)
     r = 0
     round_phase: list[int] = []
+    stage_files: list[Path] = []
+    stage_acc: dict[str, list[int]] = {}
     try:
         async with aiohttp.ClientSession() as s:
             await wait_ready(s, fake, "/health")
@@ -360,6 +435,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for ld in loads.values():
                     await ld.aclose()
                 stop(procs)
+                if args.stage_timing:  # written by the gateway process at exit
+                    for key, counts in json.loads(stage_files[-1].read_text()).items():
+                        stage_acc[key] = [a + b for a, b in zip(stage_acc.get(key, [0, 0, 0]), counts)]
     finally:
         stop([fake])
         shutil.rmtree(work, ignore_errors=True)
@@ -406,6 +484,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "control": args.control,
         "variant": args.variant,
         "stage_us_per_req": stages,
+        "in_situ": _in_situ_summary(stage_acc, results) if args.stage_timing else None,
         # Sanity: the "on" gateway really authenticated every request and limited none.
         "on_key_ids_seen": sorted({line.split('key_id="', 1)[1].split('"', 1)[0] for line in text_on.splitlines()
                                    if line.startswith("qwen_serve_requests_total") and 'key_id="team-' in line}),
@@ -413,6 +492,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "off_anonymous": 'key_id="anonymous"' in text_off,
     }
     return summary
+
+
+def _in_situ_summary(acc: dict[str, list[int]], results: dict[str, list[Sample]]) -> dict[str, Any]:
+    """Per request of each app: microseconds per stage (samples under the outlier cut), the calls, the
+    samples cut; and the stages' sum on minus off against the off gateway's CPU per request."""
+    requests = {cfg: sum(s.requests for s in results[cfg]) for cfg in CONFIGS}
+    out: dict[str, Any] = {"us_per_request": {}, "calls": {}, "preempted": {}}
+    for cfg in CONFIGS:
+        out["us_per_request"][cfg] = {}
+        for stage in STAGES:
+            calls, ns, cut = acc.get(f"{stage}/{cfg}", [0, 0, 0])
+            # the cut samples get the mean of the kept ones, so a stage's per-request figure stays whole
+            mean = ns / (calls - cut) if calls > cut else 0.0
+            out["us_per_request"][cfg][stage] = mean * calls / 1000 / max(1, requests[cfg]) if calls else 0.0
+            out["calls"][f"{stage}/{cfg}"] = calls
+            out["preempted"][f"{stage}/{cfg}"] = cut
+    added = sum(out["us_per_request"]["on"].values()) - sum(out["us_per_request"]["off"].values())
+    cpu_off_us = 1000 * statistics.median(s.cpu_ms_per_req for s in results["off"])
+    out["added_us"] = added
+    out["added_fraction_of_off_cpu"] = added / cpu_off_us
+    out["predicted_ratio"] = cpu_off_us / (cpu_off_us + added)
+    return out
 
 
 async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
@@ -499,6 +600,15 @@ def report(s: dict[str, Any]) -> None:
     added = s["stage_us_per_req"]["on"] - s["stage_us_per_req"]["off"]
     print(f"auth + limits stages add {added:.1f} us CPU per request in-process, "
           f"{100 * added / (1000 * s['cpu_ms_per_req']['off']):.1f}% of the auth-off gateway's CPU per request")
+    if s.get("in_situ"):
+        situ = s["in_situ"]
+        print("in situ (timed inside the serving gateway), us per request:")
+        for stage in STAGES:
+            print(f"  {stage:<13} on {situ['us_per_request']['on'][stage]:6.2f}   off {situ['us_per_request']['off'][stage]:6.2f}")
+        print(f"  auth + limits add {situ['added_us']:.2f} us per request in situ = "
+              f"{100 * situ['added_fraction_of_off_cpu']:.1f}% of the off gateway's CPU per request "
+              f"(predicted req/s ratio {situ['predicted_ratio']:.3f}); preempted samples left out: "
+              f"{sum(situ['preempted'].values())} of {sum(situ['calls'].values())}")
     if any(s["errors"].values()):
         print(f"error kinds: {s['error_kinds']}")
     print(f"errors: {s['errors']}; on-gateway key_ids seen: {len(s['on_key_ids_seen'])}, "
@@ -523,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gp.add_argument("--first", choices=CONFIGS, default="on", help="the app whose server starts first")
     gp.add_argument("--control", action="store_true")
     gp.add_argument("--variant", choices=VARIANTS)
+    gp.add_argument("--stage-timing", metavar="PATH")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per gateway per round")
     p.add_argument("--concurrency", type=int, default=32)
@@ -538,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="serve both gateways from one process and event loop (cancels per-process effects)")
     p.add_argument("--phases", type=int, default=10,
                    help="with --one-process: fresh gateway processes the rounds are spread over")
+    p.add_argument("--stage-timing", action="store_true",
+                   help="with --one-process: also time the auth and limits stages inside the serving gateway")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="instead of req/s: count each gateway's instructions for N requests under callgrind")
@@ -548,13 +661,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_fake(args.port, "minimal")
         return 0
     if args.cmd == "_gateway_pair":
-        serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control, args.variant)
+        serve_gateway_pair(args.ports, args.upstream, args.keys_file, args.first, args.control, args.variant,
+                           args.stage_timing)
         return 0
     if args.cmd == "_gateway":
         serve_gateway(args.port, args.upstream, args.auth, args.keys_file, args.control)
         return 0
     if args.variant and not args.one_process:
         p.error("--variant needs --one-process")
+    if args.stage_timing and not args.one_process:
+        p.error("--stage-timing needs --one-process")
     if args.quick:
         args.rounds, args.duration = 4, 2.0
     if args.instructions:

@@ -120,64 +120,74 @@ _NO_LEASE = _NoLease()
 class _Ledger:
     """Amounts booked over time, summed over a sliding window, in buckets of ``resolution`` seconds
     (``resolution`` 0: one bucket per booking). Oldest first; bucket i starts at ``starts[i]`` and holds
-    ``amounts[i]``; ``total`` is the sum of ``amounts``. Two deques of plain numbers rather than a deque of
-    ``[start, amount]`` pairs: numbers are not tracked by the cyclic garbage collector, so a key's ledgers
-    are two objects to it instead of up to 2 × W/R + 2."""
+    ``amounts[i]``; ``total`` is the sum of ``amounts``. A booking counts for ``span`` (window + resolution)
+    seconds from the start of its bucket; ``expiry`` is when the oldest bucket stops counting (infinity when
+    empty), so the hot path asks "anything to forget?" with one comparison. Two deques of plain numbers
+    rather than a deque of ``[start, amount]`` pairs: numbers are not tracked by the cyclic garbage
+    collector, so a key's ledgers are two objects to it instead of up to 2 × W/R + 2."""
 
-    __slots__ = ("starts", "amounts", "total")
+    __slots__ = ("starts", "amounts", "total", "expiry", "resolution", "span")
 
-    def __init__(self) -> None:
+    def __init__(self, resolution: float, span: float) -> None:
         self.starts: deque[float] = deque()
         self.amounts: deque[int] = deque()
         self.total = 0
+        self.expiry = math.inf
+        self.resolution = resolution
+        self.span = span
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def add(self, now: float, amount: int, resolution: float) -> None:
+    def add(self, now: float, amount: int) -> None:
         starts = self.starts
-        if starts and now < starts[-1] + resolution:
+        if not starts:
+            starts.append(now)
+            self.amounts.append(amount)
+            self.expiry = now + self.span
+        elif now < starts[-1] + self.resolution:
             self.amounts[-1] += amount
         else:
             starts.append(now)
             self.amounts.append(amount)
         self.total += amount
 
-    def prune(self, now: float, span: float) -> None:
-        """Forget the buckets whose every booking is at least the window old (``span`` = window + resolution:
-        the same sum as in :meth:`wait_to_free`, so a Retry-After lands exactly on it)."""
-        starts, amounts = self.starts, self.amounts
+    def prune(self, now: float) -> None:
+        """Forget the buckets whose every booking is at least the window old (the same sum as in
+        :meth:`wait_to_free`, so a Retry-After lands exactly on it)."""
+        starts, amounts, span = self.starts, self.amounts, self.span
         while starts and starts[0] + span <= now:
             starts.popleft()
             self.total -= amounts.popleft()
+        self.expiry = starts[0] + span if starts else math.inf
 
-    def wait_to_free(self, amount: int, now: float, span: float) -> float | None:
+    def wait_to_free(self, amount: int, now: float) -> float | None:
         """Seconds until bookings totalling ``amount`` have left the window; None if they never will."""
         freed = 0
         for start, booked in zip(self.starts, self.amounts):
             freed += booked
             if freed >= amount:
-                return start + span - now
+                return start + self.span - now
         return None
 
 
 class _KeyState:
     __slots__ = ("starts", "done", "in_flight", "in_flight_tokens")
 
-    def __init__(self) -> None:
-        self.starts = _Ledger()  # admissions (rpm)
-        self.done = _Ledger()  # actual tokens of finished requests, booked at release (tpm)
+    def __init__(self, resolution: float, span: float) -> None:
+        self.starts = _Ledger(resolution, span)  # admissions (rpm)
+        self.done = _Ledger(resolution, span)  # actual tokens of finished requests, booked at release (tpm)
         self.in_flight = 0
         self.in_flight_tokens = 0  # sum of estimates of unreleased leases
 
 
 class _LocalLease:
-    __slots__ = ("_state", "_estimate", "_limiter", "_released")
+    __slots__ = ("_state", "_estimate", "_clock", "_released")
 
-    def __init__(self, state: _KeyState, estimate: int | None, limiter: LocalLimiter) -> None:
+    def __init__(self, state: _KeyState, estimate: int | None, clock: Callable[[], float]) -> None:
         self._state = state
         self._estimate = estimate  # None when tokens are not tracked (no tpm at admission)
-        self._limiter = limiter
+        self._clock = clock
         self._released = False
 
     def release(self, actual_tokens: int | None = None) -> None:
@@ -186,12 +196,12 @@ class _LocalLease:
         self._released = True
         state = self._state
         state.in_flight -= 1
-        if self._estimate is not None:
-            state.in_flight_tokens -= self._estimate
-            tokens = self._estimate if actual_tokens is None else max(0, int(actual_tokens))
-            if tokens:
-                limiter = self._limiter
-                state.done.add(limiter._clock(), tokens, limiter._resolution)
+        estimate = self._estimate
+        if estimate is not None:
+            state.in_flight_tokens -= estimate
+            tokens = estimate if actual_tokens is None else int(actual_tokens)
+            if tokens > 0:
+                state.done.add(self._clock(), tokens)
 
 
 class LocalLimiter:
@@ -224,14 +234,13 @@ class LocalLimiter:
             return _NO_LEASE
         state = self._states.get(principal.key_id)
         if state is None:
-            state = self._states[principal.key_id] = _KeyState()
+            state = self._states[principal.key_id] = _KeyState(self._resolution, self._span)
         now = self._clock()
-        span = self._span
         starts, done = state.starts, state.done
-        if starts.starts and starts.starts[0] + span <= now:
-            starts.prune(now, span)
-        if done.starts and done.starts[0] + span <= now:
-            done.prune(now, span)
+        if now >= starts.expiry:
+            starts.prune(now)
+        if now >= done.expiry:
+            done.prune(now)
         estimate = estimated_tokens if estimated_tokens > 0 else 0
         if ((concurrency is not None and state.in_flight >= concurrency)
                 or (rpm is not None and starts.total >= rpm)
@@ -239,17 +248,17 @@ class LocalLimiter:
             raise self._refusal(principal, state, estimate, now)
         state.in_flight += 1
         if rpm is not None:
-            starts.add(now, 1, self._resolution)
+            starts.add(now, 1)
         if tpm is None:
-            return _LocalLease(state, None, self)
+            return _LocalLease(state, None, self._clock)
         state.in_flight_tokens += estimate
-        return _LocalLease(state, estimate, self)
+        return _LocalLease(state, estimate, self._clock)
 
     def _refusal(self, principal: KeyLimits, state: _KeyState, estimate: int, now: float) -> RateLimited:
         """The 429 for a request that :meth:`try_acquire` cannot admit: of the limits that refuse, the one that
         frees last."""
         key_id, rpm, tpm, concurrency = principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent
-        window, span = self._window, self._span
+        window = self._window
         starts, done = state.starts, state.done
         refusals: list[RateLimited] = []
         if concurrency is not None and state.in_flight >= concurrency:
@@ -260,7 +269,7 @@ class LocalLimiter:
             ))
         if rpm is not None and starts.total >= rpm:
             # Room once total - rpm + 1 admissions have left the window.
-            wait = starts.wait_to_free(starts.total - rpm + 1, now, span) or window
+            wait = starts.wait_to_free(starts.total - rpm + 1, now) or window
             refusals.append(RateLimited(
                 f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
                 f"Please try again in {_seconds(wait)}s.",
@@ -278,9 +287,9 @@ class LocalLimiter:
                 used = state.in_flight_tokens + done.total
                 if used + estimate > tpm:
                     # Finished charges leaving may be enough; else a request in flight must finish first.
-                    freed_in = done.wait_to_free(used + estimate - tpm, now, span)
+                    freed_in = done.wait_to_free(used + estimate - tpm, now)
                     if freed_in is None:
-                        last = done.starts[-1] + span - now if done.starts else 0.0
+                        last = done.starts[-1] + done.span - now if done.starts else 0.0
                         freed_in = max(_UNKNOWN_WAIT_S, last)
                     refusals.append(RateLimited(
                         f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "

@@ -150,6 +150,33 @@ def test_invalid_key(keys_path: Path, secret: str, presented: str) -> None:
     assert reason_of(auth, {"x-api-key": presented}) == "invalid"
 
 
+def test_header_order_and_repeats(keys_path: Path, secret: str) -> None:
+    """The first Authorization counts, a bearer token wins over x-api-key in any order, and a first
+    Authorization without a bearer token falls back to x-api-key (a later Authorization is ignored)."""
+    auth = KeyFileAuth(keys_path, 1)
+    first_wins = [(b"authorization", f"Bearer {secret}".encode()), (b"authorization", b"Bearer wrong")]
+    assert auth.authenticate(first_wins).key_id == "team-a"
+    assert reason_of(auth, first_wins[::-1]) == "invalid"
+    key_first = [(b"x-api-key", b"wrong"), (b"authorization", f"Bearer {secret}".encode())]
+    assert auth.authenticate(key_first).key_id == "team-a"
+    basic_then_key = [(b"authorization", b"Basic dXNlcjpwYXNz"), (b"authorization", b"Bearer wrong"),
+                      (b"x-api-key", f" {secret} ".encode())]
+    assert auth.authenticate(basic_then_key).key_id == "team-a"
+    assert auth.authenticate([(b"x-api-key", secret.encode()), (b"x-api-key", b"wrong")]).key_id == "team-a"
+    assert auth.authenticate(raw({"authorization": f"BEARER  {secret}"})).key_id == "team-a"  # scheme in any case
+    assert reason_of(auth, raw({"authorization": f"Bearer{secret}"})) == "missing"  # no separator: no scheme
+
+
+def test_digest_matches_hashlib() -> None:
+    """The compact SHA-256 the gateway hashes with gives hashlib's digests (the keys file stores those)."""
+    import hashlib
+
+    from qwen_serve.gateway import auth
+
+    for data in (b"", b"qs-" + b"x" * 43, "é".encode() * 100, bytes(range(256)) * 3):
+        assert auth.sha256(data).digest() == hashlib.sha256(data).digest()
+
+
 def test_a_stored_hash_is_not_a_key(keys_path: Path, secret: str) -> None:
     assert reason_of(KeyFileAuth(keys_path, 1), bearer(hash_secret(secret))) == "invalid"
 
