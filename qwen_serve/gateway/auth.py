@@ -15,7 +15,8 @@ Implementations (:func:`build_authenticator` picks one from :class:`~qwen_serve.
   sent) is hashed with SHA-256 and looked up by digest, then confirmed with :func:`hmac.compare_digest`;
   timing depends only on the hash of what was presented, never on a stored secret (none is stored, not
   even in memory). Secrets and hashes are never logged. The hot path stays in bytes: no header object, no
-  text decoding, raw 32-byte digests (about 1 µs per request).
+  text decoding, raw 32-byte digests, CPython's compact SHA-256 (about 1 µs per request in a tight loop,
+  3 µs in the serving gateway, where its code and data are cold each time).
 
 Reload: the app's lifespan owns the authenticator — ``await auth.start()`` after construction,
 ``await auth.aclose()`` on exit. :class:`KeyFileAuth` then checks the file every ``reload_interval_s``
