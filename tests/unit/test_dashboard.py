@@ -24,7 +24,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from qwen_serve.constants import DEFAULT_GATEWAY_PORT
-from qwen_serve.gateway.metrics import GatewayMetrics
+from qwen_serve.gateway.metrics import GatewayMetrics, Labelled
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -107,8 +107,8 @@ def recording_rules() -> set[str]:
 
 
 def gateway_collectors() -> dict[str, MetricWrapperBase]:
-    metrics = GatewayMetrics()
-    return {c._name: c for c in vars(metrics).values() if isinstance(c, MetricWrapperBase)}
+    found = (c.collector if isinstance(c, Labelled) else c for c in vars(GatewayMetrics()).values())
+    return {c._name: c for c in found if isinstance(c, MetricWrapperBase)}
 
 
 def gateway_sample_names() -> dict[str, str]:
