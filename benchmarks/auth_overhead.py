@@ -350,6 +350,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     secrets = write_keys(keys_file, args.keys, not args.no_limits)
     used = secrets[: min(args.concurrency, len(secrets))]
     fake_port = free_port()
+    pin_gateway: list[str] = []
+    if args.pin:  # the gateway alone on the last CPU; this process and the fake on the others
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, cpus[:-1])
+        pin_gateway = ["taskset", "-c", str(cpus[-1])]
     fake = spawn(__file__, "fake", ["_fake", "--port", str(fake_port)], fake_port)
     control = ["--control"] if args.control else []
     results: dict[str, list[Sample]] = {cfg: [] for cfg in CONFIGS}
@@ -366,7 +373,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                 "--first", server_order[0], *control,
                                                 *(["--variant", args.variant] if args.variant else []),
                                                 *(["--stage-timing", str(work / f"stages-{len(stage_files)}.json")]
-                                                  if args.stage_timing else [])], ports["on"])
+                                                  if args.stage_timing else [])], ports["on"], prefix=pin_gateway)
             if args.stage_timing:
                 stage_files.append(work / f"stages-{len(stage_files)}.json")
             return {cfg: Proc(f"gateway-{cfg}", f"http://127.0.0.1:{ports[cfg]}", pair.popen) for cfg in CONFIGS}, [pair]
@@ -457,7 +464,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     per_phase = [rps([x for x, ph in zip(results["on"], round_phase) if ph == i])
                  / rps([x for x, ph in zip(results["off"], round_phase) if ph == i]) for i in sorted(set(round_phase))]
-    spread = 1.96 * statistics.stdev(blocks) / len(blocks) ** 0.5 if len(blocks) > 1 else float("nan")
+    _, block_lo, block_hi = mean_ci(blocks)
     cpu_ratios = [on.cpu_ms_per_req / off.cpu_ms_per_req for on, off in zip(results["on"], results["off"])]
     summary = {
         "mode": ("simultaneous" if args.simultaneous else "alternating")
@@ -475,7 +482,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_per_process": [round(x, 3) for x in per_phase],
         "median_block_ratio": statistics.median(blocks),
         "mean_block_ratio": statistics.fmean(blocks),
-        "mean_block_ratio_ci95": [statistics.fmean(blocks) - spread, statistics.fmean(blocks) + spread],
+        "mean_block_ratio_ci95": [block_lo, block_hi],
         "ratio_of_medians": (statistics.median(s.rps for s in results["on"])
                              / statistics.median(s.rps for s in results["off"])),
         "cpu_ratio_median": statistics.median(cpu_ratios),
@@ -582,6 +589,25 @@ async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and its normal 95% interval (NaN bounds for fewer than two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    spread = 1.96 * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - spread, mean + spread
+
+
+def pool(paths: Sequence[str]) -> None:
+    """``--pool``: the on/off ratio over several runs' ``--json`` summaries, per process and per block."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    for unit, key in (("process", "ratio_per_process"), ("ABBA block", "ratio_per_block")):
+        values = [x for run in runs for x in run[key]]
+        mean, lo, hi = mean_ci(values)
+        print(f"{len(runs)} runs, {len(values)} {unit}es" if unit == "process" else f"{len(values)} {unit}s", end=": ")
+        print(f"on/off mean {mean:.3f} (95% CI {lo:.3f} to {hi:.3f}), median {statistics.median(values):.3f}")
+
+
 def report(s: dict[str, Any]) -> None:
     on, off = s["median_rps"], s["p50_ms"]
     lo, hi = s["mean_block_ratio_ci95"]
@@ -592,7 +618,9 @@ def report(s: dict[str, Any]) -> None:
           f"(95% CI {lo:.3f} to {hi:.3f}) ({verdict})")
     print(f"per round: median {s['median_ratio']:.3f}, ratio of medians {s['ratio_of_medians']:.3f}")
     if len(s["ratio_per_process"]) > 1:
-        print(f"per gateway process: {s['ratio_per_process']} (median {statistics.median(s['ratio_per_process']):.3f})")
+        mean, lo, hi = mean_ci(s["ratio_per_process"])
+        print(f"per gateway process: {s['ratio_per_process']} (median {statistics.median(s['ratio_per_process']):.3f}; "
+              f"mean {mean:.3f}, 95% CI {lo:.3f} to {hi:.3f}: processes, not blocks, are the independent unit)")
     print(f"latency p50 ms: on {off['on']:.2f}, off {off['off']:.2f}; p99 ms: on {s['p99_ms']['on']:.2f}, "
           f"off {s['p99_ms']['off']:.2f}")
     print(f"gateway CPU ms/req: on {s['cpu_ms_per_req']['on']:.3f}, off {s['cpu_ms_per_req']['off']:.3f} "
@@ -649,11 +677,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="serve both gateways from one process and event loop (cancels per-process effects)")
     p.add_argument("--phases", type=int, default=10,
                    help="with --one-process: fresh gateway processes the rounds are spread over")
+    p.add_argument("--pin", action="store_true",
+                   help="with --one-process: the gateway process alone on the last CPU, the load and the fake on the rest")
     p.add_argument("--stage-timing", action="store_true",
                    help="with --one-process: also time the auth and limits stages inside the serving gateway")
     p.add_argument("--no-limits", action="store_true", help="keys without rpm/tpm/max_concurrent (auth only)")
     p.add_argument("--instructions", type=int, metavar="N",
                    help="instead of req/s: count each gateway's instructions for N requests under callgrind")
+    p.add_argument("--pool", nargs="+", metavar="JSON", help="only pool earlier runs' --json summaries and report")
     p.add_argument("--quick", action="store_true", help="4 rounds x 2 s")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
@@ -669,8 +700,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.variant and not args.one_process:
         p.error("--variant needs --one-process")
-    if args.stage_timing and not args.one_process:
-        p.error("--stage-timing needs --one-process")
+    if (args.stage_timing or args.pin) and not args.one_process:
+        p.error("--stage-timing and --pin need --one-process")
+    if args.pool:
+        pool(args.pool)
+        return 0
     if args.quick:
         args.rounds, args.duration = 4, 2.0
     if args.instructions:
