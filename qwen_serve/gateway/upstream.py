@@ -13,6 +13,11 @@ Errors from the client library are re-raised, inside :func:`map_upstream_errors`
 A response must be either read to the end or closed with :meth:`UpstreamResponse.aclose`; closing a
 response that was not read to the end drops its connection, which is how the engine learns that the
 client went away (vLLM aborts the request when its client disconnects).
+
+Idle pooled connections are not reused after :data:`IDLE_S` seconds: vLLM's server closes keep-alive
+connections idle for ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` (5 s by default), and a request sent on a
+connection the engine is closing at that moment fails (a reset, answered 502; seen in CI after a 5 s
+pause between test batches). The client must give up an idle connection before the server does.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from typing import Protocol
 
 from qwen_serve.errors import UpstreamError, UpstreamTimeout
 
-__all__ = ["AiohttpUpstream", "HttpxUpstream", "Upstream", "UpstreamResponse", "create_upstream", "map_upstream_errors"]
+__all__ = ["IDLE_S", "AiohttpUpstream", "HttpxUpstream", "Upstream", "UpstreamResponse", "create_upstream",
+           "map_upstream_errors"]
+
+IDLE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE default of 5 s (see the module docstring)
 
 
 class UpstreamResponse(Protocol):
@@ -113,7 +121,7 @@ class AiohttpUpstream:
 
     def _get_session(self) -> "aiohttp.ClientSession":  # type: ignore[name-defined] # noqa: F821
         if self._session is None:  # created lazily inside the running loop
-            connector = self._aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=60)
+            connector = self._aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=IDLE_S)
             self._session = self._aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
@@ -170,7 +178,7 @@ class HttpxUpstream:
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=60),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=IDLE_S),
             trust_env=False,
         )
 
