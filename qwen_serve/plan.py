@@ -56,6 +56,11 @@ _PREFILL_CHUNK_TOKENS = 8192
 _SAMPLED_SEQS = 1024
 _KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of 16 tokens
 _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.port, nowhere else
+# The engine keeps idle keep-alive connections this long (vLLM's default is 5 s). The gateway drops its own
+# after gateway.upstream.IDLE_S (4 s), but a gateway stalled between the engine finishing a response and the
+# gateway reading it sees the connection as fresher than the engine does; with 5 s a stall over 1 s let the
+# engine close a connection the gateway was reusing (502s in CI). Set via VLLM_HTTP_TIMEOUT_KEEP_ALIVE.
+ENGINE_KEEP_ALIVE_S = 75
 
 
 class Plan(BaseModel):
@@ -185,7 +190,7 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
 
     kv_dtype_bytes = 1 if engine.kv_cache_dtype.startswith("fp8") else geometry.dtype_bytes
     kv_per_token = _kv_bytes_per_token(geometry, kv_dtype_bytes)
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(ENGINE_KEEP_ALIVE_S)}
 
     # --- parallelism and memory -----------------------------------------------------------------------------
     explicit_tp = engine.tensor_parallel_size if isinstance(engine.tensor_parallel_size, int) else None

@@ -130,6 +130,10 @@ class ProxyCall:
             gone.set()
         except QwenServeError as exc:
             error = exc
+            if isinstance(exc, UpstreamError):  # what the client library raised: no request data in it
+                cause = exc.__cause__
+                log.warning("upstream %s %s failed (%s): %s: %s", self._method, self._path, exc.kind,
+                            type(cause).__name__ if cause else "-", cause)
             with contextlib.suppress(OSError):
                 await self._fail(send, exc)
         finally:

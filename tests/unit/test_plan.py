@@ -209,7 +209,8 @@ def test_cpu_plan() -> None:
     p = plan("qwen2.5-0.5b-instruct", engine={"device": "cpu", "cpu_kv_cache_gib": 3, "env": {"OMP_NUM_THREADS": "2"}})
     assert p.device == "cpu"
     assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 1)
-    assert p.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
+    assert p.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0",
+                     "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75"}
     assert p.kv_cache_tokens_per_replica == 3 * GIB // p.kv_cache_bytes_per_token // 16 * 16
     assert "--gpu-memory-utilization" not in p.vllm_args
     assert "--data-parallel-size" not in p.vllm_args

@@ -12,7 +12,17 @@ VLLM_KEEP_ALIVE_S = 5.0  # vLLM 0.32's VLLM_HTTP_TIMEOUT_KEEP_ALIVE default
 
 
 def test_idle_limit_is_below_the_engines_keep_alive() -> None:
+    """Below vLLM's default (an engine qwen-serve did not start), and far below what qwen-serve sets for the
+    engines it starts (margin for a stalled gateway)."""
+    from qwen_serve.config import parse_config
+    from qwen_serve.plan import ENGINE_KEEP_ALIVE_S, build_plan
+
     assert 0 < upstream_mod.IDLE_S < VLLM_KEEP_ALIVE_S
+    assert ENGINE_KEEP_ALIVE_S >= 10 * upstream_mod.IDLE_S
+    for device in ("cpu", "cuda"):
+        config = parse_config({"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}, "engine": {"device": device}})
+        env = build_plan(config, gpu_visible=device == "cuda").env
+        assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == str(ENGINE_KEEP_ALIVE_S)
 
 
 class _KeepAliveServer:
