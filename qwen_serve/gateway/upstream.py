@@ -16,8 +16,10 @@ client went away (vLLM aborts the request when its client disconnects).
 
 Idle pooled connections are not reused after :data:`IDLE_S` seconds: vLLM's server closes keep-alive
 connections idle for ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` (5 s by default), and a request sent on a
-connection the engine is closing at that moment fails (a reset, answered 502; seen in CI after a 5 s
-pause between test batches). The client must give up an idle connection before the server does.
+connection the engine is closing at that moment fails (a reset or a disconnect, answered 502). The
+client must give up an idle connection before the server does; engines ``qwen-serve`` starts get a much
+longer keep-alive (``plan.ENGINE_KEEP_ALIVE_S``), since a stalled gateway counts idle time from later
+than the engine does.
 """
 
 from __future__ import annotations
