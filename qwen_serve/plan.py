@@ -59,7 +59,8 @@ _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.po
 # The engine keeps idle keep-alive connections this long (vLLM's default is 5 s). The gateway drops its own
 # after gateway.upstream.IDLE_S (4 s), but a gateway stalled between the engine finishing a response and the
 # gateway reading it sees the connection as fresher than the engine does; with 5 s a stall over 1 s let the
-# engine close a connection the gateway was reusing (502s in CI). Set via VLLM_HTTP_TIMEOUT_KEEP_ALIVE.
+# engine close a connection the gateway was reusing (the likely cause of 502s in two CI runs). Set via
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE.
 ENGINE_KEEP_ALIVE_S = 75
 
 
