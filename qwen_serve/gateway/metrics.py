@@ -42,10 +42,9 @@ class Labelled(Generic[C]):
 
     prometheus-client's ``labels()`` checks its arguments, converts every value with ``str`` and takes a
     lock on each call, about 1 µs in a tight loop; the gateway makes six such calls per request. A child
-    lives as long as its collector, and the
-    gateway never removes label values, so the map from the tuple of values to the child can be kept
-    here; the first use of a tuple goes through ``labels()``. Pass ``str`` values, as prometheus-client
-    would make them.
+    lives as long as its collector, and the gateway never removes label values, so the map from the tuple
+    of values to the child can be kept here; the first use of a tuple goes through ``labels()``. Pass
+    ``str`` values, as prometheus-client would make them.
     """
 
     __slots__ = ("collector", "_children")

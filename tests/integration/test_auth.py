@@ -234,13 +234,6 @@ def reload_time(log: str, since: datetime) -> datetime | None:
     return None
 
 
-def reload_lag(log: str, since: datetime) -> str:
-    """How long after ``since`` the gateway logged its next keys reload: tells a late reload (gateway
-    starved) from a late observation (test process starved)."""
-    at = reload_time(log, since)
-    return "never" if at is None else f"{(at - since).total_seconds():.2f}s"
-
-
 @pytest.fixture
 def shm_path(tmp_path: Path) -> Iterator[Path]:
     """A fresh directory on tmpfs when there is one (else ``tmp_path``), as a Kubernetes Secret volume is.
