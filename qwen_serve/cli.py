@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(func=cmd_demo)
+
+    from qwen_serve.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return p
 
 

@@ -1,12 +1,13 @@
-"""Lint for the observability files in ``deploy/``: the Grafana dashboard, the Prometheus rules, the
-local compose profile and its provisioning.
+"""Lint for the observability files in ``deploy/``: the Grafana dashboards (every ``deploy/grafana/*.json``),
+the Prometheus rules, the local compose profile and its provisioning.
 
 Every metric name used by a PromQL expression must be a gateway metric (read from
 :class:`qwen_serve.gateway.metrics.GatewayMetrics`, never copied here), a ``vllm:*`` name listed in
 ``deploy/grafana/engine-metrics.txt`` (taken from a real engine scrape; the integration test
 ``tests/integration/test_observability.py`` proves that list against the live engine), or a recording
-rule of ``deploy/prometheus/rules.yaml``. These tests need no engine; ``promtool`` (Debian package
-``prometheus``) is required, and its absence fails the run.
+rule of ``deploy/prometheus/rules.yaml``. Dashboards may also use the load generator's ``qwen_bench_*``
+metrics (read from :class:`qwen_serve.bench.exporter.BenchExporter`); rules may not. These tests need no
+engine; ``promtool`` (Debian package ``prometheus``) is required, and its absence fails the run.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from qwen_serve.bench.exporter import BenchExporter
 from qwen_serve.constants import DEFAULT_GATEWAY_PORT
 from qwen_serve.gateway.metrics import GatewayMetrics, Labelled
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "qwen-serve.json"
+DASHBOARDS = sorted((DEPLOY / "grafana").glob("*.json"))
+BENCH_DASHBOARD = DEPLOY / "grafana" / "qwen-serve-bench.json"
+BENCH_PREFIX = "qwen_bench_"
 DASHBOARD_README = DEPLOY / "grafana" / "README.md"
 ENGINE_METRICS = DEPLOY / "grafana" / "engine-metrics.txt"
 RULES = DEPLOY / "prometheus" / "rules.yaml"
@@ -74,8 +79,13 @@ def selectors(expr: str) -> Iterator[tuple[str, dict[str, str]]]:
             yield name, matchers
 
 
-def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+# Every dashboard JSON in deploy/grafana gets the same lint.
+each_dashboard = pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 
 
 def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -111,15 +121,34 @@ def gateway_collectors() -> dict[str, MetricWrapperBase]:
     return {c._name: c for c in found if isinstance(c, MetricWrapperBase)}
 
 
-def gateway_sample_names() -> dict[str, str]:
-    """Every sample name the gateway registry can export → its family name."""
+def _sample_names(registry: Any) -> dict[str, str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                 "summary": ("", "_sum", "_count"), "gauge": ("",), "info": ("_info",)}
     names = {}
-    for family in GatewayMetrics().registry.collect():
+    for family in registry.collect():
         for suffix in suffixes.get(family.type, ("",)):
             names[family.name + suffix] = family.name
     return names
+
+
+def gateway_sample_names() -> dict[str, str]:
+    """Every sample name the gateway registry can export → its family name."""
+    return _sample_names(GatewayMetrics().registry)
+
+
+def bench_exporter() -> BenchExporter:
+    return BenchExporter("lint", serve=False)  # collectors only, no HTTP server
+
+
+def bench_collectors() -> dict[str, MetricWrapperBase]:
+    """The load generator's collectors (the exporter keeps ``run`` children; they carry the family's labels)."""
+    found = (c for c in vars(bench_exporter()).values() if isinstance(c, MetricWrapperBase))
+    return {c._name: c for c in found}
+
+
+def bench_sample_names() -> dict[str, str]:
+    """Every sample name the load generator's exporter can export → its family name."""
+    return _sample_names(bench_exporter().registry)
 
 
 def engine_metric_names() -> set[str]:
@@ -140,8 +169,9 @@ def promtool() -> str:
 # ------------------------------------------------------------------------------------------- dashboard
 
 
-def test_dashboard_is_importable_json() -> None:
-    dashboard = load_dashboard()
+@each_dashboard
+def test_dashboard_is_importable_json(path: Path) -> None:
+    dashboard = load_dashboard(path)
     assert isinstance(dashboard, dict)
     assert "dashboard" not in dashboard, "no import wrapper: the file is the dashboard model itself"
     assert isinstance(dashboard["panels"], list) and dashboard["panels"]
@@ -152,22 +182,32 @@ def test_dashboard_is_importable_json() -> None:
     assert "__inputs" not in dashboard, "the datasource comes from the template variable, not an import input"
 
 
-def test_panel_ids_are_unique() -> None:
-    ids = [panel["id"] for panel in all_panels(load_dashboard())]
+def test_dashboards_are_found_and_distinct() -> None:
+    assert DASHBOARD in DASHBOARDS and BENCH_DASHBOARD in DASHBOARDS
+    uids = [load_dashboard(p)["uid"] for p in DASHBOARDS]
+    titles = [load_dashboard(p)["title"] for p in DASHBOARDS]
+    assert len(uids) == len(set(uids)) and len(titles) == len(set(titles)), "uid and title collide on import"
+
+
+@each_dashboard
+def test_panel_ids_are_unique(path: Path) -> None:
+    ids = [panel["id"] for panel in all_panels(load_dashboard(path))]
     assert all(isinstance(i, int) for i in ids)
     assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(i for i in ids if ids.count(i) > 1)}"
-    titles = [panel["title"] for panel in all_panels(load_dashboard())]
+    titles = [panel["title"] for panel in all_panels(load_dashboard(path))]
     assert len(titles) == len(set(titles)), "panel titles name panels in README.md and in test ids: keep them unique"
 
 
-def test_panels_fit_the_grid() -> None:
-    for panel in all_panels(load_dashboard()):
+@each_dashboard
+def test_panels_fit_the_grid(path: Path) -> None:
+    for panel in all_panels(load_dashboard(path)):
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24 and pos["w"] > 0 and pos["h"] > 0, panel["title"]
 
 
-def test_every_panel_and_target_uses_the_datasource_variable() -> None:
-    for panel in all_panels(load_dashboard()):
+@each_dashboard
+def test_every_panel_and_target_uses_the_datasource_variable(path: Path) -> None:
+    for panel in all_panels(load_dashboard(path)):
         if panel["type"] == "row":
             assert not panel.get("targets"), f"row {panel['title']!r} has queries"
             continue
@@ -181,34 +221,73 @@ def test_every_panel_and_target_uses_the_datasource_variable() -> None:
             assert target.get("expr", "").strip(), f"panel {panel['title']!r} target {target['refId']} is empty"
 
 
-def test_template_variables() -> None:
-    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
-    assert set(variables) >= {"datasource", "namespace", "pod", "model"}
+@each_dashboard
+def test_template_variables(path: Path) -> None:
+    dashboard = load_dashboard(path)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    names = {name for _, expr in dashboard_exprs(dashboard) for name in metric_names(expr)}
+    required = {"datasource"}
+    if any(not n.startswith(BENCH_PREFIX) for n in names):
+        required |= {"namespace", "pod", "model"}  # server series
+    if any(n.startswith(BENCH_PREFIX) for n in names):
+        required |= {"run"}  # load-generator series
+    assert set(variables) >= required
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    for name in ("namespace", "pod", "model"):
+    for name in sorted(required - {"datasource"}):
         var = variables[name]
         assert var["type"] == "query", name
         assert var["datasource"] == DATASOURCE, name
         assert var["includeAll"] is True and var["allValue"] == ".*", f"{name}: 'All' must be the regex .*"
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
         assert _LABEL_VALUES.match(query), f"{name}: {query!r}"
-    # The model variable holds engine model names (vLLM's model_name), used for both label spellings.
-    assert _LABEL_VALUES.match(variables["model"]["query"]["query"]).group("label") == "model_name"
-    assert _LABEL_VALUES.match(variables["pod"]["query"]["query"]).group("label") == "pod"
-    assert _LABEL_VALUES.match(variables["namespace"]["query"]["query"]).group("label") == "namespace"
+
+    def label_of(name: str) -> str:
+        return _LABEL_VALUES.match(variables[name]["query"]["query"]).group("label")
+
+    if "model" in required:
+        # The model variable holds engine model names (vLLM's model_name), used for both label spellings.
+        assert label_of("model") == "model_name"
+        assert label_of("pod") == "pod"
+        assert label_of("namespace") == "namespace"
+    if "run" in required:
+        assert label_of("run") == "run"
+        run_expr = _LABEL_VALUES.match(variables["run"]["query"]["query"]).group("expr")
+        assert metric_names(run_expr) <= set(bench_sample_names()), run_expr
 
 
-def test_dashboard_selectors_filter_on_namespace_pod_and_model() -> None:
-    """vllm:* filter on model_name, gateway series with a ``model`` label on model, all on namespace/pod."""
+@each_dashboard
+def test_every_referenced_variable_is_defined(path: Path) -> None:
+    dashboard = load_dashboard(path)
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+    for where, expr in dashboard_exprs(dashboard):
+        for name in re.findall(r"\$\{?(\w+)", expr):
+            assert name.startswith("__") or name in defined, f"{where}: ${name} is not a variable"
+
+
+@each_dashboard
+def test_dashboard_selectors_filter_on_namespace_pod_and_model(path: Path) -> None:
+    """vllm:* filter on model_name, gateway series with a ``model`` label on model, all on namespace/pod.
+
+    The load generator's series (``qwen_bench_*``) come from a process outside the served pods: they
+    filter on ``run`` instead, and only on labels the exporter sets.
+    """
     labels = {name: set(c._labelnames) for name, c in gateway_collectors().items()}
+    bench_labels = {name: set(c._labelnames) for name, c in bench_collectors().items()}
     families = gateway_sample_names()
+    bench_families = bench_sample_names()
     rules = recording_rules()
-    for where, expr in dashboard_exprs(load_dashboard()):
+    for where, expr in dashboard_exprs(load_dashboard(path)):
         if where.startswith("variable"):
             continue
         for name, matchers in selectors(expr):
             assert name not in rules, f"{where}: uses recording rule {name}; the dashboard must work without rules"
+            if name.startswith(BENCH_PREFIX):
+                assert matchers.get("run") == "=~$run", f"{where}: {name} lacks run=~\"$run\""
+                family_labels = bench_labels[base_family(name, bench_families)]
+                for label in set(matchers) - {"le"}:
+                    assert label in family_labels, f"{where}: {name} has no label {label!r}"
+                continue
             assert matchers.get("namespace") == '=~$namespace', f"{where}: {name} lacks namespace=~\"$namespace\""
             assert matchers.get("pod") == '=~$pod', f"{where}: {name} lacks pod=~\"$pod\""
             if name.startswith("vllm:"):
@@ -222,8 +301,9 @@ def test_dashboard_selectors_filter_on_namespace_pod_and_model() -> None:
                     assert label in family_labels, f"{where}: {name} has no label {label!r}"
 
 
-def test_rate_windows_use_rate_interval() -> None:
-    for where, expr in dashboard_exprs(load_dashboard()):
+@each_dashboard
+def test_rate_windows_use_rate_interval(path: Path) -> None:
+    for where, expr in dashboard_exprs(load_dashboard(path)):
         for window in re.findall(r"\[([^\]]*)\]", expr):
             assert window in ("$__rate_interval", "$__range"), f"{where}: fixed window [{window}]"
 
@@ -239,18 +319,32 @@ def test_engine_metric_list_is_clean() -> None:
 
 def test_every_referenced_metric_is_known() -> None:
     gateway = set(gateway_sample_names())
+    bench = set(bench_sample_names())
     engine = engine_metric_names()
     rules = recording_rules()
     assert not rules & engine, f"recording rules shadow engine metrics: {rules & engine}"
     assert not rules & gateway
-    exprs = list(dashboard_exprs(load_dashboard()))
-    exprs += [(f"rule {r.get('record') or r.get('alert')}", r["expr"]) for r in load_rules()]
+    assert bench and all(n.startswith(BENCH_PREFIX) for n in bench)
+    assert not bench & (gateway | engine | rules)
+    server = gateway | engine | rules
+    exprs = [(f"{p.name} {where}", expr, server | bench) for p in DASHBOARDS
+             for where, expr in dashboard_exprs(load_dashboard(p))]
+    # Rules and alerts are about the server; the load generator is scraped only while a run lasts.
+    exprs += [(f"rule {r.get('record') or r.get('alert')}", r["expr"], server) for r in load_rules()]
     unknown = []
-    for where, expr in exprs:
+    for where, expr, known in exprs:
         for name in metric_names(expr):
-            if name not in gateway | engine | rules:
+            if name not in known:
                 unknown.append(f"{where}: {name}")
     assert not unknown, "unknown metric names:\n" + "\n".join(unknown)
+
+
+def test_bench_dashboard_uses_every_bench_metric() -> None:
+    """Each family the load generator exports has a panel (an unused name is a name out of date)."""
+    families = bench_sample_names()
+    used = {families[n] for _, expr in dashboard_exprs(load_dashboard(BENCH_DASHBOARD))
+            for n in metric_names(expr) if n in families}
+    assert used == set(families.values()), f"not on {BENCH_DASHBOARD.name}: {set(families.values()) - used}"
 
 
 def test_metric_name_lexer() -> None:
@@ -315,9 +409,12 @@ def test_promtool_check_rules() -> None:
 # ----------------------------------------------------------------------------------------------- README
 
 
-def test_readme_describes_every_panel() -> None:
+@each_dashboard
+def test_readme_describes_every_panel(path: Path) -> None:
     readme = DASHBOARD_README.read_text()
-    missing = [p["title"] for p in all_panels(load_dashboard()) if p["type"] != "row" and p["title"] not in readme]
+    assert f"`{path.name}`" in readme, f"{DASHBOARD_README.name} does not mention {path.name}"
+    panels = all_panels(load_dashboard(path))
+    missing = [p["title"] for p in panels if p["type"] != "row" and f"**{p['title']}**" not in readme]
     assert not missing, f"panels without a description in {DASHBOARD_README.name}: {missing}"
 
 

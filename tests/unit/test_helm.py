@@ -603,8 +603,13 @@ def test_grafana_dashboard_configmaps() -> None:
     dashboards = sorted((CHART / "files" / "dashboards").glob("*.json"))
     objects = render(SCENARIOS["observability"])
     maps = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"]
-    assert len(maps) == len(dashboards)
-    for cm, path in zip(sorted(maps, key=lambda o: o["metadata"]["name"]), dashboards):
+    # One ConfigMap per file, matched by its data key (sorting names and files apart pairs them wrongly:
+    # "qwen-serve" < "qwen-serve-bench" but "qwen-serve-bench.json" < "qwen-serve.json").
+    by_file = {key: cm for cm in maps for key in cm["data"]}
+    assert len(maps) == len(dashboards) == len(by_file)
+    assert sorted(by_file) == [path.name for path in dashboards]
+    for path in dashboards:
+        cm = by_file[path.name]
         assert cm["metadata"]["namespace"] == "monitoring"
         assert cm["metadata"]["labels"]["grafana_folder"] == "llm"
         assert json.loads(cm["data"][path.name]) == json.loads(path.read_text())
