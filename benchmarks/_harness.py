@@ -32,14 +32,16 @@ Contracts:
   front of ``upstream``; served by uvicorn with the settings of ``qwen_serve/serve.py``
   (``_uvicorn_config``: uvloop, httptools, lifespan on, keep-alive 75 s, no server header) but quiet
   logs (warnings only, no access log). ``serve_app`` blocks until SIGINT/SIGTERM.
-* :func:`serve_fake`: a fast fake OpenAI upstream (raw asyncio + uvloop + httptools) on 127.0.0.1:port
-  until SIGTERM; see its docstring for what it answers.
+* :func:`serve_fake`, :func:`sse_events`, :data:`FakeStyle`: the fast fake OpenAI/vLLM upstream (raw asyncio
+  + uvloop + httptools) on 127.0.0.1:port until SIGTERM, re-exported from :mod:`qwen_serve.bench.stub`
+  (the built-in stub of ``qwen-serve bench``), whose docstring states what it answers. It echoes the
+  request's ``model``, so the scripts' requests for :data:`MODEL` (the gateway's configured model) come
+  back as :data:`MODEL`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -49,17 +51,26 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import aiohttp
     import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+from qwen_serve.bench.stub import FakeStyle, serve_fake, sse_events  # noqa: E402  (re-exported)
+
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 NOTES = "### Reading these figures"
-MODEL = "qwen2-random"
+MODEL = "qwen2-random"  # the gateway's configured model; the stub echoes it
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+__all__ = ["CLK_TCK", "MODEL", "NOTES", "RESULTS", "ROOT", "FakeStyle", "Proc", "cpu_seconds", "free_port",
+           "gateway_app", "markdown_table", "pct", "process_tree", "reject_constant", "serve_app", "serve_fake",
+           "spawn", "sse_events", "stop", "tree_cpu_s", "uvicorn_config", "wait_ready", "write_section"]
 
 
 # ============================================================================ processes and CPU time
@@ -208,196 +219,3 @@ def serve_app(app: Any, port: int, *, tune_gc: bool = True) -> None:
     if tune_gc:
         tune_for_serving()
     server.run()
-
-
-# ============================================================================ fake upstream (subprocess side)
-FakeStyle = Literal["vllm", "minimal"]
-_FINGERPRINT = "vllm-0.32.0-fake"
-_WORDS = (" the", " cat", " sat", " on", " a", " mat", "t", " over", " study", " where")
-_USAGE = {"prompt_tokens": 46, "total_tokens": 50, "completion_tokens": 4}
-_COMPLETIONS: dict[str, dict[str, Any]] = {
-    "vllm": {
-        "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1795931646, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": " plcat\",ty", "refusal": None,
-                                             "annotations": None, "audio": None, "function_call": None,
-                                             "reasoning": None},
-                     "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}],
-        "service_tier": None, "system_fingerprint": _FINGERPRINT, "usage": _USAGE,
-    },
-    "minimal": {
-        "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1795931646, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": " the cat sat"},
-                     "logprobs": None, "finish_reason": "length", "stop_reason": None}],
-        "usage": _USAGE,
-    },
-}
-_MODELS = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}
-_HEALTH = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-_SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-def _http_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _response(body: bytes, ctype: bytes = b"application/json") -> bytes:
-    return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (ctype, len(body), body)
-
-
-def _compact(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def sse_events(style: FakeStyle, n: int, usage: bool) -> list[bytes]:
-    """The HTTP chunks of one streamed chat completion: role chunk, ``n`` content chunks (the last with
-    ``finish_reason: length``), the usage chunk when ``usage``, ``data: [DONE]`` (no terminating chunk)."""
-    vllm = style == "vllm"
-    base = {"id": "chatcmpl-0123456789abcdef", "object": "chat.completion.chunk", "created": 1795931645,
-            "model": MODEL}
-    logprobs: dict[str, Any] = {"logprobs": None} if vllm else {}
-    role = {"index": 0, "delta": {"role": "assistant", "content": ""}, **logprobs, "finish_reason": None}
-    events = [{**base, "choices": [role], **({"prompt_token_ids": None, "prompt_text": None} if vllm else {})}]
-    for i in range(n):
-        last = i == n - 1
-        choice = {"index": 0, "delta": {"content": _WORDS[i % len(_WORDS)] if vllm else " tok"}, **logprobs,
-                  "finish_reason": "length" if last else None}
-        if vllm:
-            choice["token_ids"] = None
-            if last:
-                choice["stop_reason"] = None
-        events.append({**base, "choices": [choice]})
-    if usage:
-        events.append({**base, "choices": [], "usage": {"prompt_tokens": 46, "total_tokens": 46 + n,
-                                                         "completion_tokens": n},
-                       **({"system_fingerprint": _FINGERPRINT} if vllm else {})})
-    return [_http_chunk(b"data: " + _compact(e) + b"\n\n") for e in events] + [_http_chunk(b"data: [DONE]\n\n")]
-
-
-def serve_fake(port: int, style: FakeStyle) -> None:
-    """Serve a fake OpenAI upstream (vLLM's routes) on 127.0.0.1:``port`` until SIGTERM.
-
-    * ``GET /health``: 200, empty. ``GET /v1/models``: the one model :data:`MODEL`. ``GET /metrics``: a
-      one-gauge Prometheus text. Anything else: 404.
-    * ``POST /v1/chat/completions`` (and ``/v1/completions``): without ``stream``, a fixed chat completion
-      with ``usage`` (sent after ``fake_delay_ms`` ms when the request has that field). With
-      ``"stream": true``: a chunked SSE stream (:func:`sse_events`), ``max_tokens`` (default 16) content
-      events, the usage chunk only with ``stream_options.include_usage``, then ``[DONE]``.
-    * ``style="vllm"``: vLLM's exact JSON shapes (the fields it sends as ``null`` included); every request
-      body is parsed, as an engine would; a stream goes out one event per HTTP chunk and per loop turn
-      (an engine step), or one every ``fake_interval_ms`` ms when the request has that field, and waits
-      when the client's socket buffer is full.
-    * ``style="minimal"``: the smallest OpenAI shapes; the body is parsed only when it streams or has a
-      ``fake_*`` field; a stream without ``fake_interval_ms`` goes out in one write. Never the bottleneck.
-    """
-    import httptools
-    import uvloop
-
-    vllm = style == "vllm"
-    completion = _response(_compact(_COMPLETIONS[style]))
-    models = _response(json.dumps(_MODELS).encode())
-    metrics = _response(b"# HELP vllm:up fake\n# TYPE vllm:up gauge\nvllm:up 1\n", b"text/plain")
-    streams: dict[tuple[int, bool], tuple[list[bytes], bytes]] = {}  # (events, the whole response)
-
-    class Conn(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.t: asyncio.Transport = transport  # type: ignore[assignment]
-            self.p = httptools.HttpRequestParser(self)
-            self.url = b""
-            self.body: list[bytes] = []
-            self.writable = asyncio.Event()
-            self.writable.set()
-            self.task: asyncio.Task[None] | None = None
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.task is not None:
-                self.task.cancel()
-            self.writable.set()
-
-        def pause_writing(self) -> None:
-            self.writable.clear()
-
-        def resume_writing(self) -> None:
-            self.writable.set()
-
-        def data_received(self, data: bytes) -> None:
-            try:
-                self.p.feed_data(data)
-            except httptools.HttpParserError:
-                self.t.close()
-
-        def on_message_begin(self) -> None:
-            self.url, self.body = b"", []
-
-        def on_url(self, url: bytes) -> None:
-            self.url += url
-
-        def on_body(self, body: bytes) -> None:
-            self.body.append(body)
-
-        def on_message_complete(self) -> None:
-            url = self.url
-            if url.startswith(b"/v1/chat/completions") or url.startswith(b"/v1/completions"):
-                body = b"".join(self.body)
-                parse = vllm or b'"stream": true' in body or b'"stream":true' in body or b'"fake_' in body
-                self.generate(json.loads(body or b"{}") if parse else {})
-            elif url.startswith(b"/health"):
-                self.t.write(_HEALTH)
-            elif url.startswith(b"/v1/models"):
-                self.t.write(models)
-            elif url.startswith(b"/metrics"):
-                self.t.write(metrics)
-            else:
-                self.t.write(_NOT_FOUND)
-
-        def generate(self, req: dict[str, Any]) -> None:
-            if req.get("stream"):
-                key = (int(req.get("max_tokens") or 16), bool((req.get("stream_options") or {}).get("include_usage")))
-                if key not in streams:
-                    events = sse_events(style, *key)
-                    streams[key] = events, _SSE_HEAD + b"".join(events) + _LAST_CHUNK
-                events, whole = streams[key]
-                interval = float(req.get("fake_interval_ms") or 0) / 1000
-                if vllm or interval:
-                    self.task = asyncio.get_running_loop().create_task(self.stream(events, interval))
-                else:
-                    self.t.write(whole)
-                return
-            delay = float(req.get("fake_delay_ms") or 0) / 1000
-            if delay:
-                asyncio.get_running_loop().call_later(delay, self.reply, completion)
-            else:
-                self.t.write(completion)
-
-        def reply(self, data: bytes) -> None:
-            if not self.t.is_closing():
-                self.t.write(data)
-
-        async def stream(self, events: list[bytes], interval: float) -> None:
-            t = self.t
-            t.write(_SSE_HEAD)
-            t0 = time.monotonic()
-            for i, ev in enumerate(events):
-                if interval:
-                    delay = t0 + i * interval - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                else:
-                    await asyncio.sleep(0)  # one event per stream per loop turn (like an engine step)
-                if not self.writable.is_set():
-                    await self.writable.wait()
-                if t.is_closing():
-                    return
-                t.write(ev)
-            t.write(_LAST_CHUNK)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=1024)
-        stopped = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stopped.set)
-        await stopped.wait()
-        server.close()
-
-    uvloop.run(main())

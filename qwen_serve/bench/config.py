@@ -38,19 +38,19 @@ class RunConfig(BaseModel):
     input_len: int | None = Field(default=None, ge=1)
     output_len: int = Field(default=128, ge=1)
     rate: float = math.inf
-    burstiness: float = Field(default=1.0, gt=0)
+    burstiness: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     arrival: Literal["constant", "poisson", "gamma"] | None = None
     concurrency: int | None = Field(default=None, ge=1)
-    duration: float | None = Field(default=None, gt=0)
+    duration: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     num_requests: int | None = Field(default=None, ge=1)
     warmup: int = Field(default=0, ge=0)
-    ramp_up: float = Field(default=0.0, ge=0)
+    ramp_up: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     slo: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
     ignore_eos: bool = True
     temperature: float = Field(default=0.0, ge=0)
     tokenizer: Literal["server", "estimate"] = "server"
-    timeout: float = Field(default=600.0, gt=0)
+    timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     label: str | None = None
     pool_size: int = Field(default=512, ge=1)
     turns: int = Field(default=4, ge=1)
@@ -72,7 +72,7 @@ class RunConfig(BaseModel):
     @field_validator("rate")
     @classmethod
     def _rate_positive(cls, v: float) -> float:
-        if not v > 0:
+        if math.isnan(v) or not v > 0:
             raise ValueError("must be positive or 'inf'")
         return v
 
@@ -130,7 +130,7 @@ def build(values: dict[str, Any]) -> RunConfig:
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc != "config" else msg)
+            parts.append(msg if loc == "config" or msg.startswith(f"{loc}:") else f"{loc}: {msg}")
         raise BenchConfigError("; ".join(parts)) from None
 
 

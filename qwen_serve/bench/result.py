@@ -152,8 +152,10 @@ def build_result(outcome: RunOutcome, ceiling: dict[str, Any] | None = None) -> 
         if near:
             warnings.append("this run used " + " and ".join(near) + " measured by `qwen-serve bench ceiling`")
     if misses:
+        wanted = {r.target_output_tokens for r in targets}
+        target = f"{wanted.pop()} tokens" if len(wanted) == 1 else "per-request tokens"
         warnings.append(f"{misses} of {len(targets)} answers missed their output length target "
-                        f"({cfg.output_len} tokens): the server may not honour ignore_eos")
+                        f"({target}): the server may not honour ignore_eos")
     if not usage_known and ok:
         warnings.append("the server sent no usage for some answers: token counts are the client's estimate")
     if failed:
@@ -166,6 +168,9 @@ def build_result(outcome: RunOutcome, ceiling: dict[str, Any] | None = None) -> 
     if guided_recs:
         valid = sum(1 for r in guided_recs if r.guided_valid)
         guided = {"valid": valid, "invalid": len(guided_recs) - valid, "validity_rate": valid / len(guided_recs)}
+        if valid < len(guided_recs):
+            warnings.append(f"guided validity {valid / len(guided_recs):.1%}: {len(guided_recs) - valid} of "
+                            f"{len(guided_recs)} guided answers did not match their schema")
 
     def rate(x: float) -> float:
         return x / duration if duration > 0 else 0.0

@@ -181,8 +181,9 @@ async def _open_loop(client: Client, bodies: Sequence[bytes], offsets: Sequence[
     t0 = _perf()
     progress.started = t0
     for i, due in enumerate(offsets):
-        wait = t0 + due - _perf()
-        if wait > 0:
+        # A loop, not one sleep: event-loop timers may fire up to a millisecond early (uvloop rounds to
+        # ms), and a request must never leave before its scheduled time (no negative schedule lag).
+        while (wait := t0 + due - _perf()) > 0:
             await asyncio.sleep(wait)
         spec = (first + i) % nb
         rec = RequestRecord(index=i, spec_index=spec, scheduled=due)

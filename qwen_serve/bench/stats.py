@@ -67,8 +67,8 @@ def parse_slo(text: str | None) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise ValueError(f"slo: {name} must be a number of milliseconds, got '{value}'") from None
-        if out[name] <= 0:
-            raise ValueError(f"slo: {name} must be positive")
+        if not math.isfinite(out[name]) or out[name] <= 0:
+            raise ValueError(f"slo: {name} must be positive and finite, got '{value}'")
     return out
 
 

@@ -94,11 +94,13 @@ def test_metrics_are_vllm_shaped_and_count_open_streams(stub: StubProcess) -> No
         return sum(s.value for s in families["vllm:num_requests_running"].samples)
 
     assert running() == 0
-    slow = _chat(max_tokens=3, stream=True, fake_interval_ms=400)  # about 1.2 s per stream
+    slow = _chat(max_tokens=3, stream=True, fake_interval_ms=1000)  # about 3 s per stream
     threads = [threading.Thread(target=_events, args=(stub.url, slow)) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.4)
+    deadline = time.monotonic() + 5  # polled: a starved box may start the threads late
+    while running() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert running() == 3
     for t in threads:
         t.join()
@@ -117,5 +119,5 @@ def test_freeze_stalls_every_request(stub: StubProcess) -> None:
     waited = time.monotonic() - t1
     frozen.join()
     assert r.status_code == 200
-    assert freeze_s - 0.2 - 0.25 <= waited <= freeze_s + 0.5, waited
+    assert waited >= freeze_s - 0.2 - 0.25, waited  # held by the freeze (an upper bound would time the box)
     assert time.monotonic() - t0 >= freeze_s
