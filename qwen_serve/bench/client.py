@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from qwen_serve.bench.exporter import Exporter, NullExporter
 from qwen_serve.bench.records import RequestRecord, RequestSpec
@@ -114,79 +117,149 @@ def _record_http_error(rec: RequestRecord, status: int, raw: bytes) -> None:
 
 
 def parse_stream(rec: RequestRecord, times: Sequence[float], reads: Sequence[bytes], t0: float) -> None:
-    """Frame the SSE ``reads`` (stamped ``times``) into events and fill ``rec``'s tokens and event times."""
+    """Frame the SSE ``reads`` (stamped ``times``) into events and fill ``rec``'s tokens and event times.
+
+    An event is stamped with the time of the read that holds the last byte of its blank-line separator.
+    Each ``data:`` line is one payload; all payloads are decoded in one ``json.loads`` call.
+    """
+    raw = reads[0] if len(reads) == 1 else b"".join(reads)
+    if b"\r" in raw:  # CRLF framing: normalise read by read so the stamps stay with their reads
+        reads = [r.replace(b"\r\n", b"\n") for r in reads]
+        raw = b"".join(reads)
+    ends = list(accumulate(map(len, reads)))  # cumulative byte offsets: read i holds [ends[i-1], ends[i])
+    blocks = raw.split(b"\n\n")
+    blocks.pop()  # the text after the last separator is not a complete event
     ev_times: list[float] = []
     payloads: list[bytes] = []
-    buf = b""
-    for t, data in zip(times, reads):
-        buf = buf + data if buf else data
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            for line in buf[start:end].split(b"\n"):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    if payload and payload != b"[DONE]":
-                        ev_times.append(t)
-                        payloads.append(payload)
-            start = end + 2
-        buf = buf[start:]
+    offset = -1  # the offset of each block's separator's last byte
+    for block in blocks:
+        offset += len(block) + 2
+        if block[:5] == b"data:" and b"\n" not in block:
+            payload = block[5:].strip()
+            if payload and payload != b"[DONE]":
+                payloads.append(payload)
+                ev_times.append(times[bisect_right(ends, offset)])
+            continue
+        for line in block.split(b"\n"):  # several lines (event:, id:, comments, multi-line data)
+            if line[:5] == b"data:":
+                payload = line[5:].strip()
+                if payload and payload != b"[DONE]":
+                    payloads.append(payload)
+                    ev_times.append(times[bisect_right(ends, offset)])
+    if not payloads:
+        _fill(rec, ev_times, [], t0)
+        return
+    joined = b"[" + b",".join(payloads) + b"]"
     try:
-        events = json.loads(b"[" + b",".join(payloads) + b"]") if payloads else []
-    except ValueError:
+        events: Sequence[_Event] = _DECODER.decode(joined)
+    except msgspec.ValidationError:  # valid JSON of unexpected types: read it field by field
+        events = [_lenient(ev) for ev in msgspec.json.decode(joined)]
+    except msgspec.DecodeError:
         rec.error, rec.error_message = "stream_error", "an SSE event was not valid JSON"
         return
     _fill(rec, ev_times, events, t0)
 
 
-def _fill(rec: RequestRecord, ev_times: Sequence[float], events: Sequence[Any], t0: float) -> None:
+# The fields of an OpenAI chat-completion chunk the client reads; the decoder skips the rest.
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: msgspec.Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: msgspec.Raw | None = None
+
+
+_DECODER = msgspec.json.Decoder(list[_Event])
+
+
+def _lenient(ev: Any) -> _Event:
+    """An event decoded without a schema, its fields kept only where they have the expected type."""
+    if not isinstance(ev, dict):
+        return _Event()
+
+    def s(d: dict[str, Any], k: str) -> str | None:
+        v = d.get(k)
+        return v if isinstance(v, str) else None
+
+    def i(d: dict[str, Any], k: str) -> int | None:
+        v = d.get(k)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    choices = []
+    for ch in ev.get("choices") or ():
+        if isinstance(ch, dict):
+            d = ch.get("delta")
+            delta = _Delta(s(d, "content"), s(d, "reasoning_content"), s(d, "reasoning"),
+                           msgspec.Raw(json.dumps(d["tool_calls"]).encode()) if d.get("tool_calls") else None) \
+                if isinstance(d, dict) else None
+            choices.append(_Choice(delta, s(ch, "text"), s(ch, "finish_reason")))
+    u = ev.get("usage")
+    usage = _Usage(i(u, "prompt_tokens"), i(u, "completion_tokens")) if isinstance(u, dict) else None
+    err = ev.get("error")
+    return _Event(choices, usage, msgspec.Raw(json.dumps(err).encode()) if err is not None else None)
+
+
+def _fill(rec: RequestRecord, ev_times: Sequence[float], events: Sequence[_Event], t0: float) -> None:
     texts: list[str] = []
     chunk_times: list[float] = []
     cumulative: list[int | None] = []
-    usage: dict[str, Any] | None = None
+    usage: _Usage | None = None
     last_cum = 0
     for t, ev in zip(ev_times, events):
-        if not isinstance(ev, dict):
-            continue
-        if "error" in ev:
-            err = ev["error"] if isinstance(ev["error"], dict) else {"message": str(ev["error"])}
+        if ev.error is not None and bytes(ev.error) != b"null":
+            err = json.loads(bytes(ev.error))
+            err = err if isinstance(err, dict) else {"message": str(err)}
             rec.error = str(err.get("code") or err.get("type") or "stream_error")
             rec.error_message = str(err.get("message", ""))[:300]
-        u = ev.get("usage")
-        if isinstance(u, dict):
+        u = ev.usage
+        cum = None
+        if u is not None:
             usage = u
-        cum = usage.get("completion_tokens") if usage is not None and u is not None else None
-        choices = ev.get("choices") or ()
+            cum = u.completion_tokens
+        choices = ev.choices
         carried = False
-        for ch in choices:
-            delta = ch.get("delta") or {}
-            piece = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") \
-                or ch.get("text")
-            if piece:
-                texts.append(piece)
-                carried = True
-            if delta.get("tool_calls"):
-                texts.append(json.dumps(delta["tool_calls"]))
-                carried = True
-            if ch.get("finish_reason"):
-                rec.finish_reason = ch["finish_reason"]
+        if choices:
+            for ch in choices:
+                delta = ch.delta
+                piece = ch.text
+                if delta is not None:
+                    piece = delta.content or delta.reasoning_content or delta.reasoning or piece
+                    if delta.tool_calls is not None and bytes(delta.tool_calls) not in (b"null", b"[]"):
+                        texts.append(bytes(delta.tool_calls).decode())
+                        carried = True
+                if piece:
+                    texts.append(piece)
+                    carried = True
+                if ch.finish_reason:
+                    rec.finish_reason = ch.finish_reason
         # A token-bearing event: text arrived, or (continuous usage) the token count rose.
-        if carried or (isinstance(cum, int) and cum > last_cum and choices):
+        if carried or (cum is not None and cum > last_cum and choices):
             chunk_times.append(t - t0)
-            cumulative.append(cum if isinstance(cum, int) else None)
-        if isinstance(cum, int):
+            cumulative.append(cum)
+        if cum is not None:
             last_cum = max(last_cum, cum)
     rec.text = "".join(texts)
     rec.chunk_times = chunk_times
-    rec.client_output_tokens = sum(1 for _ in chunk_times)
+    rec.client_output_tokens = len(chunk_times)
     if usage is not None:
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        rec.input_tokens = pt if isinstance(pt, int) else None
-        rec.output_tokens = ct if isinstance(ct, int) else None
+        rec.input_tokens = usage.prompt_tokens
+        rec.output_tokens = usage.completion_tokens
     rec.chunk_tokens = _tokens_per_event(cumulative, rec.output_tokens)
 
 

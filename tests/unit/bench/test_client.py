@@ -240,3 +240,21 @@ def test_encode_body_adds_model_stream_and_usage_options() -> None:
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     assert json.loads(encode_body(spec, "qwen", continuous_usage=False))["stream_options"]["continuous_usage_stats"] is False
+
+
+def test_events_of_unexpected_types_are_read_field_by_field() -> None:
+    """Valid JSON whose fields have other types than OpenAI's (a numeric content, a string token count)
+    keeps what has the expected type instead of failing the request."""
+    from qwen_serve.bench.client import parse_stream
+    from qwen_serve.bench.records import RequestRecord
+
+    events = [{"choices": [{"delta": {"content": 7}}]},
+              {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": "2"}}]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    rec = RequestRecord(index=0, spec_index=0, scheduled=0.0)
+    parse_stream(rec, [1.0, 2.0], [raw[:40], raw[40:]], 0.0)
+    assert rec.error is None
+    assert rec.text == "ok" and rec.finish_reason == "stop"
+    assert rec.input_tokens == 5 and rec.output_tokens is None  # the string count is not trusted
+    assert rec.chunk_times == [2.0]  # the event that completed in the second read
