@@ -101,7 +101,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from qwen_serve.demo import run_demo
 
-    return run_demo(model=args.model, port=args.port)
+    keep = args.keep if args.keep is not None else sys.stdin.isatty()
+    return run_demo(model=args.model, port=args.port, keep=keep)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the demo model and show a streamed and a guided-JSON answer")
     demo.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
     demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--keep", action=argparse.BooleanOptionalAction, default=None,
+                      help="after the answers, keep serving until Ctrl-C (default: when stdin is a terminal)")
     demo.set_defaults(func=cmd_demo)
 
     from qwen_serve.bench.cli import add_parser as add_bench

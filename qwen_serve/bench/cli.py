@@ -51,6 +51,8 @@ def _load_flags(p: argparse.ArgumentParser, *, target: bool = True) -> None:
         g.add_argument("--url", default=S, help="server or gateway base URL (http://host:port)")
     g.add_argument("--model", default=S, help="model name to request")
     g.add_argument("--api-key", default=S, help="Bearer key (qwen-serve gateway keys: qs-...)")
+    g.add_argument("--api-key-file", default=S, metavar="PATH",
+                   help="file holding the Bearer key (~ expanded, content stripped); --api-key wins")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default=S,
                    help="random | sharegpt:FILE | long-context | json-schema | multi-turn | tools (default random)")
@@ -129,6 +131,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
     """(load settings, other settings): scenario values overlaid by the flags given."""
     values: dict[str, Any] = load_scenario(args.scenario) if getattr(args, "scenario", None) else {}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "cmd", "bench_cmd", "scenario")}
+    # A key given on the command line, in either form, replaces the scenario's key in either form.
+    if "api_key" in given or "api_key_file" in given:
+        values.pop("api_key", None)
+        values.pop("api_key_file", None)
     values.update(given)
     other = {k: values.pop(k) for k in list(values) if k in _NOT_LOAD}
     return values, other

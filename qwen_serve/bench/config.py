@@ -4,6 +4,11 @@
 target of a compare). Field names are the CLI flags with ``_`` for ``-``; a scenario YAML file holds any
 of them (``load_scenario``), and flags given on the command line win. Validation errors name the field
 (``rate: must be positive or 'inf'``) and are raised as :class:`BenchConfigError`.
+
+The API key is ``api_key``, or the stripped content of ``api_key_file`` (``~`` expanded; read when the
+config is built, so a missing, unreadable or empty file is an error naming ``api_key_file``). When both
+are set, ``api_key`` wins and the file is not read. Neither is read from the environment. ``public()``
+(what ``result.json`` stores) leaves the key out; ``api_key_file`` there is the path, never its content.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qwen_serve.bench.stats import parse_slo
 
-__all__ = ["RunConfig", "BenchConfigError", "load_scenario", "WORKLOADS"]
+__all__ = ["RunConfig", "BenchConfigError", "load_scenario", "read_key_file", "WORKLOADS"]
 
 WORKLOADS = ("random", "sharegpt", "long-context", "json-schema", "multi-turn", "tools")
 
@@ -34,6 +39,7 @@ class RunConfig(BaseModel):
     url: str
     model: str
     api_key: str | None = None
+    api_key_file: str | None = None
     workload: str = "random"
     input_len: int | None = Field(default=None, ge=1)
     output_len: int = Field(default=128, ge=1)
@@ -93,6 +99,12 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _key_from_file(self) -> RunConfig:
+        if self.api_key is None and self.api_key_file is not None:
+            self.api_key = read_key_file(self.api_key_file)
+        return self
+
+    @model_validator(mode="after")
     def _bounds(self) -> RunConfig:
         if self.duration is None and self.num_requests is None:
             raise ValueError("give --duration S or --num-requests N")
@@ -119,6 +131,20 @@ class RunConfig(BaseModel):
         d.pop("api_key")
         d["rate"] = "inf" if math.isinf(self.rate) else self.rate
         return d
+
+
+def read_key_file(path: str) -> str:
+    """The stripped content of ``path`` (``~`` expanded); ValueError naming ``api_key_file`` otherwise."""
+    p = Path(path).expanduser()
+    try:
+        key = p.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"api_key_file: cannot read {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"api_key_file: {p} is not UTF-8 text") from None
+    if not key:
+        raise ValueError(f"api_key_file: {p} is empty")
+    return key
 
 
 def build(values: dict[str, Any]) -> RunConfig:
