@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qwen_serve.bench.config import BenchConfigError, RunConfig, build, load_scenario
+from qwen_serve.bench.config import BenchConfigError, BenchError, RunConfig, build, load_scenario
+from qwen_serve.bench.tokenizer import TokenizerUnavailable
 
 __all__ = ["add_parser", "main", "run_async"]
 
@@ -207,6 +208,13 @@ def main(args: argparse.Namespace) -> int:
     except (BenchConfigError, ValueError) as exc:
         print(f"qwen-serve bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TokenizerUnavailable as exc:
+        print(f"qwen-serve bench: {exc} (is the server up? for a server without /tokenize, "
+              "--tokenizer estimate sends prompts of about the asked length)", file=sys.stderr)
+        return 1
+    except BenchError as exc:
+        print(f"qwen-serve bench: {exc}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

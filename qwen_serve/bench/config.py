@@ -22,13 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qwen_serve.bench.stats import parse_slo
 
-__all__ = ["RunConfig", "BenchConfigError", "load_scenario", "read_key_file", "WORKLOADS"]
+__all__ = ["RunConfig", "BenchConfigError", "BenchError", "load_scenario", "read_key_file", "WORKLOADS"]
 
 WORKLOADS = ("random", "sharegpt", "long-context", "json-schema", "multi-turn", "tools")
 
 
 class BenchConfigError(ValueError):
     """A bad flag or scenario value; the message names the field."""
+
+
+class BenchError(RuntimeError):
+    """A run that cannot go on for a reason the message states in one line (exit 1, no traceback)."""
 
 
 class RunConfig(BaseModel):

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwen_serve.bench.config import RunConfig
+from qwen_serve.bench.config import BenchError, RunConfig
 from qwen_serve.bench.persist import save_run
 from qwen_serve.bench.report import render, write_sweep
 from qwen_serve.bench.run import RunOutcome
@@ -76,7 +76,7 @@ async def sweep(base: RunConfig, out: str | Path, execute: Execute, *, rates: Se
         sat = await point(base.model_copy(update={"rate": math.inf, "concurrency": conc, "label": f"max,c={conc}"}))
         top = sat["request_throughput"]
         if top <= 0:
-            raise RuntimeError("the saturation point completed no request; nothing to sweep below it")
+            raise BenchError("the saturation point completed no request; nothing to sweep below it")
         plan = [base.model_copy(update={"rate": round(top * i / points, 3), "concurrency": base.concurrency,
                                         "label": f"rate={top * i / points:.3g}"}) for i in range(1, points)]
         saturation = results.pop()

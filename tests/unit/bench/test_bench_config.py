@@ -168,3 +168,19 @@ def test_parse_target_bad_forms(text: str, part: str) -> None:
         parse_target(text)
     assert part in str(info.value)
     assert str(info.value).startswith("target:")
+
+
+def test_unreachable_server_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that is not there ends the run with one line naming the request, not a traceback."""
+    import socket
+
+    from qwen_serve.cli import main
+
+    with socket.socket() as s:  # a port that was just free on loopback: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["bench", "run", "--url", f"http://127.0.0.1:{port}", "--model", "m", "--num-requests", "1",
+                 "--no-progress", "--no-engine-metrics"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "/tokenize" in err and "Traceback" not in err
