@@ -1,8 +1,7 @@
-"""Plumbing shared by the benchmark scripts: processes, CPU time, a fake upstream, the gateway, reports.
+"""Plumbing shared by the benchmark scripts: CPU time, the gateway, RESULTS.md sections.
 
 The scripts import it as ``from _harness import ...``: they run as ``python benchmarks/X.py``, so this
-folder is first on ``sys.path``. Each script spawns itself for its subprocesses (``X.py _fake ...``,
-``X.py _gateway ...``) and calls the matching server function of this module there.
+folder is first on ``sys.path``; importing it also puts the repository root on ``sys.path``.
 
 Contracts:
 
@@ -12,68 +11,52 @@ Contracts:
 * :func:`process_tree`: ``{pid: CPU seconds}`` of a process and all its live descendants, from one pass
   over ``/proc``; processes that exit during the pass are left out. :func:`tree_cpu_s` sums it (0.0 for
   ``None``).
-* :class:`Proc`, :func:`spawn`, :func:`wait_ready`, :func:`stop`: ``spawn`` starts ``python <script>
-  <args>`` (optionally behind a ``prefix`` command such as valgrind) with stdout discarded, stderr piped
-  unless told otherwise, cwd the repository root; the :class:`Proc` holds the ``Popen`` and the URL
-  ``http://127.0.0.1:<port>`` it will serve.
-  ``wait_ready`` polls ``GET url+path`` until 200 and raises ``SystemExit`` (with the tail of stderr) if
-  the process exits first or the timeout passes. ``stop`` sends SIGTERM to every live process, then
-  waits up to 10 s for each and kills (and reaps) the ones still running.
-* :func:`pct`: the nearest-rank percentile ``q`` (0-100) of ``values``; NaN when empty.
 * :func:`reject_constant`: a ``json.loads(parse_constant=...)`` hook that raises ``ValueError`` for
   ``NaN``, ``Infinity`` and ``-Infinity`` (strict JSON).
 * :func:`markdown_table`: the lines of a Markdown table (header, ``|---|`` rule, one line per row; each
-  cell rendered with ``str``). :func:`write_section` replaces the section of ``RESULTS.md`` that
-  starts with the line ``heading`` (up to the next ``## `` heading) with ``text``, or appends it; a
-  hand-written ``### Reading these figures`` block at the end of the old section is kept after it.
-  The other sections are kept as they are; a missing file starts as ``# qwen-serve benchmark results``.
-* :func:`gateway_app`, :func:`uvicorn_config`, :func:`serve_app`: ``build_app`` for a config of model
-  :data:`MODEL` with the given ``auth`` section and ``gateway`` fields (UI off, 127.0.0.1, ``port``) in
-  front of ``upstream``; served by uvicorn with the settings of ``qwen_serve/serve.py``
-  (``_uvicorn_config``: uvloop, httptools, lifespan on, keep-alive 75 s, no server header) but quiet
-  logs (warnings only, no access log). ``serve_app`` blocks until SIGINT/SIGTERM.
-* :func:`serve_fake`, :func:`sse_events`, :data:`FakeStyle`: the fast fake OpenAI/vLLM upstream (raw asyncio
-  + uvloop + httptools) on 127.0.0.1:port until SIGTERM, re-exported from :mod:`qwen_serve.bench.stub`
-  (the built-in stub of ``qwen-serve bench``), whose docstring states what it answers. It echoes the
-  request's ``model``, so the scripts' requests for :data:`MODEL` (the gateway's configured model) come
-  back as :data:`MODEL`.
+  cell rendered with ``str``).
+* :func:`write_section`: puts ``body`` into ``RESULTS.md`` (newest first) under the heading
+  ``## <date> · <title>``, the date today's in UTC unless given (``YYYY-MM-DD``). A section with that
+  exact heading (same title, same date) is replaced, keeping a hand-written ``### Reading these
+  figures`` block from the end of the old one after the new body (unless ``body`` has its own);
+  otherwise the new section goes before the first dated section of the same date or older (at the end
+  if there is none), so the file stays newest first and older sections stay as they are. A missing file starts as ``# qwen-serve
+  benchmark results``. Returns the heading.
+* :func:`gateway_app`, :func:`serve_app`: ``build_app`` for a config of model :data:`MODEL` with the
+  given ``auth`` section and ``gateway`` fields (UI off, 127.0.0.1, ``port``) in front of ``upstream``;
+  served by uvicorn with the settings of ``qwen_serve/serve.py`` (uvloop, httptools, lifespan on,
+  keep-alive 75 s, no server header) but quiet logs (warnings only, no access log), the collector tuned
+  as ``qwen-serve`` tunes it (:func:`qwen_serve.gc_tuning.tune_for_serving`). ``serve_app`` blocks until
+  SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
+import re
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
-
-if TYPE_CHECKING:
-    import aiohttp
-    import uvicorn
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 
-from qwen_serve.bench.stub import FakeStyle, serve_fake, sse_events  # noqa: E402  (re-exported)
-
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 NOTES = "### Reading these figures"
-MODEL = "qwen2-random"  # the gateway's configured model; the stub echoes it
+MODEL = "qwen2-random"  # the gateway's configured model; the bench stub echoes any model
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+_HEADING = re.compile(r"^## .*$", re.M)
+_DATED = re.compile(r"## (\d{4}-\d{2}-\d{2}) · ")
 
-__all__ = ["CLK_TCK", "MODEL", "NOTES", "RESULTS", "ROOT", "FakeStyle", "Proc", "cpu_seconds", "free_port",
-           "gateway_app", "markdown_table", "pct", "process_tree", "reject_constant", "serve_app", "serve_fake",
-           "spawn", "sse_events", "stop", "tree_cpu_s", "uvicorn_config", "wait_ready", "write_section"]
+__all__ = ["MODEL", "RESULTS", "ROOT", "cpu_seconds", "free_port", "gateway_app", "markdown_table",
+           "process_tree", "reject_constant", "serve_app", "tree_cpu_s", "write_section"]
 
 
-# ============================================================================ processes and CPU time
+# ============================================================================ ports and CPU time
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,58 +94,7 @@ def tree_cpu_s(root: int | None) -> float:
     return 0.0 if root is None else sum(process_tree(root).values())
 
 
-@dataclass
-class Proc:
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-
-def spawn(script: str | Path, name: str, args: Sequence[str], port: int, prefix: Sequence[str] = (),
-          stderr: Any = subprocess.PIPE) -> Proc:
-    popen = subprocess.Popen([*prefix, sys.executable, str(Path(script).resolve()), *args],
-                             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
-    return Proc(name, f"http://127.0.0.1:{port}", popen)
-
-
-async def wait_ready(session: aiohttp.ClientSession, proc: Proc, path: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            err = proc.popen.stderr.read().decode() if proc.popen.stderr else ""
-            raise SystemExit(f"{proc.name} exited early:\n{err[-2000:]}")
-        try:
-            async with session.get(proc.url + path) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{proc.name} not ready at {proc.url}{path} after {timeout}s")
-
-
-def stop(procs: Sequence[Proc]) -> None:
-    for p in procs:
-        if p.popen.poll() is None:
-            p.popen.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
-            p.popen.wait()
-
-
 # ============================================================================ figures and reports
-def pct(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
-
-
 def reject_constant(name: str) -> NoReturn:
     raise ValueError(name)
 
@@ -172,24 +104,30 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> 
             *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
-def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
+def write_section(title: str, body: str, path: Path = RESULTS, date: str | None = None) -> str:
+    day = date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    heading = f"## {day} · {title}"
     current = path.read_text() if path.exists() else "# qwen-serve benchmark results\n"
-    start = current.find(heading + "\n")
-    if start < 0:
-        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    section = heading + "\n\n" + body.strip("\n") + "\n"
+    heads = list(_HEADING.finditer(current))
+    for i, m in enumerate(heads):
+        if m.group(0) == heading:  # the same title measured again today: replace it
+            end = heads[i + 1].start() if i + 1 < len(heads) else len(current)
+            old = current[m.start():end]
+            notes = old[old.find(NOTES):].strip("\n") if NOTES in old and NOTES not in body else ""
+            section += ("\n" + notes + "\n") if notes else ""
+            path.write_text(current[:m.start()] + section + ("\n" + current[end:] if end < len(current) else ""))
+            return heading
+    at = next((m.start() for m in heads if (d := _DATED.match(m.group(0))) and d.group(1) <= day), None)
+    if at is None:
+        path.write_text(current.rstrip("\n") + "\n\n" + section)
     else:
-        end = current.find("\n## ", start + len(heading))
-        old = current[start:end if end >= 0 else len(current)]
-        notes = old[old.find(NOTES):].rstrip("\n") if NOTES in old else ""
-        tail = current[end + 1:] if end >= 0 else ""
-        body = text.rstrip("\n") + ("\n\n" + notes if notes else "")
-        new = current[:start] + body + "\n" + ("\n" + tail if tail else "")
-    path.write_text(new)
+        path.write_text(current[:at] + section + "\n" + current[at:])
+    return heading
 
 
 # ============================================================================ gateway (subprocess side)
 def gateway_app(port: int, upstream: str, auth: dict[str, Any], **gateway: Any) -> Any:
-    sys.path.insert(0, str(ROOT))
     from qwen_serve.config import parse_config
     from qwen_serve.gateway.app import build_app
 
@@ -201,21 +139,13 @@ def gateway_app(port: int, upstream: str, auth: dict[str, Any], **gateway: Any) 
     return build_app(config, upstream_url=upstream)
 
 
-def uvicorn_config(app: Any, port: int) -> uvicorn.Config:
-    import uvicorn
-
-    return uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
-                          access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False)
-
-
-def serve_app(app: Any, port: int, *, tune_gc: bool = True) -> None:
-    """Serve ``app`` as ``qwen-serve`` does: uvicorn with uvloop and httptools, the collector tuned
-    (:func:`qwen_serve.gc_tuning.tune_for_serving`) unless ``tune_gc`` is false."""
+def serve_app(app: Any, port: int) -> None:
     import uvicorn
 
     from qwen_serve.gc_tuning import tune_for_serving
 
-    server = uvicorn.Server(uvicorn_config(app, port))
-    if tune_gc:
-        tune_for_serving()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+        log_level="warning", timeout_keep_alive=75, server_header=False))
+    tune_for_serving()
     server.run()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Structured-output backends, guidance vs xgrammar: validity of guided JSON and decode speed.
 
-Issue 3 asks to revisit the default of ``engine.structured_outputs_backend`` (``guidance``) with our own
-measurements. This script starts its own stacks: for each backend it runs ``qwen-serve up`` (a subprocess,
+It measures whether the default of ``engine.structured_outputs_backend`` (``guidance``) is still the right
+choice. This script starts its own stacks: for each backend it runs ``qwen-serve up`` (a subprocess,
 ``python -m qwen_serve up --config <tmp>``) on the random-weight Qwen2 model (CPU engine, 1 GiB KV cache,
 auth off, ``model.tool_calling: false``, free ports), waits for ``/ready``, measures, and stops it with
 SIGTERM before the next one starts. Only one engine of its own runs at a time; backends alternate over
@@ -67,7 +67,7 @@ from _harness import (RESULTS, ROOT, free_port, markdown_table, process_tree, re
 sys.path.insert(0, str(ROOT))
 from tests.schemas import generate_schemas  # noqa: E402
 
-SECTION = "## Structured-output backends: guidance vs xgrammar"
+SECTION = "Structured-output backends: guidance vs xgrammar"  # RESULTS.md title; write_section dates it
 BACKENDS = ("guidance", "xgrammar")
 MODEL_NAME = "qwen2-random"
 PROMPT = [{"role": "user", "content": "Reply with one JSON value and nothing else."}]
@@ -464,18 +464,16 @@ def markdown(meta: dict[str, Any], sessions: list[dict[str, Any]], by: dict[str,
     args = argparse.Namespace(**meta["args"])
     n = len(validity_jobs(0, args.seeds))
     lines = [
-        SECTION,
-        "",
-        f"Measured {meta['when']} on {meta['machine']} with {meta['versions']}; model `{MODEL_NAME}` (random "
-        f"weights, 1,024-token vocabulary). Load average (1 min) before / after: {meta['load_before']} / "
-        f"{meta['load_after']} (a dev stack and other sessions' work share the 2 CPUs: compare only within this "
-        f"run). Total wall time {meta['wall_s'] / 60:.1f} min.",
-        "",
         "Command:",
         "",
         "```",
         meta["command"],
         "```",
+        "",
+        f"Measured {meta['when']} on {meta['machine']} with {meta['versions']}; model `{MODEL_NAME}` (random "
+        f"weights, 1,024-token vocabulary). Load average (1 min) before / after: {meta['load_before']} / "
+        f"{meta['load_after']} (other work shares the CPUs: compare only within this run). Total wall time "
+        f"{meta['wall_s'] / 60:.1f} min.",
         "",
         f"One `qwen-serve up` at a time (CPU engine, 1 GiB KV cache, `--max-num-seqs 32`, auth off, "
         f"`tool_calling: false`, only `engine.structured_outputs_backend` differs), stopped with SIGTERM before "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Guided JSON vs unconstrained decoding: output tokens/s on the same engine at the same concurrency.
 
-Issue 3's benchmark (target: guided / free >= 0.8). It starts nothing: point it at a running gateway
+Target: guided / free >= 0.8. It starts nothing: point it at a running gateway
 (``qwen-serve up``, or the development stack) or at a vLLM engine directly. Each round runs both arms
 back to back, alternating which goes first (A/B, B/A, ...) so that drift in machine load hits both:
 
@@ -52,7 +52,7 @@ from _harness import RESULTS, ROOT, markdown_table, reject_constant, tree_cpu_s,
 sys.path.insert(0, str(ROOT))
 from tests.schemas import generate_schemas  # noqa: E402
 
-SECTION = "## Guided JSON vs unconstrained throughput"
+SECTION = "Guided JSON vs unconstrained throughput"  # RESULTS.md title; write_section dates it
 PROMPT = [{"role": "user", "content": "Reply with one JSON value and nothing else."}]
 LONG_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -227,17 +227,15 @@ def engine_info(url: str, api_key: str | None) -> str:
 
 def markdown(args: argparse.Namespace, res: dict[str, Any], command: str) -> str:
     lines = [
-        SECTION,
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
-        f"({platform.machine()}, {os.cpu_count()} CPUs), model {engine_info(args.url, args.api_key)}, "
-        f"through {args.url}; {args.note}",
-        "",
         "Command:",
         "",
         "```",
         command,
         "```",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs), model {engine_info(args.url, args.api_key)}, "
+        f"through {args.url}; {args.note}",
         "",
         f"Concurrency {args.concurrency}, {args.requests} requests per arm and round, max_tokens {args.max_tokens}, "
         f"{args.rounds} rounds alternating which arm goes first. tok/s = sum of usage.completion_tokens / wall time "

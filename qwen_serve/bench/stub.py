@@ -84,7 +84,6 @@ from types import TracebackType
 from typing import IO, Any, Literal
 
 __all__ = [
-    "FakeStyle",
     "LISTED_MODEL",
     "MAX_MODEL_LEN",
     "StubProcess",
@@ -92,14 +91,12 @@ __all__ = [
     "count_prompt_tokens",
     "main",
     "serve",
-    "serve_fake",
     "sse_events",
     "start_stub",
     "tokenize",
 ]
 
 StubStyle = Literal["vllm", "minimal"]
-FakeStyle = StubStyle  # the name benchmarks/_harness.py has always used
 LISTED_MODEL = "stub"
 MAX_MODEL_LEN = 2048
 TEMPLATE_TOKENS = 5  # per chat message: <|im_start|> role \n ... <|im_end|> \n
@@ -559,11 +556,6 @@ def serve(port: int, style: StubStyle = "vllm", *, chunks_default: int = 16, hos
         server.close()
 
     uvloop.run(main())
-
-
-def serve_fake(port: int, style: StubStyle) -> None:
-    """``benchmarks/_harness``'s name for :func:`serve` on 127.0.0.1."""
-    serve(port, style)
 
 
 # ============================================================================ as a subprocess
