@@ -4,9 +4,9 @@
 ``qwen-serve gateway``, and the benchmarks that measure them), after the app is built and before it
 serves. It is process-wide, so library code (``build_app``, in-process test gateways) never calls it.
 
-Why (measured; figures in ``benchmarks/RESULTS.md``, section "Gateway process: garbage-collector settings"): with CPython's default
-thresholds (700, 10, 10) the gateway spent about a sixth of its CPU in the collector under load. Each request
-in flight holds about a hundred tracked objects (scope, tasks, coroutines, buffers) for milliseconds, so the
+Why (measured; ``benchmarks/RESULTS.md``, "Gateway process: garbage-collector settings"): with CPython's
+default thresholds (700, 10, 10) the gateway spent about a sixth of its CPU in the collector under load. Each
+request in flight holds about a hundred tracked objects (scope, tasks, coroutines, buffers) for milliseconds, so the
 young generation fills hundreds of times a second; what is in flight at that moment survives, is promoted,
 and soon triggers a full collection that walks the whole heap: the ~68,000 objects of the imported modules,
 FastAPI's routes and pydantic's models, ~36 ms each, several times a second.
