@@ -32,6 +32,7 @@ from typing import Any
 from qwen_serve.bench.records import RequestRecord
 
 __all__ = [
+    "get_path",
     "CSV_NAME",
     "JSONL_NAME",
     "RESULT_NAME",
@@ -172,3 +173,12 @@ def load_sweep(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(p, dict) for p in data):
         raise ValueError(f"{path}: expected a JSON list of objects")
     return data
+
+
+def get_path(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...``, or None as soon as a level is missing or not a mapping (result.json readers)."""
+    for k in keys:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(k)
+    return d

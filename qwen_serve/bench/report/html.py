@@ -23,6 +23,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from qwen_serve.bench.report.files import get_path as _get
+
 __all__ = ["HTML_NAME", "write_html"]
 
 HTML_NAME = "report.html"
@@ -69,13 +71,6 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri '
 def _esc(x: Any) -> str:
     return escape(x if isinstance(x, str) else str(x), quote=True)
 
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _num(x: Any) -> float | None:

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qwen_serve.bench.report.files import get_path as _get
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -64,13 +66,6 @@ def _finite(x: Any) -> float | None:
     f = float(x)
     return f if math.isfinite(f) else None
 
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(k)
-    return d
 
 
 def ok_rows(rows: Rows) -> list[Mapping[str, Any]]:

@@ -55,7 +55,6 @@ def _lat(mean: float) -> dict[str, Any]:
 
 
 def make_result(label: str = "rate=4", *, rps: float = 4.0, bound: str | None = None) -> dict[str, Any]:
-    n = 6
     return {
         "label": label,
         "started_at": "2024-01-01T00:00:00Z",
