@@ -87,8 +87,9 @@ def write_demo_key(secret: str, path: Path | None = None) -> Path:
     return path
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGHUP arrived: stop serving and drain."""
+class _Stop(BaseException):
+    """SIGTERM or SIGHUP arrived: stop serving and drain (a BaseException, as KeyboardInterrupt, so that
+    no ``except Exception`` on the way swallows it)."""
 
 
 def _raise_stop(signum: int, frame: object) -> None:

@@ -150,23 +150,32 @@ def test_no_keep_answers_then_drains(fake_demo: Path, tmp_path: Path, capsys: py
     assert stat.S_IMODE((fake_demo / "demo-key").stat().st_mode) == 0o600
 
 
-def _signal_later(sig: int, delay: float = 0.3) -> threading.Timer:
-    timer = threading.Timer(delay, os.kill, (os.getpid(), sig))
-    timer.start()
+def _signal_when_serving(monkeypatch: pytest.MonkeyPatch, sig: int) -> threading.Timer:
+    """Send ``sig`` to this process shortly after the demo says it is serving (never earlier: before the
+    demo's handlers are installed the signal's default action would end the test run)."""
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), sig))
+    say = demo._say
+
+    def spy(msg: str) -> None:
+        say(msg)
+        if "serving on" in msg:
+            timer.start()
+
+    monkeypatch.setattr(demo, "_say", spy)
     return timer
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_keep_serves_until_a_signal_then_drains(fake_demo: Path, capsys: pytest.CaptureFixture[str],
-                                                sig: int) -> None:
+                                                monkeypatch: pytest.MonkeyPatch, sig: int) -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    timer = _signal_later(sig)
+    timer = _signal_when_serving(monkeypatch, sig)
     t0 = time.monotonic()
     try:
         assert demo.run_demo(model="smollm2", keep=True) == 0
     finally:
         timer.cancel()
-    assert time.monotonic() - t0 >= 0.25  # it did wait for the signal
+    assert time.monotonic() - t0 >= 0.25 and timer.finished.is_set()  # it did wait for the signal
     (stack,) = FakeStack.instances
     assert stack.signals == [signal.SIGTERM] and not stack.killed
     out = capsys.readouterr().out
@@ -179,8 +188,8 @@ def test_keep_serves_until_a_signal_then_drains(fake_demo: Path, capsys: pytest.
 
 
 def test_keep_hint_names_the_model_and_port_when_not_the_defaults(
-        fake_demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    timer = _signal_later(signal.SIGTERM)
+        fake_demo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    timer = _signal_when_serving(monkeypatch, signal.SIGTERM)
     try:
         assert demo.run_demo(model="random", port=8123, keep=True) == 0
     finally:
