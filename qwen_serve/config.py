@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 from qwen_serve.constants import DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT
 from qwen_serve.errors import ConfigError
@@ -24,6 +26,7 @@ __all__ = [
     "EngineConfig",
     "GatewayConfig",
     "GuidedConfig",
+    "LimitsConfig",
     "ModelConfig",
     "apply_overrides",
     "load_config",
@@ -73,7 +76,12 @@ class GatewayConfig(_Section):
     host: str = "0.0.0.0"
     port: Port = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)
     max_request_bytes: PositiveInt = 8 * 1024 * 1024
+    # Idle read timeout, not a total: the longest the engine may stay silent (before the response headers,
+    # or between two reads of a stream) before the request fails with 504 (or a stream's error event).
     request_timeout_s: PositiveFloat = 600
+    # Total deadline from the request's arrival (null: none): 504 before the response headers, else the
+    # stream ends with an error event (code deadline_exceeded) and the engine's request is aborted.
+    request_deadline_s: PositiveFloat | None = None
     connect_timeout_s: PositiveFloat = 5
     drain_timeout_s: float = Field(600, ge=0)  # SIGTERM: how long in-flight streams may finish
     ui: bool = True
@@ -87,6 +95,35 @@ class AuthConfig(_Section):
     reload_interval_s: PositiveFloat = 2
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class LimitsConfig(_Section):
+    """Where the per-key rpm/tpm/concurrency state lives (``gateway.limits.build_limiter`` reads it).
+
+    ``local``: in the gateway process (limits apply per replica). ``redis``: shared by every replica at
+    ``redis_url`` (accepted here; the gateway refuses to start with it until that backend exists).
+    ``on_backend_error``: what a shared backend does when its store cannot be reached: ``fail_closed``
+    refuses the request (503), ``fail_open`` admits it unmetered. ``local`` never fails.
+    """
+
+    backend: Literal["local", "redis"] = "local"
+    redis_url: str | None = Field(None, validate_default=True)
+    on_backend_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A redis URL when given; required with ``backend: redis``."""
+        if value is None:
+            if info.data.get("backend") == "redis":
+                raise PydanticCustomError("redis_url_missing", "required when limits.backend is redis")
+            return None
+        if not value.startswith(_REDIS_SCHEMES) or len(value) <= value.index("//") + 2:
+            raise PydanticCustomError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        return value
+
+
 class GuidedConfig(_Section):
     validate_output: bool = True
     legacy_fields: Literal["translate", "reject"] = "translate"
@@ -98,6 +135,7 @@ class Config(_Section):
     gateway: GatewayConfig = Field(default_factory=lambda: GatewayConfig())
     auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     guided: GuidedConfig = Field(default_factory=lambda: GuidedConfig())
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
     base_dir: Path | None = Field(default=None, exclude=True, description="directory relative paths resolve in")
 
     def resolve_path(self, value: str) -> Path:

@@ -154,6 +154,41 @@ def _fit_error(key: str, what: str, fit: _Fit, budget: float, max_len: int) -> P
     return PlanError(f"{key}: {what}: {why}")
 
 
+def _owned_flag(arg: str) -> str | None:
+    """The owned flag (``--host``, ``--port``) vLLM would read ``arg`` as, or None.
+
+    vLLM's argparse accepts any unambiguous prefix of a long option (``--hos``, ``--po``), an
+    ``=value`` suffix, ``_`` for ``-`` and JSON-dotted keys (``--host.x``), so the option name is cut at
+    ``=``, ``.`` and ``+`` and every non-empty prefix of an owned flag is refused, ambiguous ones too.
+    """
+    if not arg.startswith("--") or len(arg) == 2:
+        return None
+    name = arg.replace("_", "-")
+    for sep in "=.+":
+        name = name.split(sep, 1)[0]
+    if len(name) <= 2:
+        return None
+    return next((owned for owned in _OWNED_FLAGS if owned.startswith(name)), None)
+
+
+def _check_extra_args(extra_args: list[str], planned: list[str]) -> list[str]:
+    """Warnings for ``engine.extra_args``; raises :class:`PlanError` for an argument that would move the
+    engine off ``127.0.0.1:engine.port``."""
+    warnings: list[str] = []
+    for arg in extra_args:
+        owned = _owned_flag(arg)
+        if owned is not None:
+            as_owned = "" if arg.split("=", 1)[0] == owned else f" (vLLM reads it as {owned})"
+            raise PlanError(
+                f"engine.extra_args: {arg.split('=', 1)[0]} is not allowed{as_owned}: "
+                f"the engine listens on {ENGINE_HOST}:engine.port only"
+            )
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag in planned:
+            warnings.append(f"engine.extra_args: {flag} overrides the planned value")
+    return warnings
+
+
 def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
     """Plan the engine launch for ``config``; raises :class:`PlanError` when the request is impossible."""
     model, engine = config.model, config.engine
@@ -295,14 +330,7 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         if geometry.rope_theta is not None:
             rope["rope_theta"] = geometry.rope_theta
         args += ["--hf-overrides", json.dumps({"rope_scaling": rope, "max_position_embeddings": max_len})]
-    for arg in engine.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in _OWNED_FLAGS:
-            raise PlanError(
-                f"engine.extra_args: {flag} is not allowed (the engine listens on {ENGINE_HOST}:engine.port only)"
-            )
-        if flag.startswith("--") and flag in args:
-            warnings.append(f"engine.extra_args: {flag} overrides the planned value")
+    warnings += _check_extra_args(engine.extra_args, args)
     args += engine.extra_args
     env.update(engine.env)
 

@@ -4,8 +4,11 @@
 uvicorn (uvloop + httptools). The gateway listens at once (``/health`` 200, ``/ready`` 503) while the
 engine loads. SIGTERM/SIGINT drain: ``/ready`` turns 503 and new requests get 503 + ``Retry-After``,
 in-flight requests (streams included) may finish for up to ``gateway.drain_timeout_s``, then the
-engine is stopped. Returns the process exit code: 0 after a drain, 1 when the engine could not start
-or died with ``restart: never`` (the last engine log lines are printed).
+engine is stopped; a signal while the engine is still loading ends its start-up. Returns the process
+exit code: 0 after a drain (also when the signal came during start-up), 1 when the engine could not
+start, died with ``restart: never``, or used up ``engine.max_restarts`` (a restart that exits or times
+out counts); the last engine log lines are printed. The engine runs under a guard that takes it and
+its children down when this process dies, even by SIGKILL (``qwen_serve.engine.guard``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import uvicorn
 from qwen_serve.config import Config
 from qwen_serve.constants import ENGINE_HOST
 from qwen_serve.engine.state import EngineState
-from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
+from qwen_serve.engine.supervisor import EngineSupervisor
 from qwen_serve.gc_tuning import tune_for_serving
 from qwen_serve.gateway.app import build_app
 from qwen_serve.gateway.upstream import create_upstream
@@ -108,16 +111,7 @@ def run_up(config: Config) -> int:
         startup_timeout_s=config.engine.startup_timeout_s, restart=config.engine.restart,
         max_restarts=config.engine.max_restarts, on_fatal=fatal,
     )
-
-    async def run_engine() -> None:
-        try:
-            await supervisor.start()
-        except EngineStartError as exc:
-            fatal(f"engine failed to start: {exc.message}")
-            return
-        await supervisor.watch()
-
-    app = build_app(config, upstream=upstream, state=state, engine_runner=run_engine,
+    app = build_app(config, upstream=upstream, state=state, engine_runner=supervisor.run,
                     engine_stopper=supervisor.stop)
     server = _Server(_uvicorn_config(app, config), state)
     tune_for_serving()

@@ -3,14 +3,22 @@
 Owned by ``qwen_serve.serve`` (``qwen-serve up``); the gateway only sees the shared
 :class:`~qwen_serve.engine.state.EngineState`.
 
+* :meth:`EngineSupervisor.run` is what ``qwen-serve up`` runs in the background: :meth:`start`, then
+  :meth:`watch`. It returns when :meth:`stop` is called, or after calling ``on_fatal`` once.
 * :meth:`EngineSupervisor.start` spawns ``python -m vllm.entrypoints.openai.api_server <plan args>``
-  in its own process group (the plan binds it to 127.0.0.1), logs its output line by line
-  (``qwen_serve.logs.ENGINE_LOGGER``, written as ``[engine] ...``) while keeping the last lines, and
-  waits until ``/health`` answers 200. It raises :class:`EngineStartError` (carrying those last lines)
-  when the process exits or ``startup_timeout_s`` passes first.
+  under the guard (:mod:`qwen_serve.engine.guard`: the engine's process-group leader, which takes the
+  whole group down when the gateway dies) in its own session (the plan binds the engine to 127.0.0.1),
+  logs its output line by line (``qwen_serve.logs.ENGINE_LOGGER``, written as ``[engine] ...``) while
+  keeping the last lines, and waits until ``/health`` answers 200. It raises :class:`EngineStartError`
+  (carrying those last lines) when the process exits, when ``startup_timeout_s`` passes first (the
+  engine is then terminated), or when :meth:`stop` is called meanwhile.
 * :meth:`EngineSupervisor.watch` waits for the process; on an unexpected exit it restarts it
-  (``restart: on-failure``, at most ``max_restarts`` times) or calls ``on_fatal`` (``restart: never``).
-* :meth:`EngineSupervisor.stop` sends SIGTERM to the group, then SIGKILL after ``timeout``.
+  (``restart: on-failure``) or calls ``on_fatal`` (``restart: never``). Every restart attempt counts
+  toward ``max_restarts``, a failed one (exit or time-out during start-up) included; attempt ``n``
+  waits :func:`restart_delay` first. Once they are used up, ``on_fatal`` is called.
+* :meth:`EngineSupervisor.stop` sends SIGTERM to the group, then SIGKILL after ``timeout`` (after
+  :data:`STARTING_STOP_TIMEOUT_S` while the engine is still starting); no restart follows. After the
+  engine's leader exits, whatever is left of its group is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -25,16 +33,26 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from qwen_serve.engine.guard import guarded_command
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import QwenServeError, UpstreamError
 from qwen_serve.gateway.upstream import Upstream
 from qwen_serve.logs import ENGINE_LOGGER
 
-__all__ = ["ENGINE_MODULE", "EngineStartError", "EngineSupervisor"]
+__all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "EngineStartError", "EngineSupervisor", "restart_delay"]
 
 log = logging.getLogger("qwen_serve.engine")
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+MAX_RESTART_DELAY_S = 30.0
+# SIGTERM → SIGKILL for an engine still starting (stopped, or past startup_timeout_s). It serves nothing
+# yet, and vLLM 0.32's API server does not act on SIGTERM before it has started (its EngineCore does).
+STARTING_STOP_TIMEOUT_S = 5.0
+
+
+def restart_delay(attempt: int, base_s: float) -> float:
+    """Seconds to wait before restart ``attempt`` (1-based): ``base_s`` doubled per attempt, at most 30 s."""
+    return float(min(base_s * 2.0 ** (attempt - 1), MAX_RESTART_DELAY_S))
 
 
 class EngineStartError(QwenServeError):
@@ -49,6 +67,8 @@ class EngineStartError(QwenServeError):
 
 
 class EngineSupervisor:
+    """Starts, watches, restarts and stops one engine process (see the module docstring)."""
+
     def __init__(
         self,
         vllm_args: Sequence[str],
@@ -59,107 +79,191 @@ class EngineSupervisor:
         startup_timeout_s: float,
         restart: str = "on-failure",
         max_restarts: int = 5,
+        backoff_s: float = 2.0,
         on_restart: Callable[[], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         python: str = sys.executable,
         log_lines: int = 40,
     ) -> None:
         self.argv = [python, "-m", ENGINE_MODULE, *vllm_args]
+        self._python = python
         self._env = {**os.environ, **env}
         self._upstream = upstream
         self.state = state
         self._startup_timeout = startup_timeout_s
         self._restart = restart
         self._max_restarts = max_restarts
+        self._backoff = backoff_s
         self._on_restart = on_restart
         self._on_fatal = on_fatal
         self.last_lines: collections.deque[str] = collections.deque(maxlen=log_lines)
         self.proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._stopping = False
+        self._starting = False
+        self._stop_requested = asyncio.Event()
         self.startup_seconds: float | None = None
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: the engine is being (or has been) stopped for good."""
+        return self._stopping
+
     # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Start the engine, then watch it. Returns on :meth:`stop` (no failure is reported for a start
+        or restart that stop() interrupted) or after ``on_fatal`` was called: the first start failed
+        (never retried: a wrong model path or flag would fail again), the engine exited with
+        ``restart: never``, or the restarts were used up."""
+        try:
+            await self.start()
+        except EngineStartError as exc:
+            if self._stopping:
+                log.info("engine start-up interrupted: stopping")
+            else:
+                self._fail(f"engine failed to start: {exc.message}")
+            return
+        await self.watch()
+
     async def start(self) -> None:
-        """Spawn the engine and wait for ``/health``; raises :class:`EngineStartError`."""
+        """Spawn the engine and wait until ``/health`` answers 200; returns only then.
+
+        Raises :class:`EngineStartError` when the engine exits first, when ``startup_timeout_s`` passes
+        (the engine is terminated; the supervisor can start again), or when :meth:`stop` is called
+        meanwhile (then :attr:`stopping` is True; stop() terminates the engine).
+        """
+        if self._stopping:
+            raise EngineStartError("engine not started: stop was requested", [])
+        self._starting = True
+        try:
+            await self._start()
+        finally:
+            self._starting = False
+
+    async def _start(self) -> None:
         t0 = time.monotonic()
         self.state.up = False
         self.state.status = "starting"
-        await self._spawn()
-        assert self.proc is not None
+        proc = await self._spawn()
+        if self._stopping:  # stop() ran while the process was being created, before it could see it
+            await self._terminate(STARTING_STOP_TIMEOUT_S)
         deadline = t0 + self._startup_timeout
         while True:
-            if self.proc.returncode is not None:
+            if self._stopping:
+                raise EngineStartError("engine start-up interrupted: stop was requested", list(self.last_lines))
+            if proc.returncode is not None:
+                self._kill_group()
                 await self._drain_pump()
                 self.state.status = "failed"
-                raise EngineStartError(f"engine exited with code {self.proc.returncode} during start-up",
+                raise EngineStartError(f"engine exited with code {proc.returncode} during start-up",
                                        list(self.last_lines))
-            if await self._healthy():
+            if await self._healthy() and not self._stopping:  # stop() may have come during the check
                 break
             if time.monotonic() > deadline:
-                await self.stop(timeout=10)
+                await self._terminate(STARTING_STOP_TIMEOUT_S)
                 self.state.status = "failed"
                 raise EngineStartError(
                     f"engine did not answer /health within engine.startup_timeout_s={self._startup_timeout:g}s",
                     list(self.last_lines))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.5)
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 0.5)
         self.startup_seconds = time.monotonic() - t0
         self.state.up = True
         self.state.status = "ready"
-        log.info("engine healthy after %.1f s (pid %d)", self.startup_seconds, self.proc.pid)
+        log.info("engine healthy after %.1f s (pid %d)", self.startup_seconds, proc.pid)
 
     async def watch(self) -> None:
-        """Wait for the engine to exit; restart it or report a fatal failure. Returns on stop()."""
+        """Wait for the engine to exit; restart it or report a fatal failure. Returns on stop() or after
+        ``on_fatal`` was called."""
         while not self._stopping:
             assert self.proc is not None
             code = await self.proc.wait()
             if self._stopping:
                 return
+            self._kill_group()  # vLLM's EngineCore/workers outlive a crashed API server
             self.state.up = False
             self.state.status = "engine_down"
             log.error("engine exited unexpectedly with code %s", code)
-            if self._restart != "on-failure" or self.state.restarts >= self._max_restarts:
-                self.state.status = "failed"
-                if self._on_fatal is not None:
-                    self._on_fatal(f"engine exited with code {code} (engine.restart={self._restart}, "
-                                   f"restarts so far {self.state.restarts})")
+            if not await self._restart_until_healthy(f"engine exited with code {code}"):
                 return
-            self.state.restarts += 1
-            if self._on_restart is not None:
-                self._on_restart()
-            await asyncio.sleep(min(2.0 ** self.state.restarts, 30.0))
-            try:
-                await self.start()
-            except EngineStartError as exc:
-                log.error("engine restart failed: %s", exc.message)
-                # loop: proc has exited, the next iteration counts another failure
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the engine's process group, SIGKILL after ``timeout``; idempotent."""
+        """Stop for good: SIGTERM the engine's process group, SIGKILL after ``timeout`` (at most
+        :data:`STARTING_STOP_TIMEOUT_S` while the engine is still starting); idempotent. Interrupts a
+        start-up or a restart back-off in progress; no restart follows."""
         self._stopping = True
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            await self._drain_pump()
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("engine did not stop within %.0f s; killing it", timeout)
-            self._signal(signal.SIGKILL)
-            await proc.wait()
+        self._stop_requested.set()
+        await self._terminate(min(timeout, STARTING_STOP_TIMEOUT_S) if self._starting else timeout)
         self.state.up = False
-        await self._drain_pump()
 
     # ------------------------------------------------------------------ internals
-    async def _spawn(self) -> None:
+    async def _restart_until_healthy(self, reason: str) -> bool:
+        """Restart with back-off until one start succeeds (True). False when stop() was called, or when
+        no restart is allowed (any more): then ``on_fatal`` has been called with ``reason``."""
+        while True:
+            if self._restart != "on-failure" or self.state.restarts >= self._max_restarts:
+                self._fail(f"{reason} (engine.restart={self._restart}, engine.max_restarts={self._max_restarts}, "
+                           f"restarts so far {self.state.restarts})")
+                return False
+            self.state.restarts += 1
+            attempt = self.state.restarts
+            if self._on_restart is not None:
+                self._on_restart()
+            delay = restart_delay(attempt, self._backoff)
+            log.warning("restarting the engine in %.1f s (restart %d of at most %d)", delay, attempt,
+                        self._max_restarts)
+            if await self._stop_requested_within(delay):
+                return False
+            try:
+                await self.start()
+                return True
+            except EngineStartError as exc:
+                if self._stopping:
+                    return False
+                log.error("engine restart %d failed: %s", attempt, exc.message)
+                self.state.status = "engine_down"
+                reason = f"engine restart {attempt} failed: {exc.reason}"
+
+    async def _stop_requested_within(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless stop() is called first; returns whether it was."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        return self._stopping
+
+    def _fail(self, reason: str) -> None:
+        """The engine is down for good: mark it failed and call ``on_fatal`` (or log, without one)."""
+        self.state.up = False
+        self.state.status = "failed"
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+        else:
+            log.error("%s", reason)
+
+    async def _terminate(self, timeout: float) -> None:
+        """SIGTERM the engine's group, SIGKILL after ``timeout``; then SIGKILL what is left of the group."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("engine did not stop within %.0f s; killing it", timeout)
+                self._signal(signal.SIGKILL)
+                await proc.wait()
+        self._kill_group()
+        await self._drain_pump()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
         log.info("starting engine: %s", " ".join(self.argv[1:3]))
+        argv = guarded_command(self.argv, python=self._python, parent=os.getpid())
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+            *argv, env=self._env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )
         self._pump = asyncio.create_task(self._pump_output(self.proc), name="engine-log")
+        return self.proc
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -188,6 +292,13 @@ class EngineSupervisor:
         return status == 200
 
     def _signal(self, sig: int) -> None:
+        """Send ``sig`` to the engine's process group (its id is the guard's pid)."""
         assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the engine's group once its leader has exited (orphaned engine children).
+        The group id stays reserved while the group has members, so this reaches no other process."""
+        if self.proc is not None and self.proc.returncode is not None:
+            self._signal(signal.SIGKILL)

@@ -21,13 +21,14 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from qwen_serve.config import Config
 from qwen_serve.constants import ENGINE_HOST
 from qwen_serve.engine.state import EngineMonitor, EngineState
 from qwen_serve.errors import (
+    ClientClosedRequest,
     ClientError,
     EngineUnavailable,
     NotFound,
@@ -36,7 +37,7 @@ from qwen_serve.errors import (
     error_body,
 )
 from qwen_serve.gateway.auth import build_authenticator
-from qwen_serve.gateway.limits import LocalLimiter
+from qwen_serve.gateway.limits import build_limiter
 from qwen_serve.gateway.metrics import GatewayMetrics, merge_engine_metrics
 from qwen_serve.gateway.middleware import GatewayMiddleware
 from qwen_serve.gateway.pipeline import Pipeline, Stages
@@ -74,13 +75,14 @@ def build_app(
     state = state or EngineState()
     url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
     gw = config.gateway
+    limiter = build_limiter(config.limits)  # first: a backend that is not available stops the start here
     upstream = upstream or create_upstream(gw.upstream_client, url, connect_timeout=gw.connect_timeout_s,
-                                           read_timeout=gw.request_timeout_s)
+                                           read_timeout=gw.request_timeout_s)  # idle read timeout
     auth = build_authenticator(config.auth, config.resolve_path)
     monitor = EngineMonitor(upstream, state)
-    limiter = LocalLimiter()
     pipeline = Pipeline(Stages(auth=auth, limiter=limiter, guided=config.guided, upstream=upstream,
-                               metrics=metrics, engine=state, served_models=served))
+                               metrics=metrics, engine=state, served_models=served,
+                               request_deadline_s=gw.request_deadline_s))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -174,6 +176,7 @@ def build_app(
         app.add_route(path, endpoint, methods=methods)  # plain Starlette routes: no body re-validation
 
     app.add_exception_handler(QwenServeError, _qwen_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
@@ -182,13 +185,23 @@ def build_app(
     return wrapped
 
 
-async def _qwen_error(_: Request, exc: Exception) -> Response:
+async def _qwen_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, QwenServeError)
+    if isinstance(exc, ClientClosedRequest):
+        return await _client_gone(request, exc)
     if isinstance(exc, ServerError):
         log.warning("%s: %s", type(exc).__name__, exc.message)
     elif not isinstance(exc, ClientError):
         log.error("unexpected %s: %s", type(exc).__name__, exc.message)
     return JSONResponse(exc.to_dict(), status_code=int(exc.status), headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its request was complete: nothing to answer, nothing wrong here. Logged at
+    debug level; the 499 is only recorded (the server drops a response to a client that has gone)."""
+    log.debug("%s %s: %s", request.method, request.url.path,
+              exc.message if isinstance(exc, QwenServeError) else "the client went away before the request was read")
+    return Response(status_code=ClientClosedRequest.status)
 
 
 async def _http_error(_: Request, exc: Exception) -> Response:

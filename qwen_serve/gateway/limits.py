@@ -10,11 +10,14 @@ The pipeline calls, after auth and before the upstream hop::
 
 ``acquire`` raises :class:`~qwen_serve.errors.RateLimited` (429 + ``Retry-After``) whose ``limit`` —
 ``rpm``, ``tpm`` or ``concurrency`` — is the ``qwen_serve_rate_limited_total`` label. When several limits
-refuse, the one that frees last is reported. Every lease must be released exactly once (later calls are
-ignored); an unreleased lease holds its concurrency slot and its token estimate forever.
+refuse, the one that frees last is reported. A request no wait can admit raises
+:class:`~qwen_serve.errors.TooLargeForLimit` (413, ``x-should-retry: false``; its estimate exceeds the tpm)
+or a ``RateLimited`` with ``retryable=False`` (a limit of 0). Every lease must be released exactly once
+(later calls are ignored); an unreleased lease holds its concurrency slot and its token estimate forever.
 
 Limits are per :class:`Limiter` instance, i.e. per gateway process. With N gateway replicas a key gets up to
-N times its limits; configure ``limit / N``. :class:`Limiter` is the seam for a shared store (e.g. Redis).
+N times its limits; configure ``limit / N``. :class:`Limiter` is the seam for a shared store (e.g. Redis):
+the gateway gets its limiter from :func:`build_limiter`, which reads the config's ``limits`` section.
 
 :class:`LocalLimiter` accounting, window W = 60 s, kept in time buckets of R = ``resolution_s`` (0.1 s):
 an amount booked at time t counts until the end of its bucket plus W — for at least W (so every bound
@@ -36,9 +39,9 @@ use it to check boundaries to the millisecond).
   prompt-only estimate a key therefore overshoots by at most the completions of its concurrently running
   requests — one response for a sequential client; with an upper-bound estimate (prompt + ``max_tokens``) it
   never overshoots.
-* A request whose estimate alone exceeds ``tpm`` can never be admitted: 429 (``limit="tpm"``,
-  ``retry_after`` = W) with a message saying so — a 429 rather than a 400 because it is this key's limit,
-  not a malformed request.
+* A request whose estimate alone exceeds ``tpm`` can never be admitted: 413 ``request_too_large_for_limit``
+  (:class:`~qwen_serve.errors.TooLargeForLimit`) with ``x-should-retry: false``, whatever the other limits
+  say — a 429 would be retried by clients (the OpenAI SDK for up to two minutes) and could never succeed.
 * **concurrency** — unreleased leases.
 
 Retry-After: rpm → until enough admissions leave the window; tpm → until enough finished charges leave it
@@ -56,7 +59,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from qwen_serve.errors import RateLimited
+from qwen_serve.config import LimitsConfig
+from qwen_serve.errors import ConfigError, RateLimited, TooLargeForLimit
 
 __all__ = [
     "RESOLUTION_S",
@@ -65,6 +69,7 @@ __all__ = [
     "Lease",
     "Limiter",
     "LocalLimiter",
+    "build_limiter",
     "estimate_prompt_tokens",
 ]
 
@@ -101,7 +106,8 @@ class Limiter(Protocol):
     """Admission control per key; implementations may share state between replicas."""
 
     async def acquire(self, principal: KeyLimits, estimated_tokens: int) -> Lease:
-        """Admit one request or raise :class:`RateLimited`."""
+        """Admit one request or raise :class:`RateLimited` (429) or, when no wait can admit it,
+        :class:`TooLargeForLimit` (413). A principal whose ``tpm`` is None is not metered in tokens."""
         ...
 
     async def aclose(self) -> None: ...
@@ -242,6 +248,8 @@ class LocalLimiter:
         if now >= done.expiry:
             done.prune(now)
         estimate = estimated_tokens if estimated_tokens > 0 else 0
+        if tpm is not None and estimate > tpm:
+            raise _too_large(principal.key_id, estimate, tpm)
         if ((concurrency is not None and state.in_flight >= concurrency)
                 or (rpm is not None and starts.total >= rpm)
                 or (tpm is not None and state.in_flight_tokens + done.total + estimate > tpm)):
@@ -265,7 +273,7 @@ class LocalLimiter:
             refusals.append(RateLimited(
                 f"Too many concurrent requests for API key '{key_id}': the limit is {concurrency}. "
                 "Try again when one has finished.",
-                limit="concurrency", retry_after=_UNKNOWN_WAIT_S,
+                limit="concurrency", retry_after=_UNKNOWN_WAIT_S, retryable=concurrency > 0,
             ))
         if rpm is not None and starts.total >= rpm:
             # Room once total - rpm + 1 admissions have left the window.
@@ -273,34 +281,46 @@ class LocalLimiter:
             refusals.append(RateLimited(
                 f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
                 f"Please try again in {_seconds(wait)}s.",
-                limit="rpm", retry_after=wait,
+                limit="rpm", retry_after=wait, retryable=rpm > 0,
             ))
-        if tpm is not None:
-            if estimate > tpm:
-                refusals.append(RateLimited(
-                    f"Request too large for API key '{key_id}': its estimated {estimate} prompt tokens exceed the "
-                    f"limit of {tpm} tokens per minute, so it can never be admitted. Shorten the prompt or ask "
-                    "for a higher tpm limit.",
-                    limit="tpm", retry_after=window,
-                ))
-            else:
-                used = state.in_flight_tokens + done.total
-                if used + estimate > tpm:
-                    # Finished charges leaving may be enough; else a request in flight must finish first.
-                    freed_in = done.wait_to_free(used + estimate - tpm, now)
-                    if freed_in is None:
-                        last = done.starts[-1] + done.span - now if done.starts else 0.0
-                        freed_in = max(_UNKNOWN_WAIT_S, last)
-                    refusals.append(RateLimited(
-                        f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
-                        f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
-                        limit="tpm", retry_after=freed_in,
-                    ))
-        return max(refusals, key=lambda r: r.retry_after)
+        used = state.in_flight_tokens + done.total
+        if tpm is not None and used + estimate > tpm:  # estimate <= tpm: try_acquire refused the rest
+            # Finished charges leaving may be enough; else a request in flight must finish first.
+            freed_in = done.wait_to_free(used + estimate - tpm, now)
+            if freed_in is None:
+                last = done.starts[-1] + done.span - now if done.starts else 0.0
+                freed_in = max(_UNKNOWN_WAIT_S, last)
+            refusals.append(RateLimited(
+                f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
+                f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
+                limit="tpm", retry_after=freed_in,
+            ))
+        # A limit that never frees wins: no wait helps, whatever the others say.
+        return max(refusals, key=lambda r: (not r.retryable, r.retry_after))
 
 
 def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait))
+
+
+def _too_large(key_id: str, estimate: int, tpm: int) -> TooLargeForLimit:
+    return TooLargeForLimit(
+        f"Request too large for API key '{key_id}': its estimated {estimate} prompt tokens exceed the limit of "
+        f"{tpm} tokens per minute, so it can never be admitted. Shorten the prompt or ask for a higher tpm limit.",
+        limit="tpm",
+    )
+
+
+def build_limiter(config: LimitsConfig) -> Limiter:
+    """The :class:`Limiter` the config's ``limits`` section asks for.
+
+    ``local`` → :class:`LocalLimiter`. ``redis`` is accepted by the config schema for the shared backend to
+    come, but raises :class:`ConfigError` here (the gateway does not start) until it exists.
+    """
+    if config.backend == "local":
+        return LocalLimiter()
+    raise ConfigError(f"limits.backend: {config.backend!r} is not available yet in this version; use 'local' "
+                      "(limits then apply per gateway replica)")
 
 
 # --- upfront estimate -------------------------------------------------------------------------------------

@@ -1,11 +1,23 @@
 """The one place the stages meet: request → auth → limits → guided → proxy → metrics.
 
-Routes call :class:`Pipeline`; it authenticates, checks the model, takes a rate-limit lease, lets the
-guided stage normalise the body, and returns a :class:`~qwen_serve.gateway.proxy.ProxyCall` whose
-hooks (:class:`Exchange`) account the answer: tokens (from the engine's ``usage``), TTFT, guided
-outcome, disconnects, and the lease's release with the real token count. Stages never import each
-other; they are handed in as objects (:class:`Stages`). Every refusal raises a
+Routes call :class:`Pipeline`; it authenticates, checks the model and the JSON types of the fields it acts
+on, takes a rate-limit lease, lets the guided stage normalise the body, and returns a
+:class:`~qwen_serve.gateway.proxy.ProxyCall` whose hooks (:class:`Exchange`) account the answer: tokens,
+TTFT, guided outcome, disconnects, and the lease's release with the real token count. Stages never import
+each other; they are handed in as objects (:class:`Stages`). Every refusal raises a
 :class:`~qwen_serve.errors.QwenServeError` that ``gateway.app`` turns into an OpenAI-shaped response.
+
+Token accounting of a generate request (the lease's release and ``qwen_serve_tokens_total``):
+
+* the engine's ``usage`` when it arrived (a stream always asks the engine for it; the gateway's injected
+  usage chunk is dropped unless the client asked for it);
+* else, when the answer was cut short after generated tokens were sent (client disconnect, engine failure,
+  ``gateway.request_deadline_s``): the prompt estimate plus one completion token per generated-token event
+  sent (:func:`count_token_events`);
+* else the prompt estimate when the engine answered 200, and nothing when it refused.
+
+``/tokenize``, ``/detokenize`` and ``/v1/models`` take a lease too: they count toward the key's rpm and
+concurrency, never its tpm.
 """
 
 from __future__ import annotations
@@ -16,29 +28,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from qwen_serve.config import GuidedConfig
 from qwen_serve.constants import GUIDED_OUTPUT_HEADER, REQUEST_ID_HEADER
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import (
     AuthError,
+    ClientClosedRequest,
     EngineUnavailable,
     InvalidRequest,
     ModelNotAllowed,
     NotFound,
     QwenServeError,
     RateLimited,
+    TooLargeForLimit,
     UpstreamError,
+    invalid_type,
 )
 from qwen_serve.gateway import guided
 from qwen_serve.gateway.auth import Authenticator, Principal
-from qwen_serve.gateway.limits import Lease, Limiter, estimate_prompt_tokens
+from qwen_serve.gateway.limits import KeyLimits, Lease, Limiter, estimate_prompt_tokens
 from qwen_serve.gateway.metrics import GatewayMetrics
-from qwen_serve.gateway.proxy import ProxyCall
+from qwen_serve.gateway.proxy import ProxyCall, deadline_scope
 from qwen_serve.gateway.upstream import Upstream
 
-__all__ = ["Exchange", "Pipeline", "Stages"]
+__all__ = ["Exchange", "Pipeline", "Stages", "count_token_events", "stream_mode"]
 
 _JSON = {"content-type": "application/json"}
 
@@ -52,6 +67,68 @@ class Stages:
     metrics: GatewayMetrics
     engine: EngineState
     served_models: tuple[str, ...]
+    request_deadline_s: float | None = None  # gateway.request_deadline_s
+
+
+# --------------------------------------------------------------------------------------- request fields
+_INTEGER_FIELDS = ("n", "max_tokens", "max_completion_tokens")
+
+
+def stream_mode(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` of a generate request body, after checking the JSON type of every field
+    the gateway branches on: ``stream`` and ``stream_options.include_usage`` booleans, ``stream_options``
+    an object, ``n``/``max_tokens``/``max_completion_tokens`` integers; ``null`` means the default, as in
+    the OpenAI API. Raises :class:`InvalidRequest` (400, code ``invalid_type``, ``param`` the field's path)
+    for anything else: the engine would coerce ``"true"`` or ``1`` and stream an answer the gateway then
+    handles as a whole one. Ranges are left to the engine, which answers them with a 400 of its own."""
+    stream = _optional_bool(body, "stream", "stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid_type("stream_options", "an object", options)
+        include_usage = _optional_bool(options, "include_usage", "stream_options.include_usage")
+    for name in _INTEGER_FIELDS:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise invalid_type(name, "an integer", value)
+    return stream, include_usage
+
+
+def _optional_bool(obj: Mapping[str, Any], key: str, param: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid_type(param, "a boolean", value)
+    return value
+
+
+# --------------------------------------------------------------------------------------- tokens sent
+_CHOICE_EVENT = b'"choices":[{'  # an event with a choice (the usage chunk has "choices":[])
+_ROLE_DELTA = b'"delta":{"role":'  # chat's opening event per choice: the role, no token
+
+
+def count_token_events(data: bytes) -> int:
+    """Generated-token events in SSE bytes relayed from vLLM: events with a choice, less chat's opening
+    role events. Byte patterns with bare quotes only match JSON structure (quotes inside strings are
+    escaped), so model text cannot fake them. vLLM sends one event per decoding step per choice, one
+    token each; when it merges steps (a busy server, ``stream_interval``) or decodes speculatively an
+    event carries more, so this is a lower bound of the tokens sent."""
+    return data.count(_CHOICE_EVENT) - data.count(_ROLE_DELTA)
+
+
+class _RequestLimits:
+    """A key's rpm and concurrency limits without its tpm: for routes that generate no tokens."""
+
+    __slots__ = ("key_id", "rpm", "max_concurrent")
+
+    tpm = None
+
+    def __init__(self, principal: KeyLimits) -> None:
+        self.key_id = principal.key_id
+        self.rpm = principal.rpm
+        self.max_concurrent = principal.max_concurrent
 
 
 class Exchange:
@@ -73,6 +150,7 @@ class Exchange:
         self._client_wants_usage = client_wants_usage
         self._usage: Mapping[str, Any] | None = None
         self._outcome: str | None = None
+        self._sent_tokens = 0  # generated-token events sent to the client (see count_token_events)
         m.in_flight.labels(model).inc()
 
     def on_first_chunk(self) -> None:
@@ -87,6 +165,9 @@ class Exchange:
             if not self._client_wants_usage and not event.get("choices"):
                 return False
         return True
+
+    def on_sent(self, data: bytes) -> None:
+        self._sent_tokens += count_token_events(data)
 
     def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         if status != 200:
@@ -111,14 +192,14 @@ class Exchange:
             m.upstream_errors.labels(error.kind).inc()
         elif status >= 500:
             m.upstream_errors.labels("status").inc()
-        actual: int | None = None
-        if self._usage:
-            prompt = int(self._usage.get("prompt_tokens") or 0)
-            completion = int(self._usage.get("completion_tokens") or 0)
+        counted = self._tokens()
+        if counted is not None:
+            prompt, completion = counted
             m.tokens.labels(self._model, self._key_id, "prompt").inc(prompt)
             m.tokens.labels(self._model, self._key_id, "completion").inc(completion)
-            actual = prompt + completion
-        self._lease.release(actual if actual is not None else (self._estimate if status == 200 else 0))
+            self._lease.release(prompt + completion)
+        else:
+            self._lease.release(self._estimate if status == 200 else 0)
         if self._kind is not None:
             outcome = self._outcome
             if (self._stream_check is not None and self._outcome is None and status == 200
@@ -129,6 +210,15 @@ class Exchange:
             elif status != 200 or error is not None:
                 outcome = "rejected" if 400 <= status < 500 else "error"
             m.guided_requests.labels(self._model, self._kind, outcome or "unchecked").inc()
+
+    def _tokens(self) -> tuple[int, int] | None:
+        """``(prompt, completion)`` to charge: the engine's usage, else (the answer was cut short) the prompt
+        estimate and the generated tokens sent; None when neither is known."""
+        if self._usage:
+            return int(self._usage.get("prompt_tokens") or 0), int(self._usage.get("completion_tokens") or 0)
+        if self._sent_tokens > 0:
+            return self._estimate, self._sent_tokens
+        return None
 
 
 class _PassThrough:
@@ -145,6 +235,9 @@ class _PassThrough:
 
     def on_event(self, event: Mapping[str, Any]) -> bool:
         return True
+
+    def on_sent(self, data: bytes) -> None:
+        pass
 
     def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return body, []
@@ -191,78 +284,109 @@ class Pipeline:
             raise ModelNotAllowed(f"this API key may not use the model '{model}'", param="model")
         return model
 
-    async def _acquire(self, principal: Principal, estimate: int) -> Lease:
+    async def _acquire(self, principal: KeyLimits, estimate: int) -> Lease:
         try:
             return await self.s.limiter.acquire(principal, estimate)
-        except RateLimited as exc:
+        except (RateLimited, TooLargeForLimit) as exc:
             self.s.metrics.rate_limited.labels(principal.key_id, exc.limit).inc()
             raise
 
     def _headers(self, request: Request) -> dict[str, str]:
         return {**_JSON, REQUEST_ID_HEADER: request.scope["state"]["request_id"]}
 
+    def _deadline(self, request: Request) -> float | None:
+        """When the request must be over (``time.perf_counter``), counted from its arrival; None: never."""
+        if self.s.request_deadline_s is None:
+            return None
+        return float(request.scope["state"]["t0"]) + self.s.request_deadline_s
+
     # ------------------------------------------------------------------ routes
     async def generate(self, request: Request, route: str) -> ProxyCall:
         """``/v1/chat/completions`` and ``/v1/completions``."""
         principal = self.authenticate(request)
         self._check_engine()
-        raw = await request.body()
+        raw = await _read_body(request)
         body = _parse_object(raw)
+        stream, client_usage = stream_mode(body)
         model = self._check_model(request, principal, body)
-        stream = body.get("stream") is True
         estimate = estimate_prompt_tokens(body)
         lease = await self._acquire(principal, estimate)
         try:
             check = guided.prepare(body, route=route, config=self.s.guided)
             modified = check is not None  # prepare() may have rewritten the guidance fields
-            wants_usage = True
-            if stream:
-                opts = body.get("stream_options")
-                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                    wants_usage = False
-                    body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-                    modified = True
+            if stream and not client_usage:  # ask the engine for usage; the client will not see it
+                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                modified = True
             payload = json.dumps(body).encode() if modified else raw
         except BaseException:
             lease.release(0)
             raise
         hooks = Exchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
-                         estimate, check, self.s.guided.validate_output, wants_usage)
+                         estimate, check, self.s.guided.validate_output, client_usage or not stream)
         return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
-                         defer_headers=check is not None)
+                         defer_headers=check is not None, deadline=self._deadline(request))
 
     async def passthrough(self, request: Request, route: str) -> ProxyCall:
-        """``/tokenize`` and ``/detokenize``: authenticated, model-checked, not rate-limited by tokens."""
+        """``/tokenize`` and ``/detokenize``: authenticated, model-checked, counted toward the key's rpm and
+        concurrency (not its tpm)."""
         principal = self.authenticate(request)
         self._check_engine()
-        raw = await request.body()
+        raw = await _read_body(request)
         body = _parse_object(raw)
         self._check_model(request, principal, body)
+        lease = await self._acquire(_RequestLimits(principal), 0)
         return ProxyCall(self.s.upstream, "POST", route, raw, self._headers(request), stream=False,
-                         hooks=_PassThrough(self.s.metrics))
+                         hooks=_PassThrough(self.s.metrics, lease), deadline=self._deadline(request))
 
     async def models(self, request: Request) -> dict[str, Any]:
-        """``/v1/models`` from the engine, filtered to what the key may use."""
+        """``/v1/models`` from the engine, filtered to what the key may use; counted toward the key's rpm and
+        concurrency."""
         principal = self.authenticate(request)
         self._check_engine()
+        lease = await self._acquire(_RequestLimits(principal), 0)
+        try:
+            async with deadline_scope(self._deadline(request)):
+                status, raw = await self._get_models(request)
+        except UpstreamError as exc:
+            self.s.metrics.upstream_errors.labels(exc.kind).inc()
+            raise
+        finally:
+            lease.release(0)
+        if status != 200:
+            self.s.metrics.upstream_errors.labels("status").inc()
+            raise UpstreamError(f"engine answered HTTP {status} for /v1/models", kind="status")
+        try:
+            listing = json.loads(raw)
+            listing["data"] = [m for m in listing.get("data", []) if principal.allows(str(m.get("id")))]
+        except (ValueError, TypeError, AttributeError, KeyError):
+            self.s.metrics.upstream_errors.labels("protocol").inc()
+            raise UpstreamError("the engine's /v1/models answer is not a model list", kind="protocol") from None
+        return dict(listing)
+
+    async def _get_models(self, request: Request) -> tuple[int, bytes]:
         resp = await self.s.upstream.request("GET", "/v1/models", None, self._headers(request))
         try:
-            raw = await resp.read()
+            return resp.status, await resp.read()
         finally:
             await resp.aclose()
-        if resp.status != 200:
-            self.s.metrics.upstream_errors.labels("status").inc()
-            raise UpstreamError(f"engine answered HTTP {resp.status} for /v1/models", kind="status")
-        listing = json.loads(raw)
-        listing["data"] = [m for m in listing.get("data", []) if principal.allows(str(m.get("id")))]
-        return dict(listing)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The whole request body; :class:`ClientClosedRequest` when the client hangs up before it is complete."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client went away during the request body upload") from None
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, else :class:`InvalidRequest` (also for nesting too deep to parse)."""
     try:
         body = json.loads(raw)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidRequest("request body is not valid JSON (nested too deeply)") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body

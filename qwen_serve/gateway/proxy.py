@@ -10,6 +10,15 @@ server calls it, it sends the prepared request to the engine and relays the answ
   chunk the gateway injected). Partial events are held until their ``\\n\\n`` arrives.
 * **Other responses** are read whole and passed through (hooks may rewrite the body and add headers).
 
+Every piece of a stream is shown to ``hooks.on_sent`` as it is handed to the server (the pipeline counts
+the generated tokens a client was sent, for when the stream is cut short).
+
+Timeouts: the upstream client's read timeout (``gateway.request_timeout_s``) is an *idle* timeout, the
+longest the engine may stay silent. ``deadline`` (from ``gateway.request_deadline_s``) is the total one:
+when it passes, the call ends like an engine failure (:class:`~qwen_serve.errors.DeadlineExceeded`, 504
+before the response started, else the stream's error event) and the upstream response is closed, so the
+engine aborts the request.
+
 While the call runs, a watcher waits for ``http.disconnect``; when the client goes away the call is
 cancelled and the upstream response is closed, which drops the connection so vLLM aborts the request.
 
@@ -28,15 +37,16 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from qwen_serve.constants import SSE_DATA_PREFIX, SSE_DONE, SSE_EVENT_SEPARATOR
-from qwen_serve.errors import QwenServeError, UpstreamError, error_body
+from qwen_serve.errors import DeadlineExceeded, QwenServeError, UpstreamError, error_body
 from qwen_serve.gateway.types import Receive, Scope, Send
 from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
 
-__all__ = ["ProxyCall", "ProxyHooks", "normalise_error", "send_error"]
+__all__ = ["ProxyCall", "ProxyHooks", "deadline_scope", "normalise_error", "send_error"]
 
 log = logging.getLogger("qwen_serve.gateway")
 
@@ -61,6 +71,10 @@ class ProxyHooks(Protocol):
         """A parsed SSE data event; return False to drop it from the client's stream."""
         ...
 
+    def on_sent(self, data: bytes) -> None:
+        """Stream bytes (whole events) about to be handed to the server for the client."""
+        ...
+
     def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         """A whole (non-SSE) response: return the body to send and extra headers."""
         ...
@@ -83,12 +97,31 @@ def _error_frame(exc: QwenServeError) -> bytes:
     return b"data: " + exc.to_json() + SSE_EVENT_SEPARATOR
 
 
+@contextlib.asynccontextmanager
+async def deadline_scope(deadline: float | None) -> AsyncIterator[None]:
+    """Cancel the block and raise :class:`DeadlineExceeded` if it still runs at ``deadline`` (a
+    ``time.perf_counter`` value, possibly past already); None: no limit. Other cancellations (a client
+    disconnect) pass through unchanged."""
+    if deadline is None:
+        yield
+        return
+    scope = asyncio.timeout(deadline - time.perf_counter())
+    try:
+        async with scope:
+            yield
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise DeadlineExceeded("the request did not finish within its deadline (gateway.request_deadline_s)") \
+            from None
+
+
 class ProxyCall:
     """One proxied request; an ASGI app that is called exactly once."""
 
     def __init__(self, upstream: Upstream, method: str, path: str, body: bytes | None,
                  headers: Mapping[str, str], *, stream: bool, hooks: ProxyHooks,
-                 defer_headers: bool = False) -> None:
+                 defer_headers: bool = False, deadline: float | None = None) -> None:
         self._upstream = upstream
         self._method = method
         self._path = path
@@ -99,6 +132,7 @@ class ProxyCall:
         # Hold a stream's response headers until its first event (guided requests: vLLM reports a
         # grammar it cannot compile as the first event, which then becomes a real HTTP error).
         self._defer_headers = defer_headers
+        self._deadline = deadline  # time.perf_counter() by which the call must be over; None: no limit
         self._started = False
         self._complete = False  # the client has the whole response (an SSE stream up to data: [DONE])
         self._status = 0
@@ -121,7 +155,11 @@ class ProxyCall:
         watcher = asyncio.create_task(watch())
         error: QwenServeError | None = None
         try:
-            await self._run(send)
+            if self._deadline is None:  # the common case, without a context manager per request
+                await self._run(send)
+            else:
+                async with deadline_scope(self._deadline):
+                    await self._run(send)
         except asyncio.CancelledError:
             if not gone.is_set():
                 raise
@@ -129,6 +167,8 @@ class ProxyCall:
         except OSError:  # the server could not write: the client is gone
             gone.set()
         except QwenServeError as exc:
+            if self._complete:  # e.g. the deadline while draining the engine's end: the client has it all
+                return
             error = exc
             if isinstance(exc, UpstreamError):  # what the client library raised: no request data in it
                 cause = exc.__cause__
@@ -204,6 +244,7 @@ class ProxyCall:
                 ready = _filter_events(ready, hooks, inspect_all)
                 if not ready:
                     continue
+            hooks.on_sent(ready)
             if ready.endswith(_DONE_EVENT):  # end the response now: clients may hang up right at [DONE]
                 self._complete = True
                 await send({"type": "http.response.body", "body": ready, "more_body": False})
@@ -215,6 +256,7 @@ class ProxyCall:
         if not self._started:  # the engine closed the stream without a single complete event
             raise UpstreamError("the engine ended the stream before any event", kind="protocol")
         if pending:
+            hooks.on_sent(pending)
             await send({"type": "http.response.body", "body": pending, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

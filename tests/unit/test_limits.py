@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_serve.errors import RateLimited
+from qwen_serve.config import LimitsConfig, parse_config
+from qwen_serve.errors import ConfigError, RateLimited, TooLargeForLimit
 from qwen_serve.gateway.auth import Principal
-from qwen_serve.gateway.limits import RESOLUTION_S, WINDOW_S, LocalLimiter, estimate_prompt_tokens
+from qwen_serve.gateway.limits import RESOLUTION_S, WINDOW_S, LocalLimiter, build_limiter, estimate_prompt_tokens
 
 
 class Clock:
@@ -221,11 +223,97 @@ def test_tpm_retry_after_counts_only_what_must_leave(limiter: LocalLimiter, cloc
     assert refused(limiter, principal, 50).retry_after == pytest.approx(40)
 
 
-def test_request_larger_than_tpm_can_never_fit(limiter: LocalLimiter) -> None:
-    exc = refused(limiter, key(tpm=100), 101)
-    assert exc.limit == "tpm" and exc.retry_after == 60
-    assert "can never be admitted" in exc.message
+def test_request_larger_than_tpm_is_413_not_a_retryable_429(limiter: LocalLimiter) -> None:
+    with pytest.raises(TooLargeForLimit) as info:
+        limiter.try_acquire(key(tpm=100), 101)
+    exc = info.value
+    assert (exc.status, exc.type, exc.code, exc.limit) == (413, "invalid_request_error", "request_too_large_for_limit",
+                                                           "tpm")
+    assert exc.headers == {"x-should-retry": "false"}
+    assert "can never be admitted" in exc.message and "100 tokens per minute" in exc.message
     limiter.try_acquire(key(tpm=100), 100)
+
+
+def test_too_large_wins_over_limits_a_wait_would_free(limiter: LocalLimiter) -> None:
+    principal = key(rpm=1, tpm=100, max_concurrent=1)
+    limiter.try_acquire(principal, 10)
+    with pytest.raises(TooLargeForLimit):
+        limiter.try_acquire(principal, 101)
+    assert limiter._states["k"].starts.total == 1  # the refusal was not admitted
+
+
+@pytest.mark.parametrize("limits,limit", [({"rpm": 0}, "rpm"), ({"max_concurrent": 0}, "concurrency")])
+def test_a_limit_of_zero_is_a_429_no_wait_can_fix(limiter: LocalLimiter, limits: dict[str, int], limit: str) -> None:
+    exc = refused(limiter, key(**limits, tpm=100))
+    assert exc.limit == limit and not exc.retryable
+    assert exc.headers["x-should-retry"] == "false" and int(exc.headers["retry-after"]) >= 1
+
+
+def test_a_zero_limit_is_reported_over_one_that_frees(limiter: LocalLimiter) -> None:
+    principal = key(rpm=1, max_concurrent=0)
+    exc = refused(limiter, principal)  # concurrency 0 never frees; rpm would not refuse yet
+    assert exc.limit == "concurrency" and not exc.retryable
+    limiter.try_acquire(key(rpm=1), 0)
+    exc = refused(limiter, key(rpm=1, max_concurrent=0))  # rpm frees in 60 s, concurrency 0 never
+    assert exc.limit == "concurrency" and exc.headers.get("x-should-retry") == "false"
+
+
+def test_retryable_429s_do_not_say_should_retry(limiter: LocalLimiter) -> None:
+    limiter.try_acquire(key(rpm=1), 0)
+    exc = refused(limiter, key(rpm=1))
+    assert exc.retryable and "x-should-retry" not in exc.headers
+
+
+# --- the backend, from config ----------------------------------------------------------------------------
+
+
+def _limits(**section: object) -> LimitsConfig:
+    return parse_config({"model": {"source": "x"}, "limits": section}).limits
+
+
+def test_local_backend_is_the_default() -> None:
+    config = parse_config({"model": {"source": "x"}})
+    assert (config.limits.backend, config.limits.redis_url, config.limits.on_backend_error) == \
+        ("local", None, "fail_closed")
+    assert isinstance(build_limiter(config.limits), LocalLimiter)
+
+
+def test_redis_backend_is_accepted_by_the_schema_but_not_available_yet() -> None:
+    config = _limits(backend="redis", redis_url="redis://limits:6379/0", on_backend_error="fail_open")
+    with pytest.raises(ConfigError, match=r"limits.backend: 'redis' is not available yet"):
+        build_limiter(config)
+
+
+def test_the_app_is_built_with_the_configured_limiter(tmp_path: Path) -> None:
+    from qwen_serve.gateway.app import build_app
+
+    base = {"model": {"source": "x"}, "auth": {"enabled": False}}
+    app = build_app(parse_config(base), upstream_url="http://127.0.0.1:9")
+    assert isinstance(app.fastapi.state.pipeline.s.limiter, LocalLimiter)
+    with pytest.raises(ConfigError, match="not available yet"):
+        build_app(parse_config({**base, "limits": {"backend": "redis", "redis_url": "rediss://h:6380"}}),
+                  upstream_url="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"backend": "etcd"}, "limits.backend: must be one of 'local' or 'redis'"),
+    ({"backend": "redis"}, "limits.redis_url: required when limits.backend is redis"),
+    ({"redis_url": "http://h:6379"}, "limits.redis_url: must be a redis://, rediss:// or unix:// url"),
+    ({"redis_url": "redis://"}, "limits.redis_url: must be a redis://, rediss:// or unix:// url"),
+    ({"redis_url": 6379}, "limits.redis_url: must be a string"),
+    ({"on_backend_error": "retry"}, "limits.on_backend_error: must be one of 'fail_closed' or 'fail_open'"),
+    ({"shared": True}, "limits.shared: unknown key"),
+])
+def test_limits_section_is_validated(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _limits(**section)
+    assert info.value.message == message
+
+
+def test_redis_url_is_never_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        _limits(redis_url="http://user:s3cret@h:6379")
+    assert "s3cret" not in info.value.message
 
 
 # --- the property: no window ever admits more than its limit ----------------------------------------------
@@ -301,6 +389,9 @@ def run(operations: list[tuple[object, ...]], principal: Principal, upper_bound:
             allowed = allowed_by(WINDOW)
             try:
                 lease = limiter.try_acquire(principal, estimate)
+            except TooLargeForLimit:
+                assert principal.tpm is not None and estimate > principal.tpm, "too large although it fits the tpm"
+                continue
             except RateLimited as exc:
                 assert not allowed_by(WINDOW + resolution)[exc.limit], f"refused by {exc.limit} although the rules allow it"
                 assert 0 < exc.retry_after <= WINDOW + resolution

@@ -308,6 +308,23 @@ def test_extra_args_cannot_move_the_engine(extra: list[str]) -> None:
         plan(engine={"extra_args": extra})
 
 
+@pytest.mark.parametrize(("extra", "owned"), [
+    (["--hos", "0.0.0.0"], "--host"), (["--ho=0.0.0.0"], "--host"), (["--h", "0.0.0.0"], "--host"),
+    (["--host.x", "0.0.0.0"], "--host"), (["--po", "9"], "--port"), (["--por=9"], "--port"),
+    (["--max-num-seqs", "8", "--p", "9"], "--port"),
+])  # fmt: skip
+def test_extra_args_cannot_move_the_engine_with_an_abbreviation(extra: list[str], owned: str) -> None:
+    # vLLM's argparse takes any unambiguous prefix of a long option as that option (--hos 0.0.0.0 is --host).
+    with pytest.raises(PlanError, match=rf"^engine\.extra_args: --\S+ is not allowed \(vLLM reads it as {owned}\)"):
+        plan(engine={"extra_args": extra})
+
+
+@pytest.mark.parametrize("extra", [["--hf-token", "x"], ["--headless"], ["--pipeline-parallel-size", "1"],
+                                   ["--port-range=1"], ["--"], ["-p"]])
+def test_extra_args_that_only_share_a_prefix_are_allowed(extra: list[str]) -> None:
+    assert plan(engine={"extra_args": extra}).vllm_args[-len(extra):] == extra
+
+
 def test_extra_args_overriding_a_planned_flag_warns() -> None:
     p = plan(engine={"gpu_memory_gib": 80, "extra_args": ["--max-model-len", "1024"]})
     assert p.warnings == ["engine.extra_args: --max-model-len overrides the planned value"]

@@ -1,4 +1,4 @@
-"""EngineSupervisor against a stand-in engine process.
+"""EngineSupervisor against a stand-in engine process (``tests.fake_engine``).
 
 The stand-in is a real subprocess started exactly as the engine is (``python -m
 vllm.entrypoints.openai.api_server ...``), found first on ``PYTHONPATH``: it serves ``/health`` and
@@ -8,8 +8,8 @@ behaves as the test's ``--mode`` says (healthy, exit at once, never healthy, cra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,41 +17,13 @@ import pytest
 from qwen_serve.engine.state import EngineState
 from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
 from qwen_serve.gateway.upstream import create_upstream
+from tests import fake_engine
 from tests.conftest import free_port
-
-FAKE_ENGINE = '''
-import argparse, http.server, os, signal, sys, threading, time
-p = argparse.ArgumentParser()
-p.add_argument("--port", type=int); p.add_argument("--mode"); p.add_argument("--marker")
-a, _ = p.parse_known_args()
-print("fake engine starting", a.mode, flush=True)
-if a.mode == "exit":
-    print("ValueError: model not found", flush=True); sys.exit(3)
-def term(*_):
-    open(a.marker, "w").write("SIGTERM"); sys.exit(0)
-signal.signal(signal.SIGTERM, term)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        ok = a.mode != "unhealthy"
-        self.send_response(200 if ok else 503); self.end_headers()
-    def log_message(self, *args): pass
-srv = http.server.HTTPServer(("127.0.0.1", a.port), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-if a.mode == "crash":
-    time.sleep(1.0); os._exit(9)
-while True:
-    time.sleep(0.1)
-'''
 
 
 @pytest.fixture
 def fake_engine_path(tmp_path: Path) -> Path:
-    pkg = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
-    pkg.mkdir(parents=True)
-    for d in (tmp_path / "fake" / "vllm", tmp_path / "fake" / "vllm" / "entrypoints", pkg):
-        (d / "__init__.py").write_text("")
-    (pkg / "api_server.py").write_text(textwrap.dedent(FAKE_ENGINE))
-    return tmp_path / "fake"
+    return fake_engine.install(tmp_path)
 
 
 def _supervisor(fake: Path, tmp_path: Path, mode: str, **kw: object) -> tuple[EngineSupervisor, EngineState, Path]:
@@ -129,6 +101,145 @@ def test_engine_runs_in_its_own_process_group(fake_engine_path: Path, tmp_path: 
         await sup._upstream.aclose()
 
     asyncio.run(run())
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _all_gone(pids: list[int], within: float = 5.0) -> bool:
+    """Whether every pid is gone within ``within`` s (SIGKILL is delivered asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+async def _until_answering(sup: EngineSupervisor) -> None:
+    """Wait until the stand-in answers ``/health`` (any status): its SIGTERM handling is in place then."""
+    from qwen_serve.errors import UpstreamError
+
+    while True:
+        with contextlib.suppress(UpstreamError):
+            await sup._upstream.get_bytes("/health", 2.0)
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_restart_that_times_out_is_retried_then_fatal(fake_engine_path: Path, tmp_path: Path) -> None:
+    # First launch: healthy, crashes after 1 s. Every restart: /health 503 until startup_timeout_s.
+    restarts: list[int] = []
+    fatal: list[str] = []
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "crash-then-hang", startup_timeout_s=1.5,
+                                restart="on-failure", max_restarts=2, backoff_s=0.2,
+                                on_restart=lambda: restarts.append(1), on_fatal=fatal.append)
+    await sup.start()
+    await asyncio.wait_for(sup.watch(), 60)  # crash → restart 1 times out → restart 2 times out → fatal
+    pids = fake_engine.launches(tmp_path)
+    assert len(pids) == 3 and restarts == [1, 1] and state.restarts == 2
+    assert len(fatal) == 1 and "restart" in fatal[0] and "startup_timeout_s=1.5" in fatal[0], fatal
+    assert state.status == "failed" and not state.up
+    assert _all_gone(pids)
+    await sup.stop()
+    await sup._upstream.aclose()
+
+
+def test_restart_back_off_doubles_up_to_a_cap() -> None:
+    from qwen_serve.engine.supervisor import restart_delay
+
+    assert [restart_delay(n, 2.0) for n in range(1, 8)] == [2, 4, 8, 16, 30, 30, 30]
+
+
+async def test_stop_during_startup_is_not_a_failure(fake_engine_path: Path, tmp_path: Path) -> None:
+    fatal: list[str] = []
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "unhealthy", startup_timeout_s=600,
+                                on_fatal=fatal.append)
+    runner = asyncio.create_task(sup.run())
+    await asyncio.wait_for(_until_answering(sup), 30)
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(runner, 10)  # returns: no failure is reported for a start that stop() ended
+    assert fatal == [] and not state.up and sup.stopping
+    assert (tmp_path / "sigterm").exists()
+    await sup._upstream.aclose()
+
+
+async def test_an_engine_deaf_to_sigterm_while_starting_is_killed_soon(fake_engine_path: Path, tmp_path: Path) -> None:
+    import time
+
+    from qwen_serve.engine.supervisor import STARTING_STOP_TIMEOUT_S
+
+    sup, _, _ = _supervisor(fake_engine_path, tmp_path, "deaf", startup_timeout_s=600)
+    runner = asyncio.create_task(sup.run())
+    await asyncio.wait_for(_until_answering(sup), 30)
+    t0 = time.monotonic()
+    await sup.stop(timeout=120)  # the drain grace of a running engine does not apply to a starting one
+    elapsed = time.monotonic() - t0
+    assert STARTING_STOP_TIMEOUT_S <= elapsed < STARTING_STOP_TIMEOUT_S + 15, elapsed
+    assert sup.proc is not None and sup.proc.returncode == -9
+    await asyncio.wait_for(runner, 10)
+    await sup._upstream.aclose()
+
+
+async def test_stop_during_restart_back_off_returns_at_once(fake_engine_path: Path, tmp_path: Path) -> None:
+    fatal: list[str] = []
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "crash", max_restarts=3, backoff_s=300,
+                                on_fatal=fatal.append)
+    runner = asyncio.create_task(sup.run())
+    while state.restarts == 0:  # the engine crashed; the supervisor waits out the back-off
+        await asyncio.sleep(0.05)
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(runner, 10)
+    assert fatal == [] and len(fake_engine.launches(tmp_path)) == 1
+    await sup._upstream.aclose()
+
+
+async def test_first_start_failure_is_fatal_without_restart(fake_engine_path: Path, tmp_path: Path) -> None:
+    fatal: list[str] = []
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "exit", max_restarts=3, on_fatal=fatal.append)
+    await asyncio.wait_for(sup.run(), 20)
+    assert len(fatal) == 1 and fatal[0].startswith("engine failed to start: engine exited with code 3")
+    assert state.restarts == 0 and len(fake_engine.launches(tmp_path)) == 1
+    await sup._upstream.aclose()
+
+
+# --- the guard: the engine's process-group leader ---------------------------------------------------------
+
+
+def _guarded(*argv: str) -> list[str]:
+    import sys
+
+    from qwen_serve.engine.guard import guarded_command
+
+    return guarded_command([sys.executable, *argv], python=sys.executable, parent=os.getpid())
+
+
+@pytest.mark.parametrize(("code", "expected"), [("raise SystemExit(7)", 7), ("import os; os.kill(os.getpid(), 9)", -9)])
+def test_guard_exits_as_the_engine_did(code: str, expected: int) -> None:
+    import subprocess
+
+    proc = subprocess.run(_guarded("-c", code), start_new_session=True, timeout=30)
+    assert proc.returncode == expected
+
+
+def test_guard_kills_what_the_engine_leaves_behind(tmp_path: Path) -> None:
+    import subprocess
+
+    # The "engine" starts a child and exits at once, leaving the child orphaned in the group.
+    script = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']);"
+              f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid))")
+    proc = subprocess.run(_guarded("-c", script), start_new_session=True, timeout=30)
+    assert proc.returncode == 0
+    child = int((tmp_path / "child").read_text())
+    assert _all_gone([child])
 
 
 class _Scripted:
