@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictInt, ValidationError,
+                      ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 from qwen_serve.constants import DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT
@@ -87,6 +87,20 @@ class GatewayConfig(_Section):
     ui: bool = True
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     log_requests: bool = False  # never logs prompts or keys, only method/path/status
+    # A second listener on ``host`` serving only /metrics and /metrics/engine; the main port then answers
+    # 404 there. null: both are served on the main port.
+    metrics_port: StrictInt | None = Field(None, ge=1, le=65535)  # strict: `true` is not a port
+    # The engine's /metrics text is fetched at most once per this many seconds (concurrent scrapes share
+    # one fetch); 0: every scrape fetches it.
+    engine_metrics_cache_s: float = Field(1.0, ge=0)
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A port other than ``gateway.port`` (one socket cannot serve both apps)."""
+        if value is not None and value == info.data.get("port"):
+            raise PydanticCustomError("metrics_port_clash", "must differ from gateway.port")
+        return value
 
 
 class AuthConfig(_Section):

@@ -9,6 +9,11 @@ exit code: 0 after a drain (also when the signal came during start-up), 1 when t
 start, died with ``restart: never``, or used up ``engine.max_restarts`` (a restart that exits or times
 out counts); the last engine log lines are printed. The engine runs under a guard that takes it and
 its children down when this process dies, even by SIGKILL (``qwen_serve.engine.guard``).
+
+With ``gateway.metrics_port`` set, the one uvicorn server listens on two sockets bound to
+``gateway.host``: ``gateway.port`` and ``gateway.metrics_port`` (same process, event loop, lifespan,
+signal handling and drain); the app tells them apart by the local port (``gateway.app.PortRouter``).
+A port that cannot be bound ends the start with exit code 1 before the engine is started.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +49,19 @@ def gpu_visible() -> bool:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, with the drain flag raised as soon as a shutdown signal arrives."""
+    """uvicorn's server, with the drain flag raised as soon as a shutdown signal arrives.
 
-    def __init__(self, config: uvicorn.Config, state: EngineState) -> None:
+    ``listeners``: already bound sockets to serve on (``None``: uvicorn binds ``config.host:port``)."""
+
+    def __init__(self, config: uvicorn.Config, state: EngineState,
+                 listeners: list[socket.socket] | None = None) -> None:
         super().__init__(config)
         self.engine_state = state
         self.exit_code = 0
+        self.listeners = listeners
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().serve(sockets if sockets is not None else self.listeners)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.engine_state.draining:
@@ -77,12 +90,54 @@ def _uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
     )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (as uvicorn binds its own: IPv6 when the host has a colon,
+    ``SO_REUSEADDR``). Raises ``OSError`` when the address is taken or not local."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock  # not inheritable: the engine (a child process) never holds the gateway's ports
+
+
+def _sockets(config: Config) -> list[socket.socket] | None:
+    """The listening sockets when the gateway needs more than uvicorn's one (``gateway.metrics_port``
+    set), else ``None`` (uvicorn binds ``gateway.host:gateway.port`` itself). Raises ``OSError``
+    naming the config key of the port that could not be bound."""
+    gw = config.gateway
+    if gw.metrics_port is None:
+        return None
+    sockets: list[socket.socket] = []
+    try:
+        for key, port in (("gateway.port", gw.port), ("gateway.metrics_port", gw.metrics_port)):
+            try:
+                sockets.append(_listen(gw.host, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {gw.host}:{port} ({key}): {exc.strerror}") from exc
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    log.info("metrics on http://%s:%d/metrics (gateway.metrics_port); not served on the main port",
+             gw.host, gw.metrics_port)
+    return sockets
+
+
 def run_gateway(config: Config, upstream_url: str | None = None) -> int:
-    """Serve the gateway in front of an already running engine."""
+    """Serve the gateway in front of an already running engine; returns the exit code."""
     setup_logging()
+    try:
+        listeners = _sockets(config)
+    except OSError as exc:
+        log.error("%s", exc.strerror)
+        return 1
     state = EngineState()
     app = build_app(config, upstream_url=upstream_url, state=state)
-    server = _Server(_uvicorn_config(app, config), state)
+    server = _Server(_uvicorn_config(app, config), state, listeners)
     tune_for_serving()
     server.run()
     return server.exit_code
@@ -94,6 +149,11 @@ def run_up(config: Config) -> int:
 
     setup_logging()
     plan = build_plan(config, gpu_visible=gpu_visible())
+    try:
+        listeners = _sockets(config)
+    except OSError as exc:
+        log.error("%s", exc.strerror)
+        return 1
     for warning in plan.warnings:
         log.warning("plan: %s", warning)
     state = EngineState()
@@ -113,7 +173,7 @@ def run_up(config: Config) -> int:
     )
     app = build_app(config, upstream=upstream, state=state, engine_runner=supervisor.run,
                     engine_stopper=supervisor.stop)
-    server = _Server(_uvicorn_config(app, config), state)
+    server = _Server(_uvicorn_config(app, config), state, listeners)
     tune_for_serving()
     server.run()
     return server.exit_code

@@ -7,6 +7,13 @@ OpenAI error shape; :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` wr
 The lifespan owns the resources: the upstream client (one pooled keep-alive client for the app's
 life), the engine monitor, the key-file watcher, and, under ``qwen-serve up``, the engine supervisor
 (started in the background so ``/health`` answers and ``/ready`` says 503 while vLLM loads).
+
+Metrics: ``GET /metrics`` (the gateway's series followed by the engine's) and ``GET /metrics/engine``
+(the engine's text as is). With ``gateway.metrics_port`` null they are routes of the main app. With it
+set they live in a separate small app, :class:`PortRouter` sends every HTTP request that arrived on
+that port there (and nothing else reaches it), and the main port answers them 404 like any unknown
+route. The engine's text is fetched through one :class:`~qwen_serve.gateway.metrics.EngineScrapeCache`
+(``gateway.engine_metrics_cache_s``).
 """
 
 from __future__ import annotations
@@ -38,13 +45,14 @@ from qwen_serve.errors import (
 )
 from qwen_serve.gateway.auth import build_authenticator
 from qwen_serve.gateway.limits import build_limiter
-from qwen_serve.gateway.metrics import GatewayMetrics, merge_engine_metrics
+from qwen_serve.gateway.metrics import EngineScrapeCache, GatewayMetrics, merge_engine_metrics
 from qwen_serve.gateway.middleware import GatewayMiddleware
 from qwen_serve.gateway.pipeline import Pipeline, Stages
 from qwen_serve.errors import UpstreamError
+from qwen_serve.gateway.types import ASGIApp, Receive, Scope, Send
 from qwen_serve.gateway.upstream import Upstream, create_upstream
 
-__all__ = ["build_app"]
+__all__ = ["PortRouter", "build_app"]
 
 log = logging.getLogger("qwen_serve.gateway")
 
@@ -68,7 +76,9 @@ def build_app(
     ``qwen-serve up``, ``engine_runner`` (a coroutine function: start the engine, then watch it) runs in
     the background for the app's life and ``engine_stopper`` is awaited at shutdown after in-flight
     requests finished. Returns the ASGI app (the FastAPI instance wrapped in the gateway middleware);
-    the FastAPI object is reachable as ``app.fastapi`` for tests.
+    the FastAPI object is reachable as ``app.fastapi`` for tests. With ``gateway.metrics_port`` set,
+    the middleware wraps a :class:`PortRouter` instead and the metrics app is ``app.metrics_app``
+    (``None`` otherwise); the server must then listen on both ports (``qwen_serve.serve`` does).
     """
     served = (config.model.name,)
     metrics = GatewayMetrics(served)
@@ -134,12 +144,16 @@ def build_app(
         return JSONResponse({"status": state.describe()}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                             headers={"retry-after": "5"})
 
-    async def engine_text() -> bytes | None:
+    async def fetch_engine_text() -> bytes | None:
         try:
             status, text = await upstream.get_bytes("/metrics", _ENGINE_SCRAPE_TIMEOUT_S)
         except UpstreamError:
             return None
         return text if status == 200 else None
+
+    engine_scrapes = EngineScrapeCache(fetch_engine_text, gw.engine_metrics_cache_s)
+    app.state.engine_scrapes = engine_scrapes
+    engine_text = engine_scrapes.get
 
     async def metrics_route(_: Request) -> Response:
         text = await engine_text()
@@ -161,6 +175,10 @@ def build_app(
             raise NotFound("the chat page is disabled (gateway.ui: false)")
         return FileResponse(page, media_type="text/html")
 
+    metrics_routes = (
+        ("/metrics", metrics_route, ["GET"]),
+        ("/metrics/engine", metrics_engine, ["GET"]),
+    )
     for path, endpoint, methods in (
         ("/v1/chat/completions", chat_completions, ["POST"]),
         ("/v1/completions", completions, ["POST"]),
@@ -169,20 +187,55 @@ def build_app(
         ("/detokenize", detokenize, ["POST"]),
         ("/health", health, ["GET"]),
         ("/ready", ready, ["GET"]),
-        ("/metrics", metrics_route, ["GET"]),
-        ("/metrics/engine", metrics_engine, ["GET"]),
+        *(metrics_routes if gw.metrics_port is None else ()),
         ("/", index, ["GET"]),
     ):
         app.add_route(path, endpoint, methods=methods)  # plain Starlette routes: no body re-validation
+    _add_error_handlers(app)
 
+    inner: ASGIApp = app
+    metrics_app: FastAPI | None = None
+    if gw.metrics_port is not None:
+        # No lifespan of its own: the main app's owns the shared resources (upstream, engine state).
+        metrics_app = FastAPI(title="qwen-serve metrics", docs_url=None, redoc_url=None, openapi_url=None)
+        for path, endpoint, methods in metrics_routes:
+            metrics_app.add_route(path, endpoint, methods=methods)
+        _add_error_handlers(metrics_app)
+        inner = PortRouter(app, metrics_app, gw.metrics_port)
+
+    wrapped = GatewayMiddleware(inner, metrics=metrics, max_request_bytes=gw.max_request_bytes)
+    wrapped.fastapi = app  # type: ignore[attr-defined]
+    wrapped.metrics_app = metrics_app  # type: ignore[attr-defined]
+    return wrapped
+
+
+class PortRouter:
+    """Send each HTTP request to ``metrics_app`` when it arrived on ``metrics_port``, else to ``main``.
+
+    The port is the local one of the connection (ASGI ``scope["server"]``), so a client cannot choose
+    it with a header. Lifespan events and everything that is not HTTP go to ``main`` only.
+    """
+
+    def __init__(self, main: ASGIApp, metrics_app: ASGIApp, metrics_port: int) -> None:
+        self.main = main
+        self.metrics_app = metrics_app
+        self.metrics_port = metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server")
+            if server is not None and server[1] == self.metrics_port:
+                await self.metrics_app(scope, receive, send)
+                return
+        await self.main(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in the OpenAI shape (unknown routes: 404 ``not_found``)."""
     app.add_exception_handler(QwenServeError, _qwen_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-
-    wrapped = GatewayMiddleware(app, metrics=metrics, max_request_bytes=gw.max_request_bytes)
-    wrapped.fastapi = app  # type: ignore[attr-defined]
-    return wrapped
 
 
 async def _qwen_error(request: Request, exc: Exception) -> Response:

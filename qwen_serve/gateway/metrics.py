@@ -10,7 +10,9 @@ Labels are bounded: ``model`` is one of the served names or ``"other"`` (see :me
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -25,7 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["GatewayMetrics", "Labelled", "merge_engine_metrics", "OTHER_MODEL"]
+__all__ = ["EngineScrapeCache", "GatewayMetrics", "Labelled", "merge_engine_metrics", "OTHER_MODEL"]
 
 OTHER_MODEL = "other"
 
@@ -138,6 +140,57 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """The gateway's own exposition text."""
         return generate_latest(self.registry)
+
+
+class EngineScrapeCache:
+    """The engine's ``/metrics`` text, fetched at most once per ``ttl_s`` seconds.
+
+    ``fetch`` returns the text, or ``None`` when the engine cannot be scraped; either answer is kept for
+    ``ttl_s`` seconds from the moment it arrived (a down engine is not asked again on every scrape
+    either). Callers that arrive while a fetch is running share it: N concurrent scrapes cause one
+    request to the engine. A caller that is cancelled (its client went away) does not cancel the shared
+    fetch. When ``fetch`` raises, every waiter gets the exception and nothing is kept. ``ttl_s == 0``
+    turns the cache off: every call fetches.
+    """
+
+    def __init__(self, fetch: Callable[[], Awaitable[bytes | None]], ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if ttl_s < 0:
+            raise ValueError("ttl_s must be >= 0")
+        self._fetch = fetch
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._value: bytes | None = None
+        self._expires = float("-inf")
+        self._inflight: asyncio.Task[bytes | None] | None = None
+        self.fetches = 0  # requests sent to the engine (for tests and debugging)
+
+    async def get(self) -> bytes | None:
+        """The cached text if still fresh, else the result of the running or of a new fetch."""
+        if self._ttl_s == 0:
+            self.fetches += 1
+            return await self._fetch()
+        if self._clock() < self._expires:
+            return self._value
+        task = self._inflight
+        if task is None:
+            task = self._inflight = asyncio.ensure_future(self._refresh())
+            task.add_done_callback(_retrieve)  # a failure nobody waits for any more is not logged as lost
+        return await asyncio.shield(task)
+
+    async def _refresh(self) -> bytes | None:
+        try:
+            self.fetches += 1
+            value = await self._fetch()
+            self._value, self._expires = value, self._clock() + self._ttl_s
+            return value
+        finally:
+            self._inflight = None
+
+
+def _retrieve(task: asyncio.Task[bytes | None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 _SKIP_PREFIXES = ("process_", "python_")

@@ -85,3 +85,26 @@ def test_load_sets_base_dir(tmp_path: Path) -> None:
     c = load_config(path)
     assert c.engine.tensor_parallel_size == 2
     assert c.resolve_path("./models/tiny") == tmp_path.resolve() / "models" / "tiny"
+
+
+def test_metrics_port_defaults_to_the_main_port_and_a_one_second_engine_cache() -> None:
+    gw = parse_config({"model": {"source": "m"}}).gateway
+    assert gw.metrics_port is None and gw.engine_metrics_cache_s == 1.0
+    gw = parse_config({"model": {"source": "m"}, "gateway": {"metrics_port": 9090, "engine_metrics_cache_s": 0}}).gateway
+    assert gw.metrics_port == 9090 and gw.engine_metrics_cache_s == 0
+
+
+@pytest.mark.parametrize(
+    ("gateway", "message"),
+    [
+        ({"metrics_port": 8080}, "gateway.metrics_port: must differ from gateway.port"),
+        ({"port": 9000, "metrics_port": 9000}, "gateway.metrics_port: must differ from gateway.port"),
+        ({"metrics_port": 0}, "gateway.metrics_port: must be >= 1"),
+        ({"metrics_port": 65536}, "gateway.metrics_port: must be <= 65535"),
+        ({"metrics_port": "metrics"}, "gateway.metrics_port: must be an integer"),
+        ({"metrics_port": True}, "gateway.metrics_port: must be an integer"),
+        ({"engine_metrics_cache_s": -1}, "gateway.engine_metrics_cache_s: must be >= 0"),
+    ],
+)
+def test_bad_metrics_settings_name_their_key(gateway: dict[str, Any], message: str) -> None:
+    assert error({"model": {"source": "m"}, "gateway": gateway}).startswith(message)

@@ -126,6 +126,16 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
+def traffic_service(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == FULLNAME]
+    return service
+
+
+def metrics_service(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == f"{FULLNAME}-metrics"]
+    return service
+
+
 def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
     spec: dict[str, Any] = only(objects, "Deployment")["spec"]["template"]["spec"]
     return spec
@@ -327,7 +337,8 @@ def test_probes_point_at_health_and_ready() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] == "http"
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 2 * 3600, "72B download window"
     config = rendered_config(render())
@@ -422,7 +433,8 @@ def test_selectors_use_name_and_instance_only() -> None:
     selector = {"app.kubernetes.io/name": "qwen-serve", "app.kubernetes.io/instance": RELEASE}
     deployment = only(objects, "Deployment")
     assert deployment["spec"]["selector"]["matchLabels"] == selector
-    assert only(objects, "Service")["spec"]["selector"] == selector
+    assert traffic_service(objects)["spec"]["selector"] == selector
+    assert metrics_service(objects)["spec"]["selector"] == selector
     assert only(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items() and pod_labels["tier"] == "gpu" and pod_labels["team"] == "ml"
@@ -472,16 +484,21 @@ def test_autoscaling_on_queue_length() -> None:
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
     assert trigger["metadata"]["query"].startswith("sum(vllm:num_requests_waiting{")
-    assert f'service="{FULLNAME}"' in trigger["metadata"]["query"]
+    assert f'service="{FULLNAME}-metrics"' in trigger["metadata"]["query"]  # the scraped Service
     assert trigger["metadata"]["threshold"] == "5"
     assert "replicas" not in only(objects, "Deployment")["spec"]
 
 
-def test_network_policy_admits_only_the_gateway_port() -> None:
+def test_network_policy_admits_only_the_gateway_and_metrics_ports() -> None:
     policy = only(render(SCENARIOS["network-policy"]), "NetworkPolicy")
-    (rule,) = policy["spec"]["ingress"]
+    rule, metrics_rule = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert rule["from"][0]["namespaceSelector"]
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    policy = only(render({"networkPolicy": {"enabled": True, "metricsFrom": []}}), "NetworkPolicy")
+    assert "from" not in policy["spec"]["ingress"][1]  # empty: any source may scrape
 
 
 # ---------------------------------------------------------------------------------------------- rejects
@@ -504,6 +521,9 @@ def test_schema_rejects_negative_gpus() -> None:
     ({"autoscaling": {"kind": "cpu"}}, "/autoscaling/kind"),
     ({"shm": {"sizeLimit": "lots"}}, "/shm/sizeLimit"),
     ({"auth": {"keys": [{"id": "a", "sha256": "qs-not-a-hash"}]}}, "/auth/keys/0/sha256"),
+    ({"gateway": {"metricsPort": 8080}}, "/gateway/metricsPort"),  # the traffic port
+    ({"gateway": {"metricsPort": 0}}, "/gateway/metricsPort"),
+    ({"gateway": {"engineMetricsCacheSeconds": -1}}, "/gateway/engineMetricsCacheSeconds"),
 ])
 def test_schema_rejects_bad_values(overrides: dict[str, Any], path: str) -> None:
     chart = _chart()
@@ -519,6 +539,7 @@ def test_schema_rejects_bad_values(overrides: dict[str, Any], path: str) -> None
     ({"extraConfig": {"engine": {"gpus": 2}}}, "extraConfig.engine.gpus: set engine.gpus instead"),
     ({"extraConfig": {"gateway": {"port": 9000}}}, "extraConfig.gateway.port/host"),
     ({"extraConfig": {"auth": {"keys_file": "/tmp/k.yaml"}}}, "extraConfig.auth.keys_file"),
+    ({"extraConfig": {"gateway": {"metrics_port": 9100}}}, "extraConfig.gateway.metrics_port: set gateway.metricsPort"),
 ])
 def test_render_refuses_inconsistent_values(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
@@ -616,12 +637,46 @@ def test_grafana_dashboard_configmaps() -> None:
     assert not [o for o in render() if o["metadata"]["labels"].get("grafana_dashboard")]
 
 
-def test_service_monitor_scrapes_metrics() -> None:
-    monitor = only(render(SCENARIOS["observability"]), "ServiceMonitor")
+def _selects(selector: dict[str, str], obj: dict[str, Any]) -> bool:
+    return selector.items() <= obj["metadata"]["labels"].items()
+
+
+def test_service_monitor_scrapes_the_metrics_port_only() -> None:
+    objects = render(SCENARIOS["observability"])
+    monitor = only(objects, "ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert monitor["metadata"]["labels"]["release"] == "kps"
-    assert monitor["spec"]["selector"]["matchLabels"] == only(render(), "Service")["spec"]["selector"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services if _selects(selector, s)] == [f"{FULLNAME}-metrics"]
+    (port,) = metrics_service(objects)["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("metrics", 9090, "metrics")
+
+
+def test_metrics_port_is_never_exposed_to_traffic() -> None:
+    """The traffic Service and the Ingress know only the http port; the config serves metrics apart."""
+    objects = render(SCENARIOS["ingress-tls"])
+    assert [(p["name"], p["targetPort"]) for p in traffic_service(objects)["spec"]["ports"]] == [("http", "http")]
+    for rule in only(objects, "Ingress")["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"] == {"name": FULLNAME, "port": {"name": "http"}}
+    gateway = parse_config(rendered_config(objects)).gateway
+    assert (gateway.port, gateway.metrics_port, gateway.engine_metrics_cache_s) == (8080, 9090, 1)
+
+
+def test_metrics_port_cannot_be_removed() -> None:
+    """A null removes the key in Helm; the pod would otherwise start with metrics_port 0 and exit."""
+    with pytest.raises(helm.HelmValuesError, match="missing property 'metricsPort'"):
+        _chart().render({"gateway": {"metricsPort": None}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_metrics_port_follows_values() -> None:
+    objects = render({"gateway": {"metricsPort": 9400, "engineMetricsCacheSeconds": 10}})
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container(objects)["ports"]
+    assert metrics_service(objects)["spec"]["ports"][0]["port"] == 9400
+    config = rendered_config(objects)["gateway"]
+    assert (config["metrics_port"], config["engine_metrics_cache_s"]) == (9400, 10)
 
 
 def test_crd_schemas_catch_mistakes() -> None:

@@ -43,6 +43,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Name of the Service exposing only the metrics port (the ServiceMonitor's target; never the Ingress's).
+Usage: {{ include "qwen-serve.metricsServiceName" . }}
+*/}}
+{{- define "qwen-serve.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "qwen-serve.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels of the metrics Service: the standard ones with component `metrics`, so the ServiceMonitor can
+select it and not the traffic Service (whose component is `inference`).
+Usage: {{ include "qwen-serve.metricsLabels" . }}
+*/}}
+{{- define "qwen-serve.metricsLabels" -}}
+{{- include "qwen-serve.labels" . | replace "app.kubernetes.io/component: inference" "app.kubernetes.io/component: metrics" }}
+{{- end }}
+
+{{/*
 Standard labels for every object: selector labels plus chart, version, component, part-of, managed-by
 and the user's commonLabels.
 Usage: {{ include "qwen-serve.labels" . }}
@@ -137,6 +154,8 @@ Usage: {{ include "qwen-serve.config" . }}
       "drain_timeout_s" $v.gateway.drainTimeoutSeconds
       "request_timeout_s" $v.gateway.requestTimeoutSeconds
       "max_request_bytes" (int $v.gateway.maxRequestBytes)
+      "metrics_port" (int (required "Value 'gateway.metricsPort' must be defined !" $v.gateway.metricsPort))
+      "engine_metrics_cache_s" $v.gateway.engineMetricsCacheSeconds
       "ui" $v.gateway.ui }}
 {{- $auth := dict "enabled" $v.auth.enabled "reload_interval_s" $v.auth.reloadIntervalSeconds }}
 {{- if $v.auth.enabled }}
@@ -172,6 +191,12 @@ Usage: {{ include "qwen-serve.validate" . }}
 {{- end }}
 {{- if or (hasKey (default dict $extra.gateway) "port") (hasKey (default dict $extra.gateway) "host") }}
 {{- fail "extraConfig.gateway.port/host: the chart fixes the gateway at 0.0.0.0:8080 (container port, probes, Service)" }}
+{{- end }}
+{{- if hasKey (default dict $extra.gateway) "metrics_port" }}
+{{- fail "extraConfig.gateway.metrics_port: set gateway.metricsPort instead (it also sets the container port, the metrics Service and the ServiceMonitor)" }}
+{{- end }}
+{{- if eq (int $v.gateway.metricsPort) 8080 }}
+{{- fail "gateway.metricsPort=8080 is the gateway's traffic port; pick another (metrics must not share the port the Service and Ingress expose)" }}
 {{- end }}
 {{- if hasKey (default dict $extra.auth) "keys_file" }}
 {{- fail "extraConfig.auth.keys_file: the chart points it into the mounted Secret; set auth.existingSecret / auth.secretKey instead" }}
