@@ -6,6 +6,11 @@ formats and writes them. A slow log reader — a full pipe to ``kubectl logs`` o
 stalled disk — then delays log lines, never requests. Records are rendered to text when queued, so
 arguments are not kept alive or mutated later.
 
+The queue holds at most :data:`MAX_QUEUED_RECORDS` records: while it is full (the writer is stuck or far
+behind) new records are dropped, never waited for, and counted (:func:`dropped_records`, exported by the
+gateway as ``qwen_serve_log_records_dropped_total``). Once the writer catches up it writes one line saying
+how many records were dropped since the last such line.
+
 Engine output lines are logged to :data:`ENGINE_LOGGER` and written as ``[engine] <line>`` (the
 engine's own timestamps and levels are in the line); everything else as
 ``<time> <LEVEL> <logger>: <message>``. Prompts and keys are never logged by qwen-serve.
@@ -18,13 +23,57 @@ import logging
 import logging.handlers
 import queue
 import sys
+import threading
 from typing import TextIO
 
-__all__ = ["ENGINE_LOGGER", "setup_logging", "stop_logging"]
+__all__ = ["ENGINE_LOGGER", "MAX_QUEUED_RECORDS", "dropped_records", "setup_logging", "stop_logging"]
 
 ENGINE_LOGGER = "qwen_serve.engine.output"
+MAX_QUEUED_RECORDS = 10_000  # records waiting for the writer; beyond this new ones are dropped
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _listener: logging.handlers.QueueListener | None = None
+_dropped = 0  # records dropped because the queue was full, since the process started
+_dropped_lock = threading.Lock()
+
+
+def dropped_records() -> int:
+    """Log records dropped so far (the queue was full); monotonic for the life of the process."""
+    return _dropped
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """A :class:`~logging.handlers.QueueHandler` that drops and counts a record when its bounded queue is
+    full, instead of blocking the caller or reporting an error."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        global _dropped
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            with _dropped_lock:
+                _dropped += 1
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The writer thread: before each record it reports the drops not yet reported, as one line."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord], handler: logging.Handler) -> None:
+        super().__init__(records, handler, respect_handler_level=True)
+        self._reported = _dropped
+
+    def handle(self, record: logging.LogRecord) -> None:
+        dropped = _dropped
+        if dropped > self._reported:
+            note = logging.LogRecord("qwen_serve.logs", logging.WARNING, __file__, 0,
+                                     "%d log records dropped: the log queue was full (a slow log reader)",
+                                     (dropped - self._reported,), None)
+            self._reported = dropped
+            super().handle(note)
+        super().handle(record)
+
+    def enqueue_sentinel(self) -> None:
+        """Wait for room (the writer is draining) instead of failing on a full queue."""
+        self.queue.put(self._sentinel)  # type: ignore[attr-defined]
 
 
 class _Formatter(logging.Formatter):
@@ -40,14 +89,14 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> No
     global _listener
     if _listener is not None:
         return
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    records: queue.Queue[logging.LogRecord] = queue.Queue(MAX_QUEUED_RECORDS)
     writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
     writer.setFormatter(_Formatter(_FORMAT))
-    _listener = logging.handlers.QueueListener(records, writer, respect_handler_level=True)
+    _listener = _Listener(records, writer)
     root = logging.getLogger()
     for handler in root.handlers[:]:
         root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(records))
+    root.addHandler(_DroppingQueueHandler(records))
     root.setLevel(level)
     _listener.start()
     atexit.register(stop_logging)

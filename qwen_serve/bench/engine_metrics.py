@@ -103,7 +103,16 @@ class EngineWatch:
                 await self._task
         if self._session is not None:
             if self.before is not None:
+                # The engine updates its counters after the answers went out: read until two reads
+                # 0.5 s apart agree (at most 5 s), so the last requests' tokens are in the snapshot.
                 self.after = await self._scrape()
+                for _ in range(10):
+                    await asyncio.sleep(0.5)
+                    again = await self._scrape()
+                    settled = again == self.after
+                    self.after = again
+                    if settled:
+                        break
             await self._session.close()
 
     def summary(self) -> dict[str, Any] | None:

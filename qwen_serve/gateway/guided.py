@@ -38,22 +38,26 @@ close to but not the same as the engine's (an engine-only construct such as ``\\
 here; one Python accepts but the backend cannot handle still reaches vLLM, which answers 400).
 
 After the answer, :meth:`GuidedRequest.check_response` (non-streaming) or a
-:class:`StreamChecker` (streaming; fed each parsed chunk *after* it was forwarded, so it never delays
-one) gives the outcome, a ``qwen_serve_guided_requests_total`` label and the ``X-Guided-Output``
-header value: ``valid`` | ``invalid`` | ``truncated`` (``finish_reason: "length"``) | ``incomplete``
-(the stream ended without a ``finish_reason``) | ``unchecked`` (``validate_output`` off, ``echo`` on
+:class:`StreamChecker` (streaming; fed each parsed chunk as it is relayed) gives the outcome, a
+``qwen_serve_guided_requests_total`` label and the verdict sent to the client: the ``X-Guided-Output``
+header of a whole answer, or the top-level ``"guided_output"`` field the gateway adds to the stream's chunk
+that carries the last choice's ``finish_reason`` (that one chunk waits for the check): ``valid`` |
+``invalid`` | ``truncated`` (``finish_reason: "length"``) | ``incomplete`` (the stream ended without a ``finish_reason``) | ``unchecked`` (``validate_output`` off, ``echo`` on
 completions, or a grammar/structural-tag constraint). With ``n > 1`` the worst choice wins:
 invalid > incomplete > truncated > unchecked > valid. JSON is parsed strictly (raw control characters
 inside strings, ``NaN`` and ``Infinity`` are invalid) and then validated with the validator
-:func:`prepare` compiled (memoised per schema text, since the metaschema check costs ~2 ms). Nothing
+:func:`prepare` compiled (memoised per schema text, since the metaschema check costs ~2 ms; at most
+:data:`SCHEMA_CACHE_ENTRIES` schemas and :data:`SCHEMA_CACHE_BYTES` of schema text, least recently used
+evicted first). Nothing
 here does I/O; remote ``$ref`` are never fetched.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -185,9 +189,10 @@ class GuidedRequest:
 
 
 class StreamChecker:
-    """Accumulates a streamed answer: call :meth:`feed` with each parsed SSE ``data`` object (after
-    forwarding it), then :meth:`outcome` once the stream ended. Chunks without ``choices`` (usage,
-    error frames) are ignored."""
+    """Accumulates a streamed answer: call :meth:`feed` with each parsed SSE ``data`` object, then
+    :meth:`outcome` once every choice finished (:meth:`finished`) or the stream ended. Chunks without
+    ``choices`` (usage, error frames) are ignored. Finish reasons are tracked even when the request is not
+    validated (the outcome is then ``unchecked``), so the end of the answer is always known."""
 
     __slots__ = ("_guided", "_parts", "_finish")
 
@@ -197,25 +202,29 @@ class StreamChecker:
         self._finish: dict[int, object] = {}
 
     def feed(self, chunk: Mapping[str, Any]) -> None:
-        if not self._guided.validate:
-            return
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             return
+        validate = self._guided.validate
         for c in choices:
             if not isinstance(c, Mapping):
                 continue
             index = c.get("index", 0)
             if not isinstance(index, int):
                 index = 0
-            delta = c.get("delta")
-            piece = delta.get("content") if isinstance(delta, Mapping) else c.get("text")
-            if isinstance(piece, str) and piece:
-                self._parts.setdefault(index, []).append(piece)
-            else:
-                self._parts.setdefault(index, [])
+            if validate:
+                delta = c.get("delta")
+                piece = delta.get("content") if isinstance(delta, Mapping) else c.get("text")
+                if isinstance(piece, str) and piece:
+                    self._parts.setdefault(index, []).append(piece)
+                else:
+                    self._parts.setdefault(index, [])
             if (reason := c.get("finish_reason")) is not None:
                 self._finish[index] = reason
+
+    def finished(self, choices: int) -> bool:
+        """Whether ``choices`` choices (the request's ``n``) have each sent their ``finish_reason``."""
+        return len(self._finish) >= choices
 
     def outcome(self) -> str:
         if not self._guided.validate:
@@ -409,15 +418,65 @@ def _load_schema(param: str, value: Any) -> dict[str, Any]:
 _META: dict[type[Validator], Validator] = {}
 
 
-@functools.lru_cache(maxsize=256)
+SCHEMA_CACHE_ENTRIES: Final = 256  # compiled schemas kept at most
+SCHEMA_CACHE_BYTES: Final = 64 << 20  # total canonical schema text (characters) the kept schemas may sum to
+
+
+class _SchemaCache:
+    """Compiled validators (or the schema's error) by canonical schema text, least recently used evicted
+    first once more than ``max_entries`` are held or their texts sum to more than ``max_bytes``. A text
+    larger than ``max_bytes`` is compiled but never kept. Used from the event loop; a lock keeps it
+    consistent if it is ever called from threads."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # sum of len(key) of the entries held
+        self._entries: OrderedDict[tuple[str, str], Validator | GuidedSchemaError] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, param: str, schema_json: str) -> Validator | GuidedSchemaError:
+        key = (param, schema_json)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        try:
+            compiled: Validator | GuidedSchemaError = _compile(param, json.loads(schema_json))
+        except GuidedSchemaError as exc:
+            compiled = exc
+        size = len(schema_json)
+        if size > self.max_bytes:
+            return compiled
+        with self._lock:
+            if key not in self._entries:
+                self.bytes += size
+            self._entries[key] = compiled
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                (_, old), _ = self._entries.popitem(last=False)
+                self.bytes -= len(old)
+        return compiled
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+_SCHEMAS = _SchemaCache(SCHEMA_CACHE_ENTRIES, SCHEMA_CACHE_BYTES)
+
+
 def _compile_cached(param: str, schema_json: str) -> Validator | GuidedSchemaError:
-    """:func:`_compile` memoised on the canonical schema text: the metaschema check costs ~2 ms, and
-    clients tend to send the same few schemas. Errors are returned (and re-raised fresh by the caller)
-    because ``lru_cache`` does not keep exceptions. Validators are read-only, so sharing them is safe."""
-    try:
-        return _compile(param, json.loads(schema_json))
-    except GuidedSchemaError as exc:
-        return exc
+    """:func:`_compile` memoised on the canonical schema text (:data:`_SCHEMAS`, bounded by entries and
+    bytes): the metaschema check costs ~2 ms, and clients tend to send the same few schemas. Errors are
+    returned (and re-raised fresh by the caller) so that they are cached too. Validators are read-only,
+    so sharing them is safe."""
+    return _SCHEMAS.get(param, schema_json)
 
 
 def _compile(param: str, schema: dict[str, Any]) -> Validator:

@@ -26,6 +26,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qwen_serve.logs import dropped_records
 
 __all__ = ["EngineScrapeCache", "GatewayMetrics", "Labelled", "merge_engine_metrics", "OTHER_MODEL"]
 
@@ -37,6 +41,15 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
 
 
 C = TypeVar("C", Counter, Gauge, Histogram)
+
+
+class _LogDrops(Collector):
+    """``qwen_serve_log_records_dropped_total``: log records dropped because the log queue was full
+    (read from :func:`qwen_serve.logs.dropped_records` at scrape time)."""
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily("qwen_serve_log_records_dropped",
+                                  "Log records dropped because the log queue was full", value=dropped_records())
 
 
 class Labelled(Generic[C]):
@@ -74,6 +87,7 @@ class GatewayMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        r.register(_LogDrops())
         self._models: set[str] = set(served_models)
         self._restarts_seen = 0
 

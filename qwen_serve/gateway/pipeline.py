@@ -31,7 +31,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 
 from qwen_serve.config import GuidedConfig
-from qwen_serve.constants import GUIDED_OUTPUT_HEADER, REQUEST_ID_HEADER
+from qwen_serve.constants import GUIDED_OUTPUT_HEADER, REQUEST_ID_HEADER, SSE_DATA_PREFIX
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import (
     AuthError,
@@ -53,7 +53,8 @@ from qwen_serve.gateway.metrics import GatewayMetrics
 from qwen_serve.gateway.proxy import ProxyCall, deadline_scope
 from qwen_serve.gateway.upstream import Upstream
 
-__all__ = ["Exchange", "Pipeline", "Stages", "count_token_events", "stream_mode"]
+__all__ = ["GUIDED_OUTPUT_FIELD", "Exchange", "Pipeline", "Stages", "count_token_events", "stream_mode",
+           "with_guided_output"]
 
 _JSON = {"content-type": "application/json"}
 
@@ -131,12 +132,27 @@ class _RequestLimits:
         self.max_concurrent = principal.max_concurrent
 
 
+GUIDED_OUTPUT_FIELD = "guided_output"  # the streamed verdict: a top-level field of the stream's last chunk
+
+
+def with_guided_output(event: Mapping[str, Any], outcome: str) -> bytes:
+    """The ``data:`` line of ``event`` with ``"guided_output": outcome`` added as its last top-level field."""
+    obj = {**event, GUIDED_OUTPUT_FIELD: outcome}
+    return SSE_DATA_PREFIX + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 class Exchange:
-    """The :class:`~qwen_serve.gateway.proxy.ProxyHooks` of one generate request."""
+    """The :class:`~qwen_serve.gateway.proxy.ProxyHooks` of one generate request.
+
+    Guided verdict (when ``validate``, i.e. ``guided.validate_output``): a whole answer gets the
+    ``X-Guided-Output`` header; a stream gets a top-level ``"guided_output"`` field (one of
+    :data:`guided.OUTCOMES` but ``incomplete``) added to the chunk that carries the ``finish_reason`` of the
+    last of its ``choices`` (the request's ``n``) to finish. A stream that ends before that (disconnect,
+    engine failure, deadline) carries no verdict."""
 
     def __init__(self, m: GatewayMetrics, model: str, key_id: str, t0: float, lease: Lease,
                  estimate: int, check: guided.GuidedRequest | None, validate: bool,
-                 client_wants_usage: bool) -> None:
+                 client_wants_usage: bool, choices: int = 1) -> None:
         self._m = m
         self._model = model
         self._key_id = key_id
@@ -151,19 +167,27 @@ class Exchange:
         self._usage: Mapping[str, Any] | None = None
         self._outcome: str | None = None
         self._sent_tokens = 0  # generated-token events sent to the client (see count_token_events)
+        self._choices = choices  # the request's n: a stream's verdict goes out when this many have finished
+        self._stream_outcome: str | None = None  # the verdict the stream carried
         m.in_flight.labels(model).inc()
 
     def on_first_chunk(self) -> None:
         self._m.ttft.labels(self._model).observe(time.perf_counter() - self._t0)
 
-    def on_event(self, event: Mapping[str, Any]) -> bool:
-        if self._stream_check is not None:
-            self._stream_check.feed(event)
+    def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
+        verdict = None
+        check = self._stream_check
+        if check is not None:
+            check.feed(event)
+            if self._stream_outcome is None and event.get("choices") and check.finished(self._choices):
+                self._stream_outcome = verdict = check.outcome()
         usage = event.get("usage")
         if usage:
             self._usage = usage
             if not self._client_wants_usage and not event.get("choices"):
                 return False
+        if verdict is not None:
+            return with_guided_output(event, verdict)
         return True
 
     def on_sent(self, data: bytes) -> None:
@@ -204,7 +228,7 @@ class Exchange:
             outcome = self._outcome
             if (self._stream_check is not None and self._outcome is None and status == 200
                     and not disconnected and error is None):  # streamed: on_response() never ran
-                outcome = self._stream_check.outcome()
+                outcome = self._stream_outcome or self._stream_check.outcome()
             elif disconnected:
                 outcome = "aborted"
             elif status != 200 or error is not None:
@@ -322,7 +346,8 @@ class Pipeline:
             lease.release(0)
             raise
         hooks = Exchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
-                         estimate, check, self.s.guided.validate_output, client_usage or not stream)
+                         estimate, check, self.s.guided.validate_output, client_usage or not stream,
+                         body.get("n") or 1)
         return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
                          defer_headers=check is not None, deadline=self._deadline(request))
 

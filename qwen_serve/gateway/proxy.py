@@ -7,7 +7,10 @@ server calls it, it sends the prepared request to the engine and relays the answ
   out as they arrive, one ``send`` per complete event group, never re-serialised. Only events that
   the hooks must see are parsed (by default only those containing ``"usage"``; every event when the
   hooks set ``inspect_all``, e.g. to validate guided output). A hook may drop an event (the usage
-  chunk the gateway injected). Partial events are held until their ``\\n\\n`` arrives.
+  chunk the gateway injected) or replace it (the guided verdict added to the last chunk). Partial events
+  are held until their ``\\n\\n`` arrives, at most :data:`MAX_PENDING_EVENT_BYTES`: an engine that sends
+  more without an event separator ends the call with :class:`UpstreamProtocolError` (code
+  ``upstream_protocol_error``: 502 before the response started, else the stream's error event).
 * **Other responses** are read whole and passed through (hooks may rewrite the body and add headers).
 
 Every piece of a stream is shown to ``hooks.on_sent`` as it is handed to the server (the pipeline counts
@@ -46,10 +49,12 @@ from qwen_serve.errors import DeadlineExceeded, QwenServeError, UpstreamError, e
 from qwen_serve.gateway.types import Receive, Scope, Send
 from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
 
-__all__ = ["ProxyCall", "ProxyHooks", "deadline_scope", "normalise_error", "send_error"]
+__all__ = ["MAX_PENDING_EVENT_BYTES", "ProxyCall", "ProxyHooks", "UpstreamProtocolError", "deadline_scope",
+           "normalise_error", "send_error"]
 
 log = logging.getLogger("qwen_serve.gateway")
 
+MAX_PENDING_EVENT_BYTES = 1 << 20  # an incomplete SSE event held for its separator; more is a protocol error
 _USAGE_MARK = b'"usage"'
 _DONE_EVENT = SSE_DONE + SSE_EVENT_SEPARATOR
 _ERROR_EVENT = SSE_DATA_PREFIX + b'{"error"'
@@ -60,6 +65,16 @@ _SSE_HEADERS = [
 ]
 
 
+class UpstreamProtocolError(UpstreamError):
+    """The engine's stream broke the SSE framing the gateway relies on (an event larger than
+    :data:`MAX_PENDING_EVENT_BYTES`, i.e. no separator)."""
+
+    code = "upstream_protocol_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="protocol")
+
+
 class ProxyHooks(Protocol):
     """What the pipeline wants to see of a proxied exchange (all methods are cheap and never raise)."""
 
@@ -67,8 +82,9 @@ class ProxyHooks(Protocol):
 
     def on_first_chunk(self) -> None: ...
 
-    def on_event(self, event: Mapping[str, Any]) -> bool:
-        """A parsed SSE data event; return False to drop it from the client's stream."""
+    def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
+        """A parsed SSE data event: return True to relay it unchanged, False to drop it from the client's
+        stream, or bytes to relay instead (a whole ``data: ...`` line, without the event separator)."""
         ...
 
     def on_sent(self, data: bytes) -> None:
@@ -228,9 +244,11 @@ class ProxyCall:
             cut = chunk.rfind(SSE_EVENT_SEPARATOR)
             if cut < 0:  # no complete event yet
                 pending = chunk
+                if len(pending) > MAX_PENDING_EVENT_BYTES:
+                    raise _oversized_event()
                 continue
             cut += len(SSE_EVENT_SEPARATOR)
-            pending = chunk[cut:]
+            pending = chunk[cut:]  # one read's tail at most; an incomplete event that keeps growing is caught above
             ready = chunk[:cut] if pending else chunk
             if first:
                 first = False
@@ -278,8 +296,14 @@ class ProxyCall:
         await self._send_whole(send, status, normalise_error(status, payload), b"application/json")
 
 
+def _oversized_event() -> UpstreamProtocolError:
+    return UpstreamProtocolError(f"the engine sent more than {MAX_PENDING_EVENT_BYTES} bytes without an SSE event "
+                                 "separator")
+
+
 def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
-    """Parse each complete data event the hooks must see, keep what they keep (bytes unchanged).
+    """Parse each complete data event the hooks must see, keep what they keep (bytes unchanged unless the
+    hook returned replacement bytes).
 
     Unless ``inspect_all``, only events containing ``"usage"`` are parsed: a read often coalesces many
     content events with the final usage event, and parsing all of them was the top cost of a stream.
@@ -288,7 +312,7 @@ def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
     for event in data.split(SSE_EVENT_SEPARATOR):
         if not event:
             continue
-        keep = True
+        keep: bool | bytes = True
         if (event.startswith(SSE_DATA_PREFIX) and event[6:7] == b"{"
                 and (inspect_all or _USAGE_MARK in event)):
             try:
@@ -297,9 +321,10 @@ def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
                 obj = None
             if isinstance(obj, dict):
                 keep = hooks.on_event(obj)
-        if keep:
-            out.append(event)
-            out.append(SSE_EVENT_SEPARATOR)
+        if keep is False:
+            continue
+        out.append(keep if isinstance(keep, bytes) else event)
+        out.append(SSE_EVENT_SEPARATOR)
     return b"".join(out)
 
 

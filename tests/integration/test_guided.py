@@ -417,3 +417,28 @@ def test_unenforceable_schema_feature_is_a_clear_4xx(gateway_factory: GatewayFac
     r = httpx.post(gw.url + CHAT_PATH, json=body, headers=h, timeout=60)
     _assert_400(r, type_=None, in_message=mention)
     assert guided_counts(gw.url, gateway.model, {("json_schema", "rejected"): 3})["json_schema/rejected"] == 3
+
+
+def test_streamed_answers_carry_their_verdict_in_the_last_chunk(gateway: Endpoint) -> None:
+    """A guided stream has no ``X-Guided-Output`` header (it is sent before the answer): the chunk carrying
+    the last ``finish_reason`` has a top-level ``"guided_output"`` field instead, agreeing with the text."""
+    cases = [(CHAT_PATH, VARIANTS["response_format"](SCHEMAS[0]), MAX_TOKENS),
+             (CHAT_PATH, VARIANTS["structured_outputs"](SCHEMAS[1]), 3),  # truncated
+             (COMPLETIONS_PATH, {"structured_outputs": {"regex": "[a-z]{3,8}"}}, 40),
+             (CHAT_PATH, {"structured_outputs": {"grammar": 'root ::= "yes" | "no"'}}, 10)]  # unchecked
+    with httpx.Client(base_url=gateway.url, headers=auth_headers(gateway.api_key), timeout=300) as c:
+        for path, extra, max_tokens in cases:
+            with c.stream("POST", path, json={**_body(gateway.model, path, extra, max_tokens), "stream": True}) as r:
+                assert r.status_code == 200 and "x-guided-output" not in r.headers
+                events = list(sse_events(r.iter_lines()))
+            flagged = [e for e in events if "guided_output" in e]
+            assert len(flagged) == 1 and flagged[0] is events[-1], (path, extra, events[-3:])
+            last = events[-1]
+            finish = last["choices"][0]["finish_reason"]
+            verdict = last["guided_output"]
+            if "grammar" in str(extra):
+                assert verdict == "unchecked"
+            elif finish == "length":
+                assert verdict == "truncated"
+            else:
+                assert finish == "stop" and verdict == "valid", (path, extra, verdict)

@@ -64,6 +64,7 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "qwen_serve_guided_requests_total": ("counter", frozenset({"model", "kind", "outcome"})),
     "qwen_serve_client_disconnects_total": ("counter", frozenset({"model"})),
     "qwen_serve_upstream_errors_total": ("counter", frozenset({"kind"})),
+    "qwen_serve_log_records_dropped_total": ("counter", frozenset()),
     "qwen_serve_engine_up": ("gauge", frozenset()),
     "qwen_serve_engine_restarts_total": ("counter", frozenset()),
     "qwen_serve_draining": ("gauge", frozenset()),

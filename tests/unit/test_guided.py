@@ -463,3 +463,41 @@ def test_regex_outcome_uses_current_unicode_digits() -> None:
     assert check.check_response(answer) == "valid"
     wrong = {"choices": [{"message": {"role": "assistant", "content": "way-78x"}, "finish_reason": "stop"}]}
     assert check.check_response(wrong) == "invalid"
+
+
+def test_the_compiled_schema_cache_is_bounded_by_bytes_and_entries_lru_first() -> None:
+    """The cache holds at most ``max_entries`` schemas and ``max_bytes`` of schema text, evicting the least
+    recently used; a schema larger than the byte bound is compiled but not kept."""
+    from qwen_serve.gateway.guided import SCHEMA_CACHE_BYTES, SCHEMA_CACHE_ENTRIES, _SchemaCache, _SCHEMAS
+
+    assert (_SCHEMAS.max_entries, _SCHEMAS.max_bytes) == (SCHEMA_CACHE_ENTRIES, SCHEMA_CACHE_BYTES) == (256, 64 << 20)
+
+    def schema(i: int, pad: int = 0) -> str:
+        return json.dumps({"type": "object", "description": "x" * pad, "properties": {f"p{i}": {"type": "string"}}},
+                          sort_keys=True)
+
+    cache = _SchemaCache(max_entries=100, max_bytes=1000)
+    texts = [schema(i, pad=200) for i in range(5)]  # ~270 characters each: 3 fit in 1000
+    first = cache.get("p", texts[0])
+    cache.get("p", texts[1])
+    assert cache.get("p", texts[0]) is first  # a hit, and texts[0] is now the most recently used
+    cache.get("p", texts[2])
+    cache.get("p", texts[3])  # over 1000 characters: the least recently used (texts[1]) goes
+    assert len(cache) == 3 and cache.bytes == sum(map(len, (texts[0], texts[2], texts[3]))) <= 1000
+    assert cache.get("p", texts[0]) is first
+    assert cache.get("p", texts[1]) is not None and len(cache) == 3  # recompiled; texts[2] evicted now
+    huge = schema(9, pad=5000)
+    assert not isinstance(cache.get("p", huge), Exception) and len(cache) == 3 and cache.bytes <= 1000
+
+    by_count = _SchemaCache(max_entries=2, max_bytes=1 << 20)
+    for t in texts:
+        by_count.get("p", t)
+    assert len(by_count) == 2 and by_count.bytes == len(texts[3]) + len(texts[4])
+
+
+def test_a_bad_schema_is_cached_as_its_error_and_raised_fresh() -> None:
+    from qwen_serve.gateway.guided import _SchemaCache
+
+    cache = _SchemaCache(max_entries=4, max_bytes=1 << 20)
+    first = cache.get("p", '{"type": 3}')
+    assert isinstance(first, GuidedSchemaError) and cache.get("p", '{"type": 3}') is first and len(cache) == 1

@@ -69,3 +69,34 @@ def test_engine_lines_keep_their_own_format(stream: _BlockedStream) -> None:
     engine_line, own_line = stream.getvalue().splitlines()
     assert engine_line == "[engine] INFO 11-29 08:33:18 [api_server.py:1] Started"
     assert own_line.endswith(" INFO qwen_serve.engine: engine is up")
+
+
+def test_a_full_queue_drops_and_counts_records_instead_of_growing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue is bounded (``MAX_QUEUED_RECORDS``): with the writer stuck, records beyond it are dropped and
+    counted, and the writer reports the drop in one line once it catches up."""
+    import qwen_serve.logs as logs
+
+    monkeypatch.setattr(logs, "MAX_QUEUED_RECORDS", 100)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    s = _BlockedStream()
+    setup_logging(stream=s)
+    try:
+        log = logging.getLogger("qwen_serve.gateway")
+        log.warning("first")
+        assert s.writing.wait(10)  # the writer holds "first"; the queue is empty
+        before = logs.dropped_records()
+        for i in range(130):
+            log.warning("more %d", i)
+        assert logs.dropped_records() - before == 30
+        s.release.set()
+        stop_logging()
+    finally:
+        s.release.set()
+        stop_logging()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = s.getvalue().splitlines()
+    assert lines[0].endswith("WARNING qwen_serve.gateway: first")
+    assert lines[1].endswith("WARNING qwen_serve.logs: 30 log records dropped: the log queue was full (a slow log reader)")
+    assert len(lines) == 102 and lines[-1].endswith("more 99")

@@ -628,3 +628,123 @@ async def test_disconnect_before_the_deadline_stays_a_disconnect(tmp_path: Path)
     assert lease.releases == [lease.estimate + 2]
     assert gw.metric("qwen_serve_client_disconnects_total") == 1
     assert gw.metric("qwen_serve_upstream_errors_total") == 0
+
+
+# ----------------------------------------------------------------------------------------- SSE framing bound
+async def test_an_event_that_never_ends_is_cut_at_the_pending_bound(tmp_path: Path) -> None:
+    """An engine that streams bytes without an SSE separator is not buffered without end: past
+    ``MAX_PENDING_EVENT_BYTES`` the stream ends with the usual error event (``upstream_protocol_error``), the
+    events before it relayed, the upstream response closed and the lease released with the tokens sent."""
+    from qwen_serve.gateway.proxy import MAX_PENDING_EVENT_BYTES
+
+    piece = b"x" * (64 << 10)
+    endless = [role_event(), token_event("a"), b'data: {"choices": "' + piece,
+               *([piece] * (MAX_PENDING_EVENT_BYTES // len(piece) + 1))]
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=endless, hold=True))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True))
+    assert reply.status == 200
+    events = reply.events()
+    assert len(events) == 3 and events[1]["choices"][0]["delta"]["content"] == "a"
+    err = events[-1]["error"]
+    assert (err["type"], err["code"]) == ("upstream_error", "upstream_protocol_error"), err
+    assert len(reply.body) < 4096  # the partial event never reached the client
+    assert gw.upstream.responses[0].closed and not gw.upstream.responses[0].holding
+    assert gw.limiter.only.releases == [gw.limiter.only.estimate + 1]
+    assert gw.metric("qwen_serve_upstream_errors_total", kind="protocol") == 1
+
+
+async def test_an_endless_first_event_of_a_guided_stream_is_502(tmp_path: Path) -> None:
+    """Guided streams hold their headers until the first event: an oversized one is then a 502 response."""
+    from qwen_serve.gateway.proxy import MAX_PENDING_EVENT_BYTES
+
+    endless = [b"data: {" + b" " * (MAX_PENDING_EVENT_BYTES + 1)]
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=endless, hold=True))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, **GUIDED_JSON))
+    assert_error(reply, 502, "upstream_error", "upstream_protocol_error")
+    assert gw.limiter.only.releases == [0]
+
+
+# ----------------------------------------------------------------------------------------- streamed verdict
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+GUIDED_JSON = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}
+
+
+def guided_stream(pieces: list[str], finish: str = "stop", choices: int = 1) -> list[bytes]:
+    """A chat stream of ``choices`` choices (interleaved) writing ``pieces``, each ending with ``finish``."""
+    out = [role_event(i) for i in range(choices)]
+    for j, text in enumerate(pieces):
+        for i in range(choices):
+            out.append(token_event(text, finish if j == len(pieces) - 1 else None, index=i))
+    return [*out, usage_event(len(pieces) * choices), DONE]
+
+
+@pytest.mark.parametrize("pieces,finish,verdict", [
+    (['{"a"', ": 1}"], "stop", "valid"),
+    (['{"a"', ': "x"}'], "stop", "invalid"),
+    (['{"a"', ": 1"], "length", "truncated"),
+])
+async def test_a_guided_stream_carries_its_verdict_in_the_last_chunk(tmp_path: Path, pieces: list[str],
+                                                                     finish: str, verdict: str) -> None:
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=guided_stream(pieces, finish)))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, **GUIDED_JSON))
+    assert reply.status == 200 and reply.body.endswith(DONE)
+    events = reply.events()
+    assert [e.get("guided_output") for e in events] == [None] * (len(events) - 1) + [verdict]
+    last = events[-1]
+    assert last["choices"][0]["finish_reason"] == finish and last["choices"][0]["delta"]["content"] == pieces[-1]
+    assert "x-guided-output" not in reply.headers
+    assert gw.metric("qwen_serve_guided_requests_total", outcome=verdict) == 1
+    assert gw.limiter.only.releases == [PROMPT_TOKENS + len(pieces)]  # the rewritten chunk still counts
+
+
+async def test_a_guided_stream_with_n_choices_gets_the_verdict_when_the_last_one_finishes(tmp_path: Path) -> None:
+    stream = guided_stream(['{"a"', ": 1}"], choices=2)
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=stream))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, n=2, **GUIDED_JSON))
+    flagged = [(i, e) for i, e in enumerate(reply.events()) if "guided_output" in e]
+    assert len(flagged) == 1 and flagged[0][1]["guided_output"] == "valid"
+    index, event = flagged[0]
+    assert index == len(reply.events()) - 1 and event["choices"][0]["index"] == 1
+
+
+async def test_a_guided_stream_keeps_the_usage_chunk_after_the_verdict(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=guided_stream(['{"a": 1}'])))
+    body = chat_body(stream=True, stream_options={"include_usage": True}, **GUIDED_JSON)
+    events = (await gw.call("POST", "/v1/chat/completions", body)).events()
+    assert events[-2]["guided_output"] == "valid" and "guided_output" not in events[-1]
+    assert events[-1]["usage"]["completion_tokens"] == 1
+
+
+async def test_no_streamed_verdict_when_validate_output_is_off(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=guided_stream(['{"a"', ": 1}"])))
+    stages = gw.app.fastapi.state.pipeline.s
+    stages.guided = stages.guided.model_copy(update={"validate_output": False})
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, **GUIDED_JSON))
+    assert reply.status == 200 and b"guided_output" not in reply.body
+
+
+async def test_an_unchecked_guided_stream_says_unchecked(tmp_path: Path) -> None:
+    grammar = {"structured_outputs": {"grammar": 'root ::= "yes" | "no"'}}
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=guided_stream(["yes"])))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, **grammar))
+    assert reply.events()[-1]["guided_output"] == "unchecked"
+
+
+async def test_the_openai_sdk_reads_a_stream_with_the_verdict(tmp_path: Path) -> None:
+    """The field rides on an ordinary chunk: the SDK parses it as a ``ChatCompletionChunk`` whose
+    ``choices[0]`` is there as usual, and keeps the field as an extra attribute."""
+    import httpx
+    import openai
+
+    gw = make_gateway(tmp_path, lambda p, b: FakeResponse(chunks=guided_stream(['{"a"', ": 1}"])))
+    reply = await gw.call("POST", "/v1/chat/completions", chat_body(stream=True, **GUIDED_JSON))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=reply.body)
+
+    client = openai.OpenAI(api_key="x", base_url="http://gateway/v1",
+                           http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, stream=True))  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == '{"a": 1}'
+    assert getattr(chunks[-1], "guided_output") == "valid"
+    assert chunks[-1].model_extra == {"guided_output": "valid"}
