@@ -1,4 +1,4 @@
-"""The ``qwen-serve`` command line (contract: CONTRACTS.md §1).
+"""The ``qwen-serve`` command line: plan, up, gateway, keys, demo and bench.
 
 ``main(argv)`` returns the exit code. Config and plan problems exit 2 with one line on stderr naming
 the key path (``qwen-serve: engine.gpus: must be a positive integer``); nothing else is printed.

@@ -1,4 +1,4 @@
-"""The qwen-serve YAML config as pydantic models (contract: CONTRACTS.md §2).
+"""The qwen-serve YAML config as pydantic models (every key, its type and default; README "Configure").
 
 ``load_config(path)`` / ``parse_config(mapping)`` return a :class:`Config` or raise
 :class:`~qwen_serve.errors.ConfigError` whose message names the key path, one line per problem

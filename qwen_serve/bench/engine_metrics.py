@@ -87,7 +87,7 @@ class EngineWatch:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        self.before = await self._scrape()
+        self.before = await self._settled_scrape()  # after the warm-up: its tokens must be in ``before``
         if self.before is not None:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
@@ -103,17 +103,23 @@ class EngineWatch:
                 await self._task
         if self._session is not None:
             if self.before is not None:
-                # The engine updates its counters after the answers went out: read until two reads
-                # 0.5 s apart agree (at most 5 s), so the last requests' tokens are in the snapshot.
-                self.after = await self._scrape()
-                for _ in range(10):
-                    await asyncio.sleep(0.5)
-                    again = await self._scrape()
-                    settled = again == self.after
-                    self.after = again
-                    if settled:
-                        break
+                self.after = await self._settled_scrape()
             await self._session.close()
+
+    async def _settled_scrape(self) -> dict[str, float] | None:
+        """A snapshot once the engine's counters stopped moving: vLLM updates them after the answers
+        went out, so a read right after the last answer can miss its tokens. Reads until two reads
+        0.5 s apart agree (at most 5 s); ``None`` when a read fails."""
+        snap = await self._scrape()
+        for _ in range(10):
+            if snap is None:
+                return None
+            await asyncio.sleep(0.5)
+            again = await self._scrape()
+            if again == snap:
+                break
+            snap = again
+        return snap
 
     def summary(self) -> dict[str, Any] | None:
         """The ``engine`` object of ``result.json``; ``None`` when the engine's metrics were never read."""

@@ -38,6 +38,7 @@ from qwen_serve import keys as keys_mod
 from qwen_serve.keys import hash_secret
 from tests.conftest import (ROOT, Gateway, GatewayFactory, Stack, auth_headers, free_port, metric_value, sse_events,
                             stack_config, wait_ready)
+from tests.relay import LoopbackRelay
 
 pytestmark = pytest.mark.engine
 
@@ -207,50 +208,27 @@ class Stream(threading.Thread):
         return next((e["usage"] for e in self.events if e.get("usage")), None)
 
 
-class HoldingRelay:
-    """A loopback TCP relay in front of the engine that can keep a streamed answer in flight.
+class HoldingRelay(LoopbackRelay):
+    """A relay in front of the engine that can keep a request back.
 
     While ``hold`` is set, a chat completion request from the gateway waits here until ``release`` is set
     (``held`` says one arrived): the gateway has admitted it and waits for the engine, which stays idle.
-    Everything else is relayed as it comes. Runs its own event loop in a daemon thread.
+    Everything else is relayed as it comes.
     """
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
         self.hold = threading.Event()
         self.release = threading.Event()
         self.held = threading.Event()  # a request is being kept back
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        assert ready.wait(10)
+        super().__init__(target_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", self.port))
-        ready.set()
-        self._loop.run_forever()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False),
-                             return_exceptions=True)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_engine: bool) -> None:
-        try:
-            while data := await src.read(65536):
-                if to_engine and self.hold.is_set() and b"POST /v1/chat/completions" in data:
-                    self.held.set()
-                    await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 300)
-                dst.write(data)
-                await dst.drain()
-        finally:
-            dst.close()
+    async def pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_engine: bool) -> None:
+        while data := await src.read(65536):
+            if to_engine and self.hold.is_set() and b"POST /v1/chat/completions" in data:
+                self.held.set()
+                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 300)
+            dst.write(data)
+            await dst.drain()
 
 
 LONG = 1900  # max_model_len is 2048 and the chat prompt 48 tokens

@@ -23,6 +23,7 @@ import pytest
 from qwen_serve.config import Config, parse_config
 from qwen_serve.gateway.app import build_app
 from tests.conftest import free_port, metric_value, serve_in_thread, wait_ready
+from tests.relay import LoopbackRelay
 
 CHAT = [{"role": "user", "content": "Say something."}]
 
@@ -332,46 +333,23 @@ def test_engine_coerced_field_types_are_400(gateway: Any, extra: dict[str, Any],
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "invalid_type")
 
 
-class _PacedRelay:
-    """A loopback TCP relay in front of the engine that passes the engine's answers on at most ``rate``
-    bytes/s (requests go through at once), so a stream lasts seconds however fast the test model writes.
-    Runs its own event loop in a daemon thread."""
+class _PacedRelay(LoopbackRelay):
+    """A relay in front of the engine that passes the engine's answers on at most ``rate`` bytes/s
+    (requests go through at once), so a stream lasts seconds however fast the test model writes."""
 
     def __init__(self, target: str, rate: int = 100_000, piece: int = 2048) -> None:
-        self.host, port = target.removeprefix("http://").split(":")
-        self.target_port = int(port)
         self.pause = piece / rate
         self.piece = piece
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        assert ready.wait(10)
+        super().__init__(int(target.rsplit(":", 1)[1]))
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", self.port))
-        ready.set()
-        self._loop.run_forever()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
-        await asyncio.gather(self._pipe(reader, up_writer, 0.0), self._pipe(up_reader, writer, self.pause),
-                             return_exceptions=True)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, pause: float) -> None:
-        try:
-            while data := await src.read(self.piece if pause else 65536):
-                dst.write(data)
-                await dst.drain()
-                if pause:
-                    await asyncio.sleep(pause)
-        finally:
-            dst.close()
+    async def pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_engine: bool) -> None:
+        if to_engine:
+            await super().pipe(src, dst, to_engine)
+            return
+        while data := await src.read(self.piece):
+            dst.write(data)
+            await dst.drain()
+            await asyncio.sleep(self.pause)
 
 
 def _read_tokens_then_hang_up(url: str, secret: str, tokens: int, stop_after: int) -> tuple[int, bool]:

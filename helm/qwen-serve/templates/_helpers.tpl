@@ -129,7 +129,7 @@ directory is a whole-Secret mount (no subPath) so a rotated Secret reaches the p
 {{- define "qwen-serve.modelDir" -}}/models{{- end }}
 
 {{/*
-The qwen-serve YAML config (CONTRACTS.md §2) rendered from the values, as YAML. Only keys the config
+The qwen-serve YAML config (`qwen_serve/config.py`) rendered from the values, as YAML. Only keys the config
 loader accepts: tests load this output with qwen_serve.config.parse_config and plan it with build_plan.
 `extraConfig` is deep-merged over the rendered sections.
 Usage: {{ include "qwen-serve.config" . }}
