@@ -93,6 +93,15 @@ class GatewayConfig(_Section):
     # The engine's /metrics text is fetched at most once per this many seconds (concurrent scrapes share
     # one fetch); 0: every scrape fetches it.
     engine_metrics_cache_s: float = Field(1.0, ge=0)
+    # A request whose request line and headers exceed this many bytes is answered 431 and closed.
+    max_header_bytes: PositiveInt = 64 * 1024
+    # From a connection's first byte of a request (or its opening) to the end of the headers; past it:
+    # 408 and the connection is closed (a client that trickles headers holds nothing for long).
+    header_timeout_s: PositiveFloat = 10
+    # From the end of the headers to the end of the body; past it: 408 and the connection is closed.
+    body_timeout_s: PositiveFloat = 60
+    # An idle keep-alive connection is closed after this many seconds.
+    keep_alive_timeout_s: PositiveFloat = 75
 
     @field_validator("metrics_port")
     @classmethod
@@ -139,8 +148,18 @@ class LimitsConfig(_Section):
 
 
 class GuidedConfig(_Section):
+    """Guided decoding: translation of the request fields, checks of the answers, and the bounds a
+    request's constraint must stay within (checked before any other work; past one: 400 naming the field)."""
+
     validate_output: bool = True
     legacy_fields: Literal["translate", "reject"] = "translate"
+    max_schema_bytes: PositiveInt = 256 * 1024  # a JSON schema, as compact JSON
+    max_schema_depth: PositiveInt = 64  # nesting of objects/arrays in a schema
+    max_schema_properties: PositiveInt = 4096  # property names across the whole schema
+    max_choices: PositiveInt = 1024  # strings in a guided choice
+    max_choice_bytes: PositiveInt = 64 * 1024  # their total UTF-8 bytes
+    max_pattern_bytes: PositiveInt = 8 * 1024  # a guided regex, or one schema ``pattern``
+    max_grammar_bytes: PositiveInt = 64 * 1024  # a guided grammar
 
 
 class Config(_Section):

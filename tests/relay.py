@@ -1,7 +1,8 @@
 """A loopback TCP relay in front of the engine, for tests that must shape what passes between the gateway
 and the engine. Runs its own event loop in a daemon thread; connects only to 127.0.0.1.
 
-Subclasses override :meth:`LoopbackRelay.pipe` (one call per direction of each connection).
+Subclasses override :meth:`LoopbackRelay.pipe` (one call per direction of each connection);
+:class:`HoldingRelay` keeps a chat completion request back until the test lets it go.
 """
 
 from __future__ import annotations
@@ -49,3 +50,30 @@ class LoopbackRelay:
         while data := await src.read(65536):
             dst.write(data)
             await dst.drain()
+
+
+class HoldingRelay(LoopbackRelay):
+    """A relay in front of the engine that can keep a request back.
+
+    While ``hold`` is set, a chat completion request from the gateway waits here until ``release`` is set
+    (``held`` says one arrived): the gateway has admitted it and waits for the engine, which stays idle.
+    Everything else is relayed as it comes. ``gateway_closed`` is set when the gateway ends a connection
+    (after what it sent before was relayed).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        self.held = threading.Event()  # a request is being kept back
+        self.gateway_closed = threading.Event()
+        super().__init__(target_port)
+
+    async def pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_engine: bool) -> None:
+        while data := await src.read(65536):
+            if to_engine and self.hold.is_set() and b"POST /v1/chat/completions" in data:
+                self.held.set()
+                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 300)
+            dst.write(data)
+            await dst.drain()
+        if to_engine:
+            self.gateway_closed.set()

@@ -6,6 +6,10 @@ data-parallel engines report one series each). :class:`EngineWatch` polls ``metr
 ``interval_s`` while a run is in flight, keeps the first and the last snapshot and the peaks of the
 gauges, and :meth:`EngineWatch.summary` gives the ``engine`` object of ``result.json`` (``None`` when
 no scrape ever succeeded). Works against the gateway's merged ``/metrics`` and vLLM's own.
+
+vLLM counts a request after its answer went out, so a snapshot taken right after the last answer can
+miss it. Each snapshot therefore waits (at most 10 s) until ``vllm:request_success_total`` shows the
+requests the client saw succeed since the previous one, then until two reads 0.5 s apart agree.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class EngineWatch:
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._baseline: dict[str, float] | None = None
 
     async def _scrape(self) -> dict[str, float] | None:
         assert self._session is not None
@@ -85,9 +90,16 @@ class EngineWatch:
                 self.peaks[name] = max(self.peaks.get(name, 0.0), snap[name])
         return snap
 
-    async def start(self) -> None:
+    async def open(self) -> None:
+        """Take the baseline the warm-up is counted from (call before the warm-up)."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        self.before = await self._settled_scrape()  # after the warm-up: its tokens must be in ``before``
+        self._baseline = await self._scrape()
+
+    async def start(self, warmup_succeeded: int = 0) -> None:
+        """The ``before`` snapshot, once the ``warmup_succeeded`` warm-up answers are counted in it."""
+        if self._session is None:
+            await self.open()
+        self.before = await self._settled_scrape(self._baseline, warmup_succeeded)
         if self.before is not None:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
@@ -96,21 +108,30 @@ class EngineWatch:
             await asyncio.sleep(self.interval_s)
             await self._scrape()
 
-    async def stop(self) -> None:
+    async def stop(self, succeeded: int = 0) -> None:
+        """The ``after`` snapshot, once the ``succeeded`` answers of the run are counted in it."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._session is not None:
             if self.before is not None:
-                self.after = await self._settled_scrape()
+                self.after = await self._settled_scrape(self.before, succeeded)
             await self._session.close()
 
-    async def _settled_scrape(self) -> dict[str, float] | None:
-        """A snapshot once the engine's counters stopped moving: vLLM updates them after the answers
-        went out, so a read right after the last answer can miss its tokens. Reads until two reads
-        0.5 s apart agree (at most 5 s); ``None`` when a read fails."""
+    async def _settled_scrape(self, since: dict[str, float] | None,
+                              succeeded: int) -> dict[str, float] | None:
+        """A snapshot that counts ``succeeded`` more finished requests than ``since`` (waited for at most
+        10 s; not at all without ``since``) and whose counters then held still for 0.5 s (at most 5 s
+        more); ``None`` when a read fails."""
         snap = await self._scrape()
+        name = "vllm:request_success_total"
+        if since is not None and name in since:
+            for _ in range(40):
+                if snap is None or snap.get(name, 0.0) >= since[name] + succeeded:
+                    break
+                await asyncio.sleep(0.25)
+                snap = await self._scrape()
         for _ in range(10):
             if snap is None:
                 return None

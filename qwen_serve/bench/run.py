@@ -127,13 +127,15 @@ async def execute(cfg: RunConfig, *, progress: Progress | None = None,
     notes: list[str] = []
     async with Client(cfg.url, api_key=cfg.api_key, timeout_s=cfg.timeout, exporter=exporter) as client:
         warm: list[RequestRecord] = []
+        if watch is not None:
+            await watch.open()
         if cfg.warmup:
             progress.phase = "warm-up"
             warm = await _closed_loop(client, bodies, cfg.concurrency or 1, cfg.warmup, None, progress, exporter)
             for r in warm:
                 r.warmup = True
         if watch is not None:
-            await watch.start()
+            await watch.start(sum(r.error is None for r in warm))
             if watch.before is None:
                 notes.append(f"engine metrics not available ({watch.error}); engine figures left out")
         progress.phase = "running"
@@ -149,7 +151,7 @@ async def execute(cfg: RunConfig, *, progress: Progress | None = None,
                                        first=cfg.warmup)
         cpu_s = time.process_time() - cpu0
         if watch is not None:
-            await watch.stop()
+            await watch.stop(sum(r.error is None for r in records))
     duration = max((r.end for r in records), default=0.0)
     for r in itertools.chain(warm, records):
         spec = pool[r.spec_index]
