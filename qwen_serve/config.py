@@ -46,6 +46,10 @@ class ModelConfig(_Section):
     served_name: str | None = None
     max_model_len: PositiveInt | None = None
     tool_calling: bool = True
+    # Hugging Face revision (branch, tag or commit hash) of a hub model, passed to vLLM as --revision (and
+    # --tokenizer-revision); a commit hash keeps every replica and restart on the same weights. null: the
+    # repository's default branch at download time. Ignored for a local directory.
+    revision: str | None = None
 
     @property
     def name(self) -> str:

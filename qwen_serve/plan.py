@@ -28,8 +28,13 @@ Rules:
 * YaRN only when ``max_model_len`` exceeds the native context: ``factor = max_model_len / native`` (at most
   4.0), passed as ``--hf-overrides`` together with ``max_position_embeddings = max_model_len`` (vLLM 0.32 does
   not stretch ``max_position_embeddings`` by a YaRN factor and would refuse the longer ``--max-model-len``)
-  and the model's ``rope_theta`` (the override replaces the whole RoPE dict). Beyond the vendor-validated
-  context (Qwen2.5 under 7B: 32768) a warning is added.
+  and the model's ``rope_theta`` (the override replaces the whole RoPE dict). vLLM's YaRN is static: the
+  factor applies to every prompt, short ones too, which can lower quality on short texts, so a warning says
+  so whenever YaRN is on. Beyond the vendor-validated context (Qwen2.5 under 7B: 32768) a second warning
+  is added.
+* ``model.revision`` (hub models): ``--revision`` and, unless ``engine.extra_args`` names another
+  ``--tokenizer``, ``--tokenizer-revision``, so weights and tokenizer come from the same commit. Ignored
+  with a warning for a local directory.
 * CPU: TP = DP = 1; the KV cache is ``engine.cpu_kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE``).
 """
 
@@ -154,6 +159,11 @@ def _fit_error(key: str, what: str, fit: _Fit, budget: float, max_len: int) -> P
     return PlanError(f"{key}: {what}: {why}")
 
 
+def _is_flag(arg: str, flag: str) -> bool:
+    """Whether ``arg`` is ``flag`` (``--flag`` or ``--flag=value``, ``_`` read as ``-``)."""
+    return arg.replace("_", "-").split("=", 1)[0] == flag
+
+
 def _owned_flag(arg: str) -> str | None:
     """The owned flag (``--host``, ``--port``) vLLM would read ``arg`` as, or None.
 
@@ -218,6 +228,11 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
                 f"YaRN goes up to {MAX_YARN_FACTOR:g}x ({int(native * MAX_YARN_FACTOR)})"
             )
         rope_scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": native}
+        warnings.append(
+            f"model.max_model_len: {max_len} is above the native context {native}: static YaRN (factor "
+            f"{factor:g}) scales every prompt, short ones too, which can lower quality on short texts; "
+            f"use {native} unless prompts need more"
+        )
     if max_len > geometry.max_validated_context:
         warnings.append(
             f"model.max_model_len: {max_len} is beyond the {geometry.max_validated_context} tokens "
@@ -305,6 +320,13 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         "--max-model-len", str(max_len),
         "--tensor-parallel-size", str(tp),
     ]  # fmt: skip
+    if model.revision:
+        if is_local:
+            warnings.append(f"model.revision: ignored, {model.source} is a local directory")
+        else:
+            args += ["--revision", model.revision]
+            if not any(_is_flag(a, "--tokenizer") for a in engine.extra_args):
+                args += ["--tokenizer-revision", model.revision]
     if dp > 1:
         args += ["--data-parallel-size", str(dp)]
     if device == "cuda":

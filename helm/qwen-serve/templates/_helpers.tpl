@@ -60,22 +60,31 @@ Usage: {{ include "qwen-serve.metricsLabels" . }}
 {{- end }}
 
 {{/*
-Standard labels for every object: selector labels plus chart, version, component, part-of, managed-by
-and the user's commonLabels.
-Usage: {{ include "qwen-serve.labels" . }}
+Labels of the pod template: selector labels plus component, part-of, managed-by and the user's
+commonLabels. No helm.sh/chart and no app.kubernetes.io/version: any change to the pod template restarts
+every GPU pod, so a chart-only change (a new chart version, a dashboard) must leave it byte-identical.
+Usage: {{ include "qwen-serve.podTemplateLabels" . }}
 */}}
-{{- define "qwen-serve.labels" -}}
-helm.sh/chart: {{ include "qwen-serve.chart" . }}
+{{- define "qwen-serve.podTemplateLabels" -}}
 {{ include "qwen-serve.selectorLabels" . }}
-{{- with .Chart.AppVersion }}
-app.kubernetes.io/version: {{ . | quote }}
-{{- end }}
 app.kubernetes.io/component: inference
 app.kubernetes.io/part-of: qwen-serve
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Standard labels for every object's metadata: the pod template labels plus chart and version.
+Usage: {{ include "qwen-serve.labels" . }}
+*/}}
+{{- define "qwen-serve.labels" -}}
+helm.sh/chart: {{ include "qwen-serve.chart" . }}
+{{- with .Chart.AppVersion }}
+app.kubernetes.io/version: {{ . | quote }}
+{{- end }}
+{{ include "qwen-serve.podTemplateLabels" . }}
 {{- end }}
 
 {{/*
@@ -121,6 +130,149 @@ Usage: {{ include "qwen-serve.modelCacheClaim" . }}
 {{- end }}
 
 {{/*
+A name NOTES suggests for a Secret the user creates for the keys: `<fullname>-api-keys`. No chart-managed
+object has that name (the chart's own keys Secret is `<fullname>-keys`), so following NOTES never collides
+with, or on a later upgrade deletes, an object Helm owns.
+Usage: {{ include "qwen-serve.userKeysSecretName" . }}
+*/}}
+{{- define "qwen-serve.userKeysSecretName" -}}
+{{- printf "%s-api-keys" (include "qwen-serve.fullname" .) }}
+{{- end }}
+
+{{/*
+Access modes of the model cache claim as a JSON list: those of the live claim named by
+modelCache.existingClaim when `lookup` finds it (a cluster-aware render), else modelCache.accessMode.
+An empty list when the cache is an emptyDir (modelCache.enabled false).
+Usage: {{ include "qwen-serve.cacheAccessModes" . | fromJsonArray }}
+*/}}
+{{- define "qwen-serve.cacheAccessModes" -}}
+{{- if not .Values.modelCache.enabled }}
+{{- list | toJson }}
+{{- else }}
+{{- $modes := list .Values.modelCache.accessMode }}
+{{- with .Values.modelCache.existingClaim }}
+{{- $claim := lookup "v1" "PersistentVolumeClaim" $.Release.Namespace . }}
+{{- $live := dig "spec" "accessModes" list $claim }}
+{{- if $live }}{{ $modes = $live }}{{ end }}
+{{- end }}
+{{- toJson $modes }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Deployment strategy, as YAML. `updateStrategy: {}` is auto: no surge (maxSurge 0, maxUnavailable 1)
+with one replica or a single-node cache (ReadWriteOnce, ReadWriteOncePod without ReadWriteMany), where a
+surge pod needs engine.gpus more free GPUs (and the volume's node) and stalls the rollout; a surge of one
+with several replicas and a multi-node cache or none. An explicit strategy is used as given, after the
+same check: a surge with a single-node cache fails the render, naming the values.
+Usage: {{ include "qwen-serve.strategy" . }}
+*/}}
+{{- define "qwen-serve.strategy" -}}
+{{- $v := .Values }}
+{{- $modes := include "qwen-serve.cacheAccessModes" . | fromJsonArray }}
+{{- $oneNode := and (not (has "ReadWriteMany" $modes)) (or (has "ReadWriteOnce" $modes) (has "ReadWriteOncePod" $modes)) }}
+{{- $replicas := int (ternary $v.autoscaling.minReplicas $v.replicaCount $v.autoscaling.enabled) }}
+{{- $strategy := dict }}
+{{- if not $v.updateStrategy }}
+{{- if and (gt $replicas 1) (not $oneNode) }}
+{{- $strategy = dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 1 "maxUnavailable" 0) }}
+{{- else }}
+{{- $strategy = dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 0 "maxUnavailable" 1) }}
+{{- end }}
+{{- else if eq (default "RollingUpdate" $v.updateStrategy.type) "Recreate" }}
+{{- /* Helm merges user maps into the defaults: a rollingUpdate block means nothing under Recreate. */}}
+{{- $strategy = dict "type" "Recreate" }}
+{{- else }}
+{{- $rolling := deepCopy (default dict $v.updateStrategy.rollingUpdate) }}
+{{- /* Kubernetes defaults both to 25%, which rounds a surge up to one pod. */}}
+{{- $surge := ternary (toString $rolling.maxSurge) "25%" (hasKey $rolling "maxSurge") }}
+{{- $unavailable := ternary (toString $rolling.maxUnavailable) "25%" (hasKey $rolling "maxUnavailable") }}
+{{- $surgeZero := regexMatch "^0+%?$" $surge }}
+{{- if and $surgeZero (regexMatch "^0+%?$" $unavailable) }}
+{{- fail "updateStrategy.rollingUpdate: maxSurge and maxUnavailable are both 0, so no pod can ever be replaced; set maxUnavailable: 1 (or leave updateStrategy: {} for auto)" }}
+{{- end }}
+{{- if and $oneNode (not $surgeZero) }}
+{{- $cache := printf "modelCache.accessMode=%s" $v.modelCache.accessMode }}
+{{- if $v.modelCache.existingClaim }}
+{{- $cache = printf "modelCache.existingClaim=%s with access modes %s" $v.modelCache.existingClaim (join "," $modes) }}
+{{- end }}
+{{- fail (printf "updateStrategy.rollingUpdate.maxSurge=%s with a single-node model cache (%s): the surge pod needs %d more %s on the node that holds the volume, so it stays Pending (or hits Multi-Attach) and the rollout never finishes. Set maxSurge: 0 and maxUnavailable: 1, type: Recreate, updateStrategy: {} (auto), or a ReadWriteMany cache" $surge $cache (int $v.engine.gpus) $v.engine.gpuResourceName) }}
+{{- end }}
+{{- $strategy = dict "type" "RollingUpdate" "rollingUpdate" $rolling }}
+{{- end }}
+{{- toYaml $strategy }}
+{{- end }}
+
+{{/*
+The Deployment's progressDeadlineSeconds. `auto`: the longer of engine.startupTimeoutSeconds and the
+startup probe window (a first start downloads the weights), plus terminationGracePeriodSeconds (without a
+surge the old pod drains before its replacement starts), plus 900 s for scheduling, volume attach and the
+image pull. An integer value is used as given. NOTES' `rollout status --timeout` prints the same figure.
+Usage: {{ include "qwen-serve.progressDeadlineSeconds" . }}
+*/}}
+{{- define "qwen-serve.progressDeadlineSeconds" -}}
+{{- $v := .Values }}
+{{- if eq (toString $v.progressDeadlineSeconds) "auto" }}
+{{- $probe := default dict $v.probes.startup }}
+{{- $window := add (mul (int (default 10 $probe.periodSeconds)) (int (default 3 $probe.failureThreshold))) (int (default 0 $probe.initialDelaySeconds)) }}
+{{- $startup := max (int (ceil $v.engine.startupTimeoutSeconds)) $window }}
+{{- add $startup (int $v.terminationGracePeriodSeconds) 900 }}
+{{- else }}
+{{- int $v.progressDeadlineSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether model.source is a directory in the pod (an absolute path, e.g. on the model cache volume):
+nothing to download, and the engine runs with HF_HUB_OFFLINE=1. "true" or empty.
+Usage: {{ if include "qwen-serve.localModel" . }}
+*/}}
+{{- define "qwen-serve.localModel" -}}
+{{- if hasPrefix "/" .Values.model.source }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the pod runs the download init container: modelCache.predownload and a hub (or preset) source.
+"true" or empty.
+Usage: {{ if include "qwen-serve.predownload" . }}
+*/}}
+{{- define "qwen-serve.predownload" -}}
+{{- if and .Values.modelCache.predownload (not (include "qwen-serve.localModel" .)) }}true{{ end }}
+{{- end }}
+
+{{/*
+HF_TOKEN from hfToken.existingSecret, as container env entries (nothing when unset).
+Usage: {{ include "qwen-serve.hfTokenEnv" . | nindent 12 }}
+*/}}
+{{- define "qwen-serve.hfTokenEnv" -}}
+{{- with .Values.hfToken.existingSecret -}}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.hfToken.key }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity ("200Gi", "1.5T", "500000000") in bytes, as a float, for comparing sizes.
+Usage: {{ include "qwen-serve.quantityBytes" "200Gi" | float64 }}
+*/}}
+{{- define "qwen-serve.quantityBytes" -}}
+{{- $q := toString . | trim }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $suffix := trimPrefix $number $q }}
+{{- $scale := 1.0 }}
+{{- if hasPrefix "e" $suffix }}
+{{- range until (int (trimPrefix "e" $suffix)) }}{{ $scale = mulf $scale 10 }}{{ end }}
+{{- else }}
+{{- $units := dict "" 1.0 "m" 0.001 "k" 1000.0 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- $scale = get $units $suffix }}
+{{- end }}
+{{- mulf (float64 $number) $scale }}
+{{- end }}
+
+{{/*
 Where things live inside the pod. The config path is the one `qwen-serve up --config` reads; the keys
 directory is a whole-Secret mount (no subPath) so a rotated Secret reaches the pod.
 */}}
@@ -137,6 +289,7 @@ Usage: {{ include "qwen-serve.config" . }}
 {{- define "qwen-serve.config" -}}
 {{- $v := .Values }}
 {{- $model := dict "source" (required "Value 'model.source' must be defined !" $v.model.source) "tool_calling" $v.model.toolCalling }}
+{{- with $v.model.revision }}{{ $_ := set $model "revision" (toString .) }}{{ end }}
 {{- with $v.model.servedName }}{{ $_ := set $model "served_name" . }}{{ end }}
 {{- with $v.model.maxModelLen }}{{ $_ := set $model "max_model_len" (int .) }}{{ end }}
 {{- $engine := dict
