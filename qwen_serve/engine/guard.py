@@ -11,8 +11,11 @@ engine's process group. The guard runs the engine as its child in that group, an
   is stopped. A gateway that died before the guard could ask is caught by comparing ``getppid()``.
 * gives the engine ``PR_SET_PDEATHSIG`` = SIGTERM towards the guard, should the guard itself be killed;
 * ignores the SIGTERM/SIGINT the supervisor sends to the group (the engine gets them too) and waits;
-* when the engine exits, SIGKILLs what is left in the group (children the engine left orphaned) and
-  exits as the engine did: with its exit code, or killed by the same signal.
+* when the engine exits (a crash included), stops what is left in the group (children the engine left
+  orphaned, such as vLLM's EngineCore and workers): SIGTERM, up to :data:`LEFTOVER_GRACE_S` for them to
+  exit, SIGKILL, then up to :data:`LEFTOVER_GONE_WITHIN_S` until none is left; then it exits as the
+  engine did: with its exit code, or killed by the same signal. The supervisor checks the group again
+  once the guard is gone (:mod:`qwen_serve.engine.group`), for a guard that was itself killed.
 
 Run as a script by path, so starting it imports nothing of ``qwen_serve`` (nor its dependencies) and
 costs one bare interpreter. It uses the standard library only. ``PR_SET_PDEATHSIG`` tracks the thread
@@ -32,10 +35,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["GUARD_PATH", "ORPHAN_GRACE_S", "group_members", "guarded_command", "main", "set_parent_death_signal"]
+__all__ = ["GUARD_PATH", "LEFTOVER_GONE_WITHIN_S", "LEFTOVER_GRACE_S", "ORPHAN_GRACE_S", "group_members",
+           "guarded_command", "main", "set_parent_death_signal"]
 
 GUARD_PATH = Path(__file__).resolve()
 ORPHAN_GRACE_S = 3.0  # SIGTERM → SIGKILL when the gateway is gone; the engine's port must be free in < 10 s
+LEFTOVER_GRACE_S = 3.0  # the engine exited: SIGTERM → SIGKILL for what it left in the group
+LEFTOVER_GONE_WITHIN_S = 10.0  # after that SIGKILL, how long to wait for those processes to be gone
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,15 +83,38 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def _kill_others_in_group() -> None:
-    """SIGKILL every other live member of this process group."""
+def _others_in_group() -> list[int]:
+    """The other live members of this process group."""
     me = os.getpid()
-    for pid in group_members(os.getpgrp()):
-        if pid != me:
+    return [pid for pid in group_members(os.getpgrp()) if pid != me]
+
+
+def _others_gone_within(seconds: float) -> bool:
+    """Wait up to ``seconds`` until no other member of this group is alive; returns whether none is."""
+    deadline = time.monotonic() + seconds
+    while _others_in_group():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _stop_others_in_group(grace: float, gone_within: float) -> None:
+    """SIGTERM the group (this process ignores it), wait up to ``grace`` s for the others to exit, SIGKILL
+    those left (one by one: this process stays), and wait up to ``gone_within`` s until they are gone."""
+    if not _others_in_group():
+        return
+    os.killpg(0, signal.SIGTERM)
+    if _others_gone_within(grace):
+        return
+    deadline = time.monotonic() + gone_within
+    while (left := _others_in_group()) and time.monotonic() < deadline:
+        for pid in left:  # again on each round: a process may have forked before it was killed
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
+        time.sleep(0.05)
 
 
 def _stop_group(grace: float) -> None:
@@ -142,7 +171,7 @@ def main(argv: Sequence[str]) -> int:
     except _GatewayGone:
         _stop_group(ORPHAN_GRACE_S)
         return 1  # not reached: the group's SIGKILL ends this process
-    _kill_others_in_group()
+    _stop_others_in_group(LEFTOVER_GRACE_S, LEFTOVER_GONE_WITHIN_S)
     return _exit_like(returncode)
 
 

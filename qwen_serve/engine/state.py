@@ -5,22 +5,32 @@
 polling the engine's ``/health`` (every ``interval`` s, short timeout); the supervisor, when there is
 one, also writes to the same state (start-up, crash, restart). The monitor task is owned by the app
 lifespan: ``start()`` then ``aclose()``.
+
+Busy is not down: vLLM's API server answers ``/health`` on the event loop that also prepares requests, and
+one expensive request (a guided ``choice`` among hundreds of thousands of strings) can stall it for a
+minute. A ``/health`` probe that times out while requests are in flight through the gateway therefore
+means "busy"; an engine whose process is gone, or that refuses connections, is down (see
+:class:`EngineMonitor`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
-from qwen_serve.errors import UpstreamError
+from qwen_serve.errors import UpstreamError, UpstreamTimeout
 from qwen_serve.gateway.upstream import Upstream
 
-__all__ = ["EngineMonitor", "EngineState"]
+__all__ = ["BUSY_LOG_INTERVAL_S", "EngineMonitor", "EngineState", "Probe"]
 
 log = logging.getLogger("qwen_serve.engine")
+
+BUSY_LOG_INTERVAL_S = 30.0  # at most one "engine busy" line per this many seconds
 
 
 @dataclass
@@ -29,6 +39,7 @@ class EngineState:
     draining: bool = False
     status: str = "starting"  # starting | ready | engine_down | draining | failed
     restarts: int = 0
+    busy: bool = False  # up, but /health is slow while requests are in flight (still ready)
 
     @property
     def ready(self) -> bool:
@@ -42,35 +53,83 @@ class EngineState:
         return self.status if self.status != "ready" else "engine_down"
 
 
+class Probe(enum.Enum):
+    """What one ``/health`` probe found."""
+
+    OK = "ok"  # 200
+    SLOW = "slow"  # no answer within the probe's timeout: busy or wedged
+    FAILED = "failed"  # refused connection, another status, a broken answer: nothing serving there
+    DEAD = "dead"  # not probed: the engine's process is not alive
+
+
 class EngineMonitor:
     """Polls ``GET /health`` on the engine and updates an :class:`EngineState`.
 
-    One success marks the engine up; it is marked down only after ``failure_threshold`` failures in a
-    row (like a Kubernetes probe): a vLLM frontend busy streaming can take seconds to answer
-    ``/health``, and one slow answer must not turn traffic away.
+    Each probe (``timeout`` s) decides as follows; one 200 marks the engine up:
+
+    * **Process gone** (``process_alive()`` is False: the supervisor saw the engine exit, or it waits out
+      a restart's back-off): down at once; no probe is sent.
+    * **Busy**: the probe timed out while ``in_flight()`` requests (> 0) are in flight through the
+      gateway. Nothing changes (an up engine stays up: ``/ready`` 200, requests are passed on), the probe
+      is not counted as a failure and the run of failures starts over; ``state.busy`` is set and
+      ``engine busy: /health slow while N requests in flight`` is logged, at most once every
+      :data:`BUSY_LOG_INTERVAL_S`.
+    * **Failed** (connection refused, a status other than 200, a broken answer): down after
+      ``failure_threshold`` failures in a row (like a Kubernetes probe).
+    * **Slow with nothing in flight**: counts as a failure, but marks the engine down only once probes
+      have failed for ``stall_down_after_s`` in a row (and at least ``failure_threshold`` times): the
+      engine may still be working on a request whose client has left.
+
+    A wedged engine does not stay "busy" for ever: requests in flight end at the gateway's own time-outs
+    (``gateway.request_timeout_s``, ``gateway.request_deadline_s``), then the stall window runs.
+
+    Without a supervisor (``qwen-serve gateway --upstream URL``) ``process_alive`` is None: there is no
+    process to check. A dead engine then shows as refused connections (down after ``failure_threshold``
+    probes); a slow one is judged as above, which also covers an engine busy with other clients of its
+    own (nothing in flight here) and, at the cost of ``stall_down_after_s``, an engine the network no
+    longer reaches (connections that time out). Without ``in_flight`` nothing counts as in flight.
     """
 
     def __init__(self, upstream: Upstream, state: EngineState, *, interval: float = 1.0, timeout: float = 2.0,
-                 failure_threshold: int = 3, on_change: Callable[[bool], None] | None = None) -> None:
+                 failure_threshold: int = 3, stall_down_after_s: float = 30.0,
+                 in_flight: Callable[[], int] | None = None, process_alive: Callable[[], bool] | None = None,
+                 on_change: Callable[[bool], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._upstream = upstream
         self.state = state
         self._interval = interval
         self._timeout = timeout
         self._failure_threshold = failure_threshold
-        self._failures = 0
+        self._stall_down_after = stall_down_after_s
+        self._in_flight = in_flight
+        self._process_alive = process_alive
         self._on_change = on_change
+        self._clock = clock
+        self._failures = 0
+        self._failing_since: float | None = None  # when the current run of failures began
+        self._busy_since: float | None = None
+        self._busy_logged_at: float | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def check(self) -> bool:
+    async def probe(self) -> Probe:
+        """One ``/health`` probe (or :attr:`Probe.DEAD` without one when the process is known to be gone)."""
+        if self._process_alive is not None and not self._process_alive():
+            return Probe.DEAD
         try:
             status, _ = await self._upstream.get_bytes("/health", self._timeout)
-            healthy = status == 200
+        except UpstreamTimeout:
+            return Probe.SLOW
         except UpstreamError:
-            healthy = False
-        self._failures = 0 if healthy else self._failures + 1
-        ok = healthy or (self.state.up and self._failures < self._failure_threshold)
+            return Probe.FAILED
+        return Probe.OK if status == 200 else Probe.FAILED
+
+    async def check(self) -> bool:
+        """Probe once and update the state; returns whether the engine is (still) considered up."""
+        probe = await self.probe()
+        ok = self.decide(probe, self._clock())
         if ok != self.state.up:
-            log.info("engine %s", "is up" if ok else "stopped answering /health")
+            log.info("engine %s", "is up" if ok else
+                     "process is gone" if probe is Probe.DEAD else "stopped answering /health")
             if ok:
                 self.state.status = "ready"
             elif self.state.status == "ready":
@@ -79,6 +138,44 @@ class EngineMonitor:
         if self._on_change is not None:
             self._on_change(ok)
         return ok
+
+    def decide(self, probe: Probe, now: float) -> bool:
+        """Whether the engine is up after ``probe`` (at monotonic time ``now``); see the class docstring."""
+        if probe is Probe.OK:
+            self._end_busy(probe, now)
+            self._failures, self._failing_since = 0, None
+            return True
+        if probe is Probe.SLOW:
+            in_flight = self._in_flight() if self._in_flight is not None else 0
+            if in_flight > 0:
+                self._mark_busy(in_flight, now)
+                self._failures, self._failing_since = 0, None
+                return self.state.up
+        self._end_busy(probe, now)
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+        if probe is Probe.DEAD:
+            return False
+        if self._failures < self._failure_threshold:
+            return self.state.up
+        if probe is Probe.FAILED:
+            return False
+        return self.state.up and now - self._failing_since < self._stall_down_after
+
+    def _mark_busy(self, in_flight: int, now: float) -> None:
+        if self._busy_since is None:
+            self._busy_since = now
+        self.state.busy = self.state.up
+        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_INTERVAL_S:
+            self._busy_logged_at = now
+            log.warning("engine busy: /health slow while %d requests in flight", in_flight)
+
+    def _end_busy(self, probe: Probe, now: float) -> None:
+        if self._busy_since is not None:
+            log.info("engine busy for %.1f s; /health now %s", now - self._busy_since, probe.value)
+        self._busy_since = None
+        self.state.busy = False
 
     async def _run(self) -> None:
         while True:

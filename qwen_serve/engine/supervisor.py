@@ -12,13 +12,18 @@ Owned by ``qwen_serve.serve`` (``qwen-serve up``); the gateway only sees the sha
   keeping the last lines, and waits until ``/health`` answers 200. It raises :class:`EngineStartError`
   (carrying those last lines) when the process exits, when ``startup_timeout_s`` passes first (the
   engine is then terminated), or when :meth:`stop` is called meanwhile.
-* :meth:`EngineSupervisor.watch` waits for the process; on an unexpected exit it restarts it
-  (``restart: on-failure``) or calls ``on_fatal`` (``restart: never``). Every restart attempt counts
+* :meth:`EngineSupervisor.watch` waits for the process; on an unexpected exit it first takes down what
+  is left of the old engine's process group (vLLM's EngineCore and workers outlive a crashed API server,
+  holding their memory): SIGTERM, a short grace, SIGKILL, and a bounded wait until no process of the group
+  is alive (:func:`~qwen_serve.engine.group.reap_group`, off the event loop). Only then does it restart the
+  engine (``restart: on-failure``) or call ``on_fatal`` (``restart: never``). Every restart attempt counts
   toward ``max_restarts``, a failed one (exit or time-out during start-up) included; attempt ``n``
   waits :func:`restart_delay` first. Once they are used up, ``on_fatal`` is called.
 * :meth:`EngineSupervisor.stop` sends SIGTERM to the group, then SIGKILL after ``timeout`` (after
   :data:`STARTING_STOP_TIMEOUT_S` while the engine is still starting); no restart follows. After the
-  engine's leader exits, whatever is left of its group is SIGKILLed.
+  engine's leader exits, whatever is left of its group is reaped the same way as after a crash.
+* :meth:`EngineSupervisor.process_alive` says whether the engine's process runs; the health monitor
+  (:class:`~qwen_serve.engine.state.EngineMonitor`) uses it to tell a busy engine from a dead one.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from qwen_serve.engine.group import GROUP_GONE_WITHIN_S, GROUP_TERM_GRACE_S, reap_group
 from qwen_serve.engine.guard import guarded_command
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import QwenServeError, UpstreamError
 from qwen_serve.gateway.upstream import Upstream
 from qwen_serve.logs import ENGINE_LOGGER
 
-__all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "EngineStartError", "EngineSupervisor", "restart_delay"]
+__all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "EngineStartError", "EngineSupervisor", "exited",
+           "restart_delay"]
 
 log = logging.getLogger("qwen_serve.engine")
 
@@ -48,6 +55,28 @@ MAX_RESTART_DELAY_S = 30.0
 # SIGTERM → SIGKILL for an engine still starting (stopped, or past startup_timeout_s). It serves nothing
 # yet, and vLLM 0.32's API server does not act on SIGTERM before it has started (its EngineCore does).
 STARTING_STOP_TIMEOUT_S = 5.0
+EXIT_POLL_S = 0.1  # how often the supervisor looks whether the engine's process has exited
+
+
+async def exited(proc: asyncio.subprocess.Process, timeout: float | None = None) -> int | None:
+    """``proc``'s exit code once it has exited, or None when ``timeout`` s passed first (None: no limit).
+
+    Unlike ``proc.wait()``, this does not also wait for the process's output pipe to close: an engine
+    child that outlives the engine (vLLM's EngineCore, when the guard itself was killed) keeps that pipe
+    open, and the supervisor must notice the exit to take the group down. Polls ``returncode`` (set by
+    asyncio's child watcher) every :data:`EXIT_POLL_S`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while proc.returncode is None:
+        if deadline is None:
+            await asyncio.sleep(EXIT_POLL_S)
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return None
+        await asyncio.sleep(min(EXIT_POLL_S, remaining))
+    return proc.returncode
 
 
 def restart_delay(attempt: int, base_s: float) -> float:
@@ -84,6 +113,8 @@ class EngineSupervisor:
         on_fatal: Callable[[str], None] | None = None,
         python: str = sys.executable,
         log_lines: int = 40,
+        group_grace_s: float = GROUP_TERM_GRACE_S,
+        group_gone_within_s: float = GROUP_GONE_WITHIN_S,
     ) -> None:
         self.argv = [python, "-m", ENGINE_MODULE, *vllm_args]
         self._python = python
@@ -96,6 +127,8 @@ class EngineSupervisor:
         self._backoff = backoff_s
         self._on_restart = on_restart
         self._on_fatal = on_fatal
+        self._group_grace = group_grace_s
+        self._group_gone_within = group_gone_within_s
         self.last_lines: collections.deque[str] = collections.deque(maxlen=log_lines)
         self.proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -108,6 +141,11 @@ class EngineSupervisor:
     def stopping(self) -> bool:
         """True once :meth:`stop` was called: the engine is being (or has been) stopped for good."""
         return self._stopping
+
+    def process_alive(self) -> bool:
+        """Whether the engine's process (its guard) runs now: False before the first start, after it
+        exited (a crash, during a restart's back-off) and after :meth:`stop`. Cheap: no system call."""
+        return self.proc is not None and self.proc.returncode is None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -152,7 +190,7 @@ class EngineSupervisor:
             if self._stopping:
                 raise EngineStartError("engine start-up interrupted: stop was requested", list(self.last_lines))
             if proc.returncode is not None:
-                self._kill_group()
+                await self._reap_group()
                 await self._drain_pump()
                 self.state.status = "failed"
                 raise EngineStartError(f"engine exited with code {proc.returncode} during start-up",
@@ -165,8 +203,7 @@ class EngineSupervisor:
                 raise EngineStartError(
                     f"engine did not answer /health within engine.startup_timeout_s={self._startup_timeout:g}s",
                     list(self.last_lines))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proc.wait()), 0.5)
+            await exited(proc, 0.5)
         self.startup_seconds = time.monotonic() - t0
         self.state.up = True
         self.state.status = "ready"
@@ -177,13 +214,15 @@ class EngineSupervisor:
         ``on_fatal`` was called."""
         while not self._stopping:
             assert self.proc is not None
-            code = await self.proc.wait()
+            code = await exited(self.proc)
             if self._stopping:
                 return
-            self._kill_group()  # vLLM's EngineCore/workers outlive a crashed API server
             self.state.up = False
             self.state.status = "engine_down"
             log.error("engine exited unexpectedly with code %s", code)
+            await self._reap_group()  # vLLM's EngineCore/workers outlive a crashed API server
+            if self._stopping:
+                return
             if not await self._restart_until_healthy(f"engine exited with code {code}"):
                 return
 
@@ -246,13 +285,11 @@ class EngineSupervisor:
             return
         if proc.returncode is None:
             self._signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            if await exited(proc, timeout) is None:
                 log.warning("engine did not stop within %.0f s; killing it", timeout)
                 self._signal(signal.SIGKILL)
-                await proc.wait()
-        self._kill_group()
+                await exited(proc)
+        await self._reap_group()
         await self._drain_pump()
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -297,8 +334,15 @@ class EngineSupervisor:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
-    def _kill_group(self) -> None:
-        """SIGKILL what is left of the engine's group once its leader has exited (orphaned engine children).
-        The group id stays reserved while the group has members, so this reaches no other process."""
-        if self.proc is not None and self.proc.returncode is not None:
-            self._signal(signal.SIGKILL)
+    async def _reap_group(self) -> None:
+        """Once the engine's leader (the guard) has exited: take down what is left of its group (orphaned
+        engine children) and wait, bounded, until none is alive. The group id stays reserved while the
+        group has members, so this reaches no other process. Logs what could not be stopped."""
+        proc = self.proc
+        if proc is None or proc.returncode is None:
+            return
+        t0 = time.monotonic()
+        left = await reap_group(proc.pid, grace=self._group_grace, gone_within=self._group_gone_within)
+        if left:
+            log.error("engine processes %s still alive %.1f s after SIGKILL of their group", left,
+                      time.monotonic() - t0)

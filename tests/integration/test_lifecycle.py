@@ -6,6 +6,8 @@ since these tests kill or stop it):
 * a SIGKILLed ``qwen-serve up`` takes the engine down: its port is free within 10 s and no process of
   the engine's session (API server, EngineCore, workers) remains;
 * SIGTERM while the model is still loading stops the engine and exits 0;
+* a crash (SIGKILL of vLLM's API server) takes the crashed engine's whole group down (its EngineCore and
+  worker included) before the restarted engine starts;
 * a restart that times out counts toward ``engine.max_restarts`` and, once they are used up, ends in
   exit 1. To make the restart time out for real, on the supervisor's own clock, the test freezes the
   restarted engine's process group with SIGSTOP as soon as it appears (as a wedged driver or a stuck
@@ -241,16 +243,24 @@ def test_restart_that_times_out_ends_in_exit_1(up: Callable[..., Up], timings: d
     first = u.engine_session()
     api_server = _api_server(first)
     assert api_server is not None, _session(first)
+    assert any(p.name.startswith("VLLM::EngineCor") for p in _session(first)), _session(first)
     t0 = time.monotonic()
-    os.kill(api_server, signal.SIGKILL)  # the engine crashes; its EngineCore/worker are left behind
-    # The supervisor restarts it after its back-off (2 s); freeze the restarted engine as soon as it runs.
+    os.kill(api_server, signal.SIGKILL)  # the engine crashes; its EngineCore/worker outlive it
+    # The supervisor takes the old group down, then restarts after its back-off (2 s); freeze the restarted
+    # engine as soon as it runs.
     restarted: list[int] = []
+    left_at_restart: list[Proc] = []
 
     def restarted_engine_runs() -> bool:
         restarted[:] = [g for g in _guards(u.proc.pid) if g != first and _api_server(g) is not None]
+        if restarted:
+            left_at_restart[:] = _session(first)
         return bool(restarted)
 
     assert _poll(restarted_engine_runs, 60, interval=0.05) is not None, u.log()[-4000:]
+    timings["lifecycle: crashed engine's group gone and engine restarted"] = time.monotonic() - t0
+    # nothing of the crashed engine (API server, EngineCore, worker) is left when the new one starts
+    assert not left_at_restart, f"the crashed engine left {left_at_restart} at the restart"
     u.sessions.add(restarted[0])
     os.killpg(restarted[0], signal.SIGSTOP)
     # startup_timeout_s, then SIGTERM (pending on a stopped group) and SIGKILL 5 s later, then exit 1.

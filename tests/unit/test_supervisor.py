@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def _supervisor(fake: Path, tmp_path: Path, mode: str, **kw: object) -> tuple[En
     marker = tmp_path / f"marker-{mode}"
     state = EngineState()
     upstream = create_upstream("aiohttp", f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=5)
+    env = {"PYTHONPATH": str(fake), **kw.pop("env", {})}  # type: ignore[dict-item]
     sup = EngineSupervisor(["--port", str(port), "--mode", mode, "--marker", str(marker)],
-                           {"PYTHONPATH": str(fake)}, upstream, state,
+                           env, upstream, state,
                            startup_timeout_s=kw.pop("startup_timeout_s", 20), **kw)  # type: ignore[arg-type]
     return sup, state, marker
 
@@ -264,9 +266,117 @@ async def test_monitor_needs_consecutive_failures_to_mark_down() -> None:
     from qwen_serve.engine.state import EngineMonitor
 
     state = EngineState()
-    monitor = EngineMonitor(_Scripted([503, 200, "timeout", "timeout", 200, "timeout", 503, "timeout"]),  # type: ignore[arg-type]
+    monitor = EngineMonitor(_Scripted([503, 200, "timeout", "timeout", 200, "timeout", 503, 503]),  # type: ignore[arg-type]
                             state, failure_threshold=3)
     seen = [await monitor.check() for _ in range(8)]
-    # down until the first success; a busy engine's slow answers (fewer than 3 in a row) keep it up
+    # down until the first success; slow answers (fewer than 3 failures in a row) keep it up; the third
+    # failure in a row, an error status, marks it down (tests/unit/test_engine_state.py: the other cases)
     assert seen == [False, True, True, True, True, True, True, False]
     assert state.describe() == "engine_down"
+
+
+# --- a crashed engine's process group is gone before the restart -------------------------------------------
+
+
+def _core_of(state_dir: Path, engine_pid: int) -> int:
+    return int((state_dir / f"core-{engine_pid}").read_text())
+
+
+async def _until(predicate: Callable[[], bool], within: float) -> None:
+    """Wait (without blocking the loop) until ``predicate`` holds; fails after ``within`` s."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true after {within:g} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("victim", ["api-server", "guard"])
+async def test_a_crash_takes_the_old_group_down_before_the_restart(fake_engine_path: Path, tmp_path: Path,
+                                                                   victim: str) -> None:
+    import signal
+
+    from qwen_serve.engine.guard import group_members
+
+    # The stand-in starts a "core" child that ignores SIGTERM and its parent's death: only SIGKILL ends it.
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "ok", restart="on-failure", max_restarts=1,
+                                backoff_s=0.2, group_grace_s=0.5, env={"FAKE_ENGINE_CORE": "stubborn"})
+    await sup.start()
+    assert sup.proc is not None
+    old_group = sup.proc.pid
+    old_engine = fake_engine.launches(tmp_path)[0]
+    old_core = _core_of(tmp_path, old_engine)
+    assert sorted(group_members(old_group)) == sorted([old_group, old_engine, old_core])
+    watcher = asyncio.create_task(sup.watch())
+    # SIGKILL of vLLM's API server (the guard then stops the group), or of the guard itself (the supervisor
+    # is then the one that finds the core left in the group)
+    os.kill(old_engine if victim == "api-server" else old_group, signal.SIGKILL)
+    await _until(lambda: len(fake_engine.launches(tmp_path)) == 2 and state.up, 60)
+    new_engine = fake_engine.launches(tmp_path)[1]
+    assert fake_engine.alive_at_launch(tmp_path, new_engine) == []  # nothing of the old engine at the restart
+    assert group_members(old_group) == [] and not _alive(old_core)
+    assert state.restarts == 1 and sup.proc.pid != old_group
+    new_group, new_core = sup.proc.pid, _core_of(tmp_path, new_engine)
+    await sup.stop(timeout=10)
+    await asyncio.wait_for(watcher, 10)
+    assert group_members(new_group) == [] and not _alive(new_core)  # stop() returns once the group is gone
+    await sup._upstream.aclose()
+
+
+async def test_reap_group_escalates_to_sigkill_without_blocking_the_loop() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from qwen_serve.engine.group import reap_group
+    from qwen_serve.engine.guard import group_members
+
+    stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)")
+    leader = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True)
+    try:
+        await _until(lambda: len(group_members(leader.pid)) == 2, 30)
+        members = group_members(leader.pid)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        t0 = time.monotonic()
+        left = await reap_group(leader.pid, grace=0.5, gone_within=10)
+        elapsed = time.monotonic() - t0
+        ticker.cancel()
+        assert left == [] and group_members(leader.pid) == []
+        assert not any(_alive(pid) for pid in members if pid != leader.pid)
+        assert 0.5 <= elapsed < 10, elapsed  # SIGTERM was ignored: SIGKILL after the grace
+        assert ticks >= 20, ticks  # the loop kept running meanwhile
+        assert leader.wait(10) == -9
+        assert await reap_group(leader.pid) == []  # an empty group: nothing to do, at once
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
+def test_guard_escalates_to_sigkill_for_what_ignores_sigterm(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from qwen_serve.engine.guard import LEFTOVER_GRACE_S
+
+    # The "engine" leaves a child that ignores SIGTERM; the guard exits only once that child is gone.
+    script = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); import time; time.sleep(0.5); "
+              f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid))")
+    t0 = time.monotonic()
+    proc = subprocess.run(_guarded("-c", script), start_new_session=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0
+    assert not _alive(int((tmp_path / "child").read_text()))  # at once: the guard waited for it
+    assert elapsed >= LEFTOVER_GRACE_S, elapsed
