@@ -72,6 +72,9 @@ class EngineConfig(_Section):
     startup_timeout_s: PositiveFloat = 1800
     restart: Literal["on-failure", "never"] = "on-failure"
     max_restarts: int = Field(5, ge=0)
+    # After the engine was ready once: an engine whose /health has failed (not merely slow while busy) for
+    # this many seconds is restarted (counted toward max_restarts). null: never.
+    unhealthy_restart_s: PositiveFloat | None = 120
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
