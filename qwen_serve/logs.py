@@ -14,6 +14,11 @@ how many records were dropped since the last such line.
 Engine output lines are logged to :data:`ENGINE_LOGGER` and written as ``[engine] <line>`` (the
 engine's own timestamps and levels are in the line); everything else as
 ``<time> <LEVEL> <logger>: <message>``. Prompts and keys are never logged by qwen-serve.
+
+Errors of the gateway itself go through :func:`log_server_error`: a full traceback at most once per
+:data:`TRACEBACK_INTERVAL_S` per exception type, one line otherwise, so a fault every request hits cannot
+flood the log (or fill the queue). Errors a client causes (it hung up, sent too much, too slowly) are one
+line each, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import logging.handlers
 import queue
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["ENGINE_LOGGER", "MAX_QUEUED_RECORDS", "dropped_records", "setup_logging", "stop_logging"]
+__all__ = ["ENGINE_LOGGER", "MAX_QUEUED_RECORDS", "TRACEBACK_INTERVAL_S", "TracebackLimiter", "dropped_records",
+           "log_server_error", "setup_logging", "stop_logging"]
 
 ENGINE_LOGGER = "qwen_serve.engine.output"
 MAX_QUEUED_RECORDS = 10_000  # records waiting for the writer; beyond this new ones are dropped
@@ -34,6 +42,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _listener: logging.handlers.QueueListener | None = None
 _dropped = 0  # records dropped because the queue was full, since the process started
 _dropped_lock = threading.Lock()
+TRACEBACK_INTERVAL_S = 60.0  # per exception type: at most one full traceback this often
+_MAX_LINE_CHARS = 300  # an exception's text in a one-line record is cut here
 
 
 def dropped_records() -> int:
@@ -113,3 +123,47 @@ def stop_logging() -> None:
     for handler in root.handlers[:]:
         if isinstance(handler, logging.handlers.QueueHandler):
             root.removeHandler(handler)
+
+
+class TracebackLimiter:
+    """Decides which server errors are logged with their traceback: the first of each exception type, then
+    at most one per ``interval_s`` per type; the others are one line. Remembers at most ``max_types``
+    types (then starts afresh). Not thread-safe: one per event loop (the gateway has one)."""
+
+    def __init__(self, interval_s: float = TRACEBACK_INTERVAL_S, max_types: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.max_types = max_types
+        self._clock = clock
+        self._last: dict[type[BaseException], float] = {}
+
+    def allow(self, exc: BaseException) -> bool:
+        """True when ``exc`` should be logged with its traceback now (and records that it was)."""
+        now = self._clock()
+        kind = type(exc)
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            return False
+        if last is None and len(self._last) >= self.max_types:
+            self._last.clear()
+        self._last[kind] = now
+        return True
+
+
+_tracebacks = TracebackLimiter()
+
+
+def log_server_error(logger: logging.Logger, what: str, exc: BaseException,
+                     limiter: TracebackLimiter | None = None) -> None:
+    """Log an unexpected error of the gateway at error level as ``<what>: <Type>: <text>``: with the
+    traceback when ``limiter`` (default: the process's, :data:`TRACEBACK_INTERVAL_S`) allows it, else as
+    that one line (the exception's text cut to a few hundred characters)."""
+    limiter = limiter or _tracebacks
+    text = str(exc)
+    if len(text) > _MAX_LINE_CHARS:
+        text = text[:_MAX_LINE_CHARS] + "..."
+    if limiter.allow(exc):
+        logger.error("%s: %s: %s", what, type(exc).__name__, text, exc_info=exc)
+    else:
+        logger.error("%s: %s: %s (traceback logged at most once per %g s per type)", what, type(exc).__name__,
+                     text, limiter.interval_s)

@@ -1,12 +1,16 @@
-"""Guided-decoding stage: normalise, pre-check and validate structured output (CONTRACTS.md §4).
+"""Guided-decoding stage: normalise, pre-check and validate structured output.
 
 Called by the gateway pipeline, never by other stages. For each ``/v1/chat/completions`` or
-``/v1/completions`` body the pipeline calls :func:`prepare` *before* forwarding; it
+``/v1/completions`` body the pipeline awaits :func:`prepare_async` (:func:`prepare` is the same, all on the
+calling thread) *before* forwarding; it
 
 * returns ``None`` (after a few dict lookups) when the request asks for no guidance;
+* enforces the request-time bounds (:mod:`qwen_serve.gateway.guided_bounds`: ``guided.max_*``) before any
+  other work on the constraint;
 * rewrites the body **in place** into what vLLM 0.32 enforces, and returns a :class:`GuidedRequest`;
 * raises :class:`~qwen_serve.errors.InvalidRequest` / :class:`~qwen_serve.errors.GuidedSchemaError`
-  (400, ``param`` names the offending part) for anything vLLM would ignore, reject or fail on.
+  (400, ``param`` names the offending part; code ``guided_constraint_too_large`` past a bound) for anything
+  vLLM would ignore, reject or fail on.
 
 What vLLM 0.32 does with each field, and what :func:`prepare` does about it:
 
@@ -32,46 +36,50 @@ grammar, json_object, structural_tag} + opts   known keys only: vLLM drops unkno
 =============================================  ==============================================
 
 Two constraints in one request (e.g. ``response_format`` + ``guided_json``) are a 400 naming both.
-JSON Schemas are checked against their metaschema (``$schema``, else Draft 2020-12) and their
-``$ref`` must be local (``#...``); regexes are pre-checked with Python's :mod:`re`, whose syntax is
-close to but not the same as the engine's (an engine-only construct such as ``\\p{L}`` is refused
-here; one Python accepts but the backend cannot handle still reaches vLLM, which answers 400).
+JSON Schemas are checked against their metaschema (``$schema``, else Draft 2020-12) and their ``$ref`` must
+be local (``#...``): :mod:`qwen_serve.gateway.guided_schema`, compiled once per schema text (cached by a hash
+of its canonical JSON) and, through :func:`prepare_async`, in a worker thread. A guided regex must compile
+with RE2 (:mod:`qwen_serve.gateway.regex_check`; the syntax family of the engine's grammar backends: no
+look-around, no backreferences, repetition counts up to 1000), else 400; one RE2 can parse but not hold
+within the checker's memory budget is forwarded and its answers are ``unverified``.
 
-After the answer, :meth:`GuidedRequest.check_response` (non-streaming) or a
-:class:`StreamChecker` (streaming; fed each parsed chunk as it is relayed) gives the outcome, a
-``qwen_serve_guided_requests_total`` label and the verdict sent to the client: the ``X-Guided-Output``
-header of a whole answer, or the top-level ``"guided_output"`` field the gateway adds to the stream's chunk
-that carries the last choice's ``finish_reason`` (that one chunk waits for the check): ``valid`` |
-``invalid`` | ``truncated`` (``finish_reason: "length"``) | ``incomplete`` (the stream ended without a ``finish_reason``) | ``unchecked`` (``validate_output`` off, ``echo`` on
-completions, or a grammar/structural-tag constraint). With ``n > 1`` the worst choice wins:
-invalid > incomplete > truncated > unchecked > valid. JSON is parsed strictly (raw control characters
-inside strings, ``NaN`` and ``Infinity`` are invalid) and then validated with the validator
-:func:`prepare` compiled (memoised per schema text, since the metaschema check costs ~2 ms; at most
-:data:`SCHEMA_CACHE_ENTRIES` schemas and :data:`SCHEMA_CACHE_BYTES` of schema text, least recently used
-evicted first). Nothing
-here does I/O; remote ``$ref`` are never fetched.
+After the answer, :meth:`GuidedRequest.check_response` (non-streaming) or a :class:`StreamChecker`
+(streaming; fed each parsed chunk as it is relayed) gives the outcome, a ``qwen_serve_guided_requests_total``
+label and the verdict sent to the client: the ``X-Guided-Output`` header of a whole answer, or the top-level
+``"guided_output"`` field the gateway adds to the stream's chunk that carries the last choice's
+``finish_reason`` (that one chunk waits for the check): ``valid`` | ``invalid`` | ``truncated``
+(``finish_reason: "length"``) | ``incomplete`` (the stream ended without a ``finish_reason``) |
+``unverified`` (the answer could not be checked within bounds: longer than
+:data:`~qwen_serve.gateway.guided_budget.MAX_ANSWER_CHARS`, more work than the check's
+:class:`~qwen_serve.gateway.guided_budget.Budget`, nested too deeply to parse, or reaching a regex RE2
+cannot evaluate) | ``unchecked`` (``validate_output`` off, ``echo`` on completions, or a
+grammar/structural-tag constraint). With ``n > 1`` the worst choice wins: invalid > incomplete > truncated >
+unverified > unchecked > valid. JSON is parsed strictly (raw control characters inside strings, ``NaN`` and
+``Infinity`` are invalid). Checks that need schema or regex work run in a worker thread when awaited
+(:meth:`GuidedRequest.check_response_async`, :meth:`StreamChecker.outcome_async`) with the worker budget; the
+synchronous methods use the small inline budget. Regexes (guided ``regex``, schema ``pattern`` and
+``patternProperties``) are only ever matched with RE2, in linear time. Nothing here does I/O; remote ``$ref``
+are never fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote
 
-import referencing
 import referencing.exceptions
-import regex
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import best_match
-from jsonschema.protocols import Validator
 
 from qwen_serve.config import GuidedConfig
 from qwen_serve.errors import GuidedSchemaError, InvalidRequest
+from qwen_serve.gateway import guided_bounds as bounds
+from qwen_serve.gateway import regex_check
+from qwen_serve.gateway.guided_budget import MAX_ANSWER_CHARS, Budget, OverBudget
+from qwen_serve.gateway.guided_schema import SCHEMAS, SchemaCheck, Unverifiable, canonical_json, close_objects
+from qwen_serve.gateway.regex_check import Regex
 
 __all__ = [
     "CHAT_ROUTE",
@@ -81,15 +89,17 @@ __all__ = [
     "OUTCOMES",
     "StreamChecker",
     "prepare",
+    "prepare_async",
 ]
 
 CHAT_ROUTE: Final = "/v1/chat/completions"
 COMPLETIONS_ROUTE: Final = "/v1/completions"
 
 KINDS: Final = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
-VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED = "valid", "invalid", "truncated", "incomplete", "unchecked"
-OUTCOMES: Final = (VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED)
-_RANK: Final = {VALID: 0, UNCHECKED: 1, TRUNCATED: 2, INCOMPLETE: 3, INVALID: 4}
+VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED = (
+    "valid", "invalid", "truncated", "incomplete", "unchecked", "unverified")
+OUTCOMES: Final = (VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED)
+_RANK: Final = {VALID: 0, UNCHECKED: 1, UNVERIFIED: 2, TRUNCATED: 3, INCOMPLETE: 4, INVALID: 5}
 
 # structured_outputs constraint key → metric kind
 _SO_KIND: Final = {
@@ -105,24 +115,23 @@ _LEGACY_CONSTRAINTS: Final = {  # legacy field → structured_outputs key
 _LEGACY: Final = (*_LEGACY_CONSTRAINTS, "guided_whitespace_pattern", "guided_decoding_backend")
 _TRIGGERS: Final = ("response_format", "structured_outputs", *_LEGACY)
 _RF_TYPES: Final = ("text", "json_object", "json_schema", "structural_tag")
-_NOT_SCHEMAS: Final = frozenset({"const", "enum", "default", "examples"})  # values here are data
-_RE_NOTE: Final = "checked with Python's re syntax, which is close to but not identical to the engine's"
+_RE_NOTE: Final = "RE2 syntax, the engine's grammar backends' family: no look-around, no backreferences"
+_UNVERIFIABLE: Final = (OverBudget, Unverifiable, RecursionError, referencing.exceptions.Unresolvable)
+
+# Worker threads: schema compiles and answer checks (pure Python, or RE2 which releases the GIL). Two each, so
+# that a burst of expensive constraints queues instead of taking every core from the event loop.
+_COMPILE_POOL: Final = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen-guided-compile")
+_CHECK_POOL: Final = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen-guided-check")
 
 
-def _fullmatch(pattern: re.Pattern[str], text: str) -> bool:
-    """``pattern.fullmatch(text)``, with the current Unicode tables where ``re``'s are older.
+@dataclass(frozen=True)
+class _Compile:
+    """What is left to do after the cheap checks: compile the schema (``schema_json`` set) or the regex."""
 
-    ``re`` uses the Unicode version of the running Python (14.0 on 3.11); the engine's grammar uses a
-    newer one, so e.g. a Garay digit (U+10D40..U+10D49, Unicode 16) satisfies ``\\d`` in the engine but
-    not in ``re``. A text ``re`` rejects is checked again with the ``regex`` package (same syntax for
-    what ``re`` accepts, current Unicode) before it is called invalid.
-    """
-    if pattern.fullmatch(text):
-        return True
-    try:  # regex caches compiled patterns; this path runs only for a text re rejected
-        return regex.fullmatch(pattern.pattern, text, flags=regex.VERSION0) is not None
-    except regex.error:
-        return False
+    param: str
+    schema_json: str | None = None
+    schema: dict[str, Any] | None = None
+    pattern: str | None = None
 
 
 @dataclass(eq=False)
@@ -130,36 +139,55 @@ class GuidedRequest:
     """What one request asked for, ready to check the answer against.
 
     ``kind`` is the metric label; ``param`` says where the constraint came from (``response_format``,
-    ``structured_outputs.json``, ``guided_json``...). Exactly one of ``schema``/``pattern``/``choices``
-    is set for the kinds that can be checked.
+    ``structured_outputs.json``, ``guided_json``...). ``schema``/``pattern``/``choices`` hold the constraint
+    of the kinds that can be checked (``pattern`` is None for a regex too large for the checker: its answers
+    are ``unverified``).
     """
 
     kind: str
     param: str
     schema: dict[str, Any] | None = None
-    pattern: re.Pattern[str] | None = None
+    pattern: Regex | None = None
     choices: tuple[str, ...] | None = None
     validate: bool = True
-    _validator: Validator | None = field(default=None, repr=False)
+    _schema_check: SchemaCheck | None = field(default=None, repr=False)
+    _compile: _Compile | None = field(default=None, repr=False)
 
-    def check_response(self, response: Mapping[str, Any]) -> str:
-        """Outcome for a non-streaming chat or completions response body."""
+    # -- answers ---------------------------------------------------------------------------------
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether an awaited check runs in a worker thread (it needs schema or regex work)."""
+        return self.validate and (self._schema_check is not None or self.pattern is not None)
+
+    def check_response(self, response: Mapping[str, Any], budget: Budget | None = None) -> str:
+        """Outcome for a non-streaming chat or completions response body, within ``budget`` (shared by its
+        choices; default: :meth:`Budget.inline`)."""
         if not self.validate:
             return UNCHECKED
         choices = response.get("choices")
         if not isinstance(choices, list) or not choices:
             return INCOMPLETE
+        budget = budget or Budget.inline()
         outcomes = [
-            self.check_text(_choice_text(c), c.get("finish_reason")) if isinstance(c, Mapping) else INVALID
+            self.check_text(_choice_text(c), c.get("finish_reason"), budget) if isinstance(c, Mapping) else INVALID
             for c in choices
         ]
         return max(outcomes, key=_RANK.__getitem__)
+
+    async def check_response_async(self, response: Mapping[str, Any]) -> str:
+        """:meth:`check_response`, in a worker thread with :meth:`Budget.worker` when it needs schema or
+        regex work; the event loop only waits."""
+        if not self.offloaded:
+            return self.check_response(response)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_CHECK_POOL, _check_in_worker, self, response)
 
     def stream_checker(self) -> StreamChecker:
         """A fresh accumulator for one streamed response."""
         return StreamChecker(self)
 
-    def check_text(self, text: str, finish_reason: object) -> str:
+    def check_text(self, text: str, finish_reason: object, budget: Budget | None = None) -> str:
         """Outcome for one finished choice's text."""
         if not self.validate:
             return UNCHECKED
@@ -167,32 +195,87 @@ class GuidedRequest:
             return TRUNCATED
         if finish_reason is None:
             return INCOMPLETE
-        if self.kind in ("json_schema", "json_object"):
-            try:
-                instance = json.loads(text, parse_constant=_reject_constant)
-            except (ValueError, RecursionError):
-                return INVALID
-            if self.kind == "json_object":
-                return VALID if isinstance(instance, dict) else INVALID
-            assert self._validator is not None
-            try:
-                return VALID if self._validator.is_valid(instance) else INVALID
-            except RecursionError:
-                return INVALID
-            except referencing.exceptions.Unresolvable:  # pre-checked in prepare; belt and braces
-                return UNCHECKED
-        if self.pattern is not None:
-            return VALID if _fullmatch(self.pattern, text) else INVALID
         if self.choices is not None:
             return VALID if text in self.choices else INVALID
-        return UNCHECKED  # grammar, structural_tag
+        if self.kind not in ("json_schema", "json_object", "regex"):
+            return UNCHECKED  # grammar, structural_tag
+        if len(text) > MAX_ANSWER_CHARS or (self.kind == "regex" and self.pattern is None):
+            return UNVERIFIED
+        try:
+            return self._verdict(text, budget or Budget.inline())
+        except _UNVERIFIABLE:
+            return UNVERIFIED
+
+    def _verdict(self, text: str, budget: Budget) -> str:
+        if self.pattern is not None:
+            data = text.encode("utf-8", "surrogatepass")
+            budget.spend_match(self.pattern.cost(data))
+            return VALID if self.pattern.fullmatch(data) else INVALID
+        try:
+            instance = json.loads(text, parse_constant=_reject_constant)
+        except ValueError:
+            return INVALID
+        if self.kind == "json_object":
+            return VALID if isinstance(instance, dict) else INVALID
+        assert self._schema_check is not None
+        return VALID if self._schema_check.is_valid(instance, budget) else INVALID
+
+    # -- compiling -------------------------------------------------------------------------------
+
+    def _compile_from_cache(self) -> bool:
+        """Finish compiling from the caches; False when real work is left (see :meth:`_compile_now`)."""
+        job = self._compile
+        if job is None:
+            return True
+        if job.schema_json is not None:
+            found = SCHEMAS.peek(job.param, job.schema_json)
+            if found is None:
+                return False
+            self._attach_schema(found)
+        elif job.pattern is not None and not regex_check.cached(job.pattern):
+            return False
+        self._compile_now()
+        return True
+
+    def _compile_now(self) -> None:
+        """Compile what :func:`prepare` left (a schema, a regex); raises the client's 400."""
+        job, self._compile = self._compile, None
+        if job is None:
+            return
+        if job.schema_json is not None:
+            self._attach_schema(SCHEMAS.get(job.param, job.schema_json, job.schema))
+        elif job.pattern is not None:
+            self.pattern = _compile_regex(job.param, job.pattern)
+
+    def _attach_schema(self, compiled: SchemaCheck | GuidedSchemaError) -> None:
+        self._compile = None
+        if isinstance(compiled, GuidedSchemaError):
+            raise GuidedSchemaError(compiled.message, param=compiled.param)
+        self._schema_check = compiled
+
+
+def _check_in_worker(guided: GuidedRequest, response: Mapping[str, Any]) -> str:
+    return guided.check_response(response, Budget.worker())
+
+
+def _compile_regex(param: str, pattern: str) -> Regex | None:
+    """The checker for a guided regex; None when it is valid but too large to hold (answers: unverified)."""
+    try:
+        return regex_check.compile_regex(pattern)
+    except regex_check.RegexSyntaxError as exc:
+        if exc.too_large:
+            raise bounds.too_large(param, f"{param}: {exc}") from None
+        raise InvalidRequest(f"{param} is not a valid regular expression: {exc} ({_RE_NOTE})", param=param) from None
+    except regex_check.RegexTooComplex:
+        return None
 
 
 class StreamChecker:
     """Accumulates a streamed answer: call :meth:`feed` with each parsed SSE ``data`` object, then
-    :meth:`outcome` once every choice finished (:meth:`finished`) or the stream ended. Chunks without
-    ``choices`` (usage, error frames) are ignored. Finish reasons are tracked even when the request is not
-    validated (the outcome is then ``unchecked``), so the end of the answer is always known."""
+    :meth:`outcome` (or :meth:`outcome_async`) once every choice finished (:meth:`finished`) or the stream
+    ended. Chunks without ``choices`` (usage, error frames) are ignored. Finish reasons are tracked even when
+    the request is not validated (the outcome is then ``unchecked``), so the end of the answer is always
+    known."""
 
     __slots__ = ("_guided", "_parts", "_finish")
 
@@ -226,23 +309,51 @@ class StreamChecker:
         """Whether ``choices`` choices (the request's ``n``) have each sent their ``finish_reason``."""
         return len(self._finish) >= choices
 
-    def outcome(self) -> str:
+    def outcome(self, budget: Budget | None = None) -> str:
+        """The verdict so far, within ``budget`` (shared by the choices; default: :meth:`Budget.inline`)."""
         if not self._guided.validate:
             return UNCHECKED
         if not self._parts:
             return INCOMPLETE
+        budget = budget or Budget.inline()
         return max(
-            (self._guided.check_text("".join(p), self._finish.get(i)) for i, p in self._parts.items()),
+            (self._guided.check_text("".join(p), self._finish.get(i), budget) for i, p in self._parts.items()),
             key=_RANK.__getitem__,
         )
 
+    async def outcome_async(self) -> str:
+        """:meth:`outcome`, in a worker thread with :meth:`Budget.worker` when it needs schema or regex work."""
+        if not self._guided.offloaded:
+            return self.outcome()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_CHECK_POOL, self.outcome, Budget.worker())
+
 
 def prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> GuidedRequest | None:
-    """Normalise ``body``'s guided-decoding fields in place for vLLM 0.32; see the module docstring.
+    """Normalise ``body``'s guided-decoding fields in place for vLLM 0.32; see the module docstring. Compiles
+    on the calling thread (see :func:`prepare_async`).
 
     Returns ``None`` when no constraint was requested. Raises ``InvalidRequest`` (bad shape, conflicting
-    constraints, legacy field with ``legacy_fields: reject``) or ``GuidedSchemaError`` (bad schema).
+    constraints, legacy field with ``legacy_fields: reject``, a bound passed, a regex RE2 refuses) or
+    ``GuidedSchemaError`` (bad schema).
     """
+    guided = _prepare(body, route=route, config=config)
+    if guided is not None:
+        guided._compile_now()
+    return guided
+
+
+async def prepare_async(body: dict[str, Any], *, route: str, config: GuidedConfig) -> GuidedRequest | None:
+    """:func:`prepare`, with the schema or regex compiled in a worker thread unless it is cached: the bounds
+    and shape checks (cheap, bounded) run on the event loop, the compile (up to the bounds' worth of work)
+    never does."""
+    guided = _prepare(body, route=route, config=config)
+    if guided is not None and not guided._compile_from_cache():
+        await asyncio.get_running_loop().run_in_executor(_COMPILE_POOL, guided._compile_now)
+    return guided
+
+
+def _prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> GuidedRequest | None:
     if not any(k in body for k in _TRIGGERS):
         return None
     legacy = [k for k in _LEGACY if k in body]
@@ -272,9 +383,8 @@ def prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> Guided
         return None
 
     param, key, value = found[0]
-    if key == "json" and isinstance(so, dict) and so.get("disable_additional_properties") is True:
-        value = _close_objects(_load_schema(param, value))  # vLLM 0.32 ignores the per-request flag
-    value, guided = _check(param, key, value)
+    close = key == "json" and isinstance(so, dict) and so.get("disable_additional_properties") is True
+    value, guided = _check(param, key, value, config, close=close)
     guided.validate = config.validate_output and not (route == COMPLETIONS_ROUTE and body.get("echo"))
     if param.startswith("guided_"):
         merged = dict(so) if isinstance(so, dict) else {}
@@ -334,18 +444,23 @@ def _from_structured_outputs(so: object) -> list[tuple[str, str, Any]]:
     return found
 
 
-def _check(param: str, key: str, value: Any) -> tuple[Any, GuidedRequest]:
-    """Validate one constraint; returns the value to forward and the request to check answers with."""
+def _check(param: str, key: str, value: Any, config: GuidedConfig, *, close: bool) -> tuple[Any, GuidedRequest]:
+    """Validate one constraint's shape and bounds; returns the value to forward and the request to check
+    answers with (compiling is left to :meth:`GuidedRequest._compile_now`). ``close``: apply
+    ``disable_additional_properties`` to the schema (vLLM 0.32 ignores the per-request flag)."""
     kind = _SO_KIND[key]
     if key == "json":
-        schema = _load_schema(param, value)
+        schema = _load_schema(param, value, config)
+        bounds.check_schema(param, schema, config)
+        if close:
+            schema = close_objects(schema)
         try:
-            compiled = _compile_cached(param, json.dumps(schema, sort_keys=True, allow_nan=False))
+            schema_json = canonical_json(schema)
         except (TypeError, ValueError):  # NaN/Infinity (the body parser may let them in)
             raise GuidedSchemaError(f"{param} is not JSON", param=param) from None
-        if isinstance(compiled, GuidedSchemaError):
-            raise GuidedSchemaError(compiled.message, param=compiled.param)
-        return schema, GuidedRequest(kind, param, schema=schema, _validator=compiled)
+        bounds.check_schema_json(param, schema_json, config)
+        return schema, GuidedRequest(kind, param, schema=schema,
+                                     _compile=_Compile(param, schema_json=schema_json, schema=schema))
     if key == "json_object":
         if value is not True:
             raise InvalidRequest(f"{param} must be true", param=param)
@@ -353,182 +468,35 @@ def _check(param: str, key: str, value: Any) -> tuple[Any, GuidedRequest]:
     if key == "regex":
         if not isinstance(value, str):
             raise InvalidRequest(f"{param} must be a string", param=param)
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            message = f"{param} is not a valid regular expression: {exc} ({_RE_NOTE})"
-            raise InvalidRequest(message, param=param) from None
-        return value, GuidedRequest(kind, param, pattern=pattern)
+        bounds.check_pattern(param, value, config)
+        return value, GuidedRequest(kind, param, _compile=_Compile(param, pattern=value))
     if key == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        if not isinstance(value, list) or not value:
+            raise InvalidRequest(f"{param} must be a non-empty list of strings", param=param)
+        bounds.check_choices(param, value, config)
+        if not all(isinstance(c, str) for c in value):
             raise InvalidRequest(f"{param} must be a non-empty list of strings", param=param)
         return value, GuidedRequest(kind, param, choices=tuple(value))
-    if key == "grammar" and (not isinstance(value, str) or not value.strip()):
-        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
+    if key == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequest(f"{param} must be a non-empty string", param=param)
+        bounds.check_grammar(param, value, config)
     return value, GuidedRequest(kind, param)  # grammar, structural_tag: vLLM checks them
 
 
-# schema keywords holding a map of subschemas / a subschema or a list of them (as vLLM's guidance backend)
-_MAP_KEYWORDS: Final = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
-_SUB_KEYWORDS: Final = (
-    "additionalProperties", "unevaluatedProperties", "propertyNames", "contains", "additionalItems",
-    "unevaluatedItems", "not", "if", "then", "else", "contentSchema", "items", "prefixItems", "allOf", "anyOf", "oneOf",
-)
-
-
-def _close_objects(schema: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema that has
-    ``properties``/``patternProperties`` and does not set it: what ``disable_additional_properties`` means
-    in vLLM (whose 0.32 backends only read the engine-wide flag, never the per-request one)."""
-
-    def walk(node: object) -> object:
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        out = dict(node)
-        for k in _MAP_KEYWORDS:
-            if isinstance(out.get(k), dict):
-                out[k] = {name: walk(sub) for name, sub in out[k].items()}
-        for k in _SUB_KEYWORDS:
-            if isinstance(out.get(k), (dict, list)):
-                out[k] = walk(out[k])
-        if "additionalProperties" not in out and (
-            isinstance(out.get("properties"), dict) or isinstance(out.get("patternProperties"), dict)
-        ):
-            out["additionalProperties"] = False
-        return out
-
-    result = walk(schema)
-    assert isinstance(result, dict)
-    return result
-
-
-def _load_schema(param: str, value: Any) -> dict[str, Any]:
+def _load_schema(param: str, value: Any, config: GuidedConfig) -> dict[str, Any]:
     if isinstance(value, str):
+        bounds.check_schema_text(param, value, config)
         try:
             value = json.loads(value)
         except ValueError as exc:
             raise GuidedSchemaError(f"{param} is not valid JSON: {exc}", param=param) from None
+        except RecursionError:
+            raise bounds.too_large(param, f"{param} is nested deeper than {config.max_schema_depth} levels "
+                                          "(guided.max_schema_depth)") from None
     if not isinstance(value, dict):
         raise GuidedSchemaError(f"{param} must be a JSON Schema object", param=param)
     return value
-
-
-_META: dict[type[Validator], Validator] = {}
-
-
-SCHEMA_CACHE_ENTRIES: Final = 256  # compiled schemas kept at most
-SCHEMA_CACHE_BYTES: Final = 64 << 20  # total canonical schema text (characters) the kept schemas may sum to
-
-
-class _SchemaCache:
-    """Compiled validators (or the schema's error) by canonical schema text, least recently used evicted
-    first once more than ``max_entries`` are held or their texts sum to more than ``max_bytes``. A text
-    larger than ``max_bytes`` is compiled but never kept. Used from the event loop; a lock keeps it
-    consistent if it is ever called from threads."""
-
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.bytes = 0  # sum of len(key) of the entries held
-        self._entries: OrderedDict[tuple[str, str], Validator | GuidedSchemaError] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, param: str, schema_json: str) -> Validator | GuidedSchemaError:
-        key = (param, schema_json)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                return found
-        try:
-            compiled: Validator | GuidedSchemaError = _compile(param, json.loads(schema_json))
-        except GuidedSchemaError as exc:
-            compiled = exc
-        size = len(schema_json)
-        if size > self.max_bytes:
-            return compiled
-        with self._lock:
-            if key not in self._entries:
-                self.bytes += size
-            self._entries[key] = compiled
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-                (_, old), _ = self._entries.popitem(last=False)
-                self.bytes -= len(old)
-        return compiled
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
-
-
-_SCHEMAS = _SchemaCache(SCHEMA_CACHE_ENTRIES, SCHEMA_CACHE_BYTES)
-
-
-def _compile_cached(param: str, schema_json: str) -> Validator | GuidedSchemaError:
-    """:func:`_compile` memoised on the canonical schema text (:data:`_SCHEMAS`, bounded by entries and
-    bytes): the metaschema check costs ~2 ms, and clients tend to send the same few schemas. Errors are
-    returned (and re-raised fresh by the caller) so that they are cached too. Validators are read-only,
-    so sharing them is safe."""
-    return _SCHEMAS.get(param, schema_json)
-
-
-def _compile(param: str, schema: dict[str, Any]) -> Validator:
-    """Metaschema-check ``schema`` and its ``$ref``; return a validator that never fetches anything."""
-    dialect = schema.get("$schema")
-    cls: type[Validator] = (
-        validators.validator_for(schema, default=Draft202012Validator) if isinstance(dialect, str)
-        else Draft202012Validator
-    )
-    meta = _META.get(cls)
-    if meta is None:
-        meta = _META[cls] = cls(cls.META_SCHEMA)
-    error = best_match(meta.iter_errors(schema))
-    if error is not None:
-        where = ".".join([param, *map(str, error.absolute_path)])
-        raise GuidedSchemaError(f"invalid JSON Schema at {where}: {error.message}", param=where)
-    for path, ref in _refs(schema, ()):
-        where = ".".join([param, *path, "$ref"])
-        if not ref.startswith("#"):
-            raise GuidedSchemaError(
-                f"{where}: only local references ('#/...') are supported, not {ref!r}", param=where
-            )
-        if ref[1:2] in ("", "/") and not _pointer_resolves(schema, ref[1:]):
-            raise GuidedSchemaError(f"{where}: {ref!r} does not resolve inside the schema", param=where)
-    return cls(schema, registry=referencing.Registry())
-
-
-def _refs(node: object, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
-    """``$ref`` strings in schema positions, skipping embedded resources (nested ``$id``)."""
-    if isinstance(node, dict):
-        if path and isinstance(node.get("$id"), str):
-            return
-        if isinstance(ref := node.get("$ref"), str):
-            yield path, ref
-        for k, v in node.items():
-            if k not in _NOT_SCHEMAS:
-                yield from _refs(v, (*path, str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _refs(v, (*path, str(i)))
-
-
-def _pointer_resolves(doc: object, pointer: str) -> bool:
-    for token in unquote(pointer).split("/")[1:]:
-        token = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(doc, dict) and token in doc:
-            doc = doc[token]
-        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
-            doc = doc[int(token)]
-        else:
-            return False
-    return True
 
 
 def _reject_message(field_name: str) -> str:

@@ -8,24 +8,38 @@ For every HTTP request it:
 * refuses bodies over ``gateway.max_request_bytes`` with 413 (by ``Content-Length`` up front, and by
   counting bytes for chunked uploads, raising :class:`~qwen_serve.errors.RequestTooLarge` from
   ``receive``);
+* adds ``Connection: close`` to every 5xx answer, so a client never reuses a connection after a server
+  error;
+* turns any exception that escapes the application into the last word on the request: before the
+  response started, a 500 in the OpenAI shape (code ``internal_error``); after, the exception is kept from
+  the server (which then closes the connection of the unfinished response). Either way it is logged here,
+  once, through :func:`~qwen_serve.logs.log_server_error` (a traceback at most once a minute per exception
+  type, one line otherwise);
 * records ``qwen_serve_requests_total`` and ``qwen_serve_request_duration_seconds`` when the response
-  ends, with the ``model`` and ``key_id`` labels the pipeline left in ``scope["state"]``.
+  ends, with the ``model`` and ``key_id`` labels the pipeline left in ``scope["state"]`` (code ``499`` when
+  nothing was sent, or ``408`` when the connection answered a body timeout for the application).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from qwen_serve.constants import PROXIED_ROUTES, REQUEST_ID_HEADER
-from qwen_serve.errors import RequestTooLarge
+from qwen_serve.errors import RequestTooLarge, ServerError
+from qwen_serve.gateway.http_protocol import TIMED_OUT
 from qwen_serve.gateway.metrics import OTHER_MODEL, GatewayMetrics
 from qwen_serve.gateway.proxy import send_error
 from qwen_serve.gateway.types import ASGIApp, Message, Receive, Scope, Send
+from qwen_serve.logs import log_server_error
 
 __all__ = ["GatewayMiddleware", "route_label"]
 
+log = logging.getLogger("qwen_serve.gateway")
+
 _RID = REQUEST_ID_HEADER.encode()
+_CLOSE = (b"connection", b"close")
 _KNOWN_ROUTES = frozenset((*PROXIED_ROUTES, "/health", "/ready", "/metrics", "/metrics/engine", "/"))
 
 
@@ -69,6 +83,8 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (_RID, rid)]
+                if status >= 500:
+                    message["headers"].append(_CLOSE)
             await send(message)
 
         try:
@@ -89,9 +105,13 @@ class GatewayMiddleware:
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:  # noqa: BLE001 - the last line: nothing unexpected reaches the server
+            log_server_error(log, f"{scope.get('method')} {scope['path']}: unexpected error", exc)
+            if not status:
+                await send_error(send_wrapper, ServerError("internal error in the gateway", code="internal_error"))
         finally:
             model = state.get("model", OTHER_MODEL)
             m = self.metrics
-            m.requests.labels(route, model, state.get("key_id", "none"), str(status or 499)).inc()
+            m.requests.labels(route, model, state.get("key_id", "none"), str(state.get(TIMED_OUT) or status or 499)).inc()
             if route in PROXIED_ROUTES:
                 m.request_duration.labels(route, model).observe(time.perf_counter() - t0)

@@ -174,13 +174,13 @@ class Exchange:
     def on_first_chunk(self) -> None:
         self._m.ttft.labels(self._model).observe(time.perf_counter() - self._t0)
 
-    def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
+    async def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
         verdict = None
         check = self._stream_check
         if check is not None:
             check.feed(event)
             if self._stream_outcome is None and event.get("choices") and check.finished(self._choices):
-                self._stream_outcome = verdict = check.outcome()
+                self._stream_outcome = verdict = await check.outcome_async()  # schema/regex work: off the loop
         usage = event.get("usage")
         if usage:
             self._usage = usage
@@ -193,17 +193,17 @@ class Exchange:
     def on_sent(self, data: bytes) -> None:
         self._sent_tokens += count_token_events(data)
 
-    def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    async def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         if status != 200:
             return body, []
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse; passed on as is
             return body, []
         if isinstance(obj, dict):
             self._usage = obj.get("usage") or None
             if self._guided is not None:
-                self._outcome = self._guided.check_response(obj)
+                self._outcome = await self._guided.check_response_async(obj)  # schema/regex work: off the loop
                 return body, [(GUIDED_OUTPUT_HEADER.encode(), self._outcome.encode())]
         return body, []
 
@@ -257,13 +257,13 @@ class _PassThrough:
     def on_first_chunk(self) -> None:
         pass
 
-    def on_event(self, event: Mapping[str, Any]) -> bool:
+    async def on_event(self, event: Mapping[str, Any]) -> bool:
         return True
 
     def on_sent(self, data: bytes) -> None:
         pass
 
-    def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    async def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return body, []
 
     def on_finish(self, *, status: int, disconnected: bool, error: QwenServeError | None) -> None:
@@ -336,12 +336,15 @@ class Pipeline:
         estimate = estimate_prompt_tokens(body)
         lease = await self._acquire(principal, estimate)
         try:
-            check = guided.prepare(body, route=route, config=self.s.guided)
+            check = await guided.prepare_async(body, route=route, config=self.s.guided)  # compiles off the loop
             modified = check is not None  # prepare() may have rewritten the guidance fields
             if stream and not client_usage:  # ask the engine for usage; the client will not see it
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                 modified = True
             payload = json.dumps(body).encode() if modified else raw
+        except RecursionError:  # a schema (or body) nested deeper than the gateway can walk: the client's doing
+            lease.release(0)
+            raise InvalidRequest("request body is nested too deeply") from None
         except BaseException:
             lease.release(0)
             raise
@@ -382,11 +385,19 @@ class Pipeline:
             raise UpstreamError(f"engine answered HTTP {status} for /v1/models", kind="status")
         try:
             listing = json.loads(raw)
-            listing["data"] = [m for m in listing.get("data", []) if principal.allows(str(m.get("id")))]
-        except (ValueError, TypeError, AttributeError, KeyError):
+            listing["data"] = [_public_model(m) for m in listing.get("data", []) if principal.allows(str(m.get("id")))]
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
             self.s.metrics.upstream_errors.labels("protocol").inc()
             raise UpstreamError("the engine's /v1/models answer is not a model list", kind="protocol") from None
         return dict(listing)
+
+    async def model(self, request: Request, model_id: str) -> dict[str, Any]:
+        """``/v1/models/{id}``: that entry of :meth:`models`; 404 ``model_not_found`` when the engine does not
+        list it or the key may not use it."""
+        for entry in (await self.models(request))["data"]:
+            if entry.get("id") == model_id:
+                return dict(entry)
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
     async def _get_models(self, request: Request) -> tuple[int, bytes]:
         resp = await self.s.upstream.request("GET", "/v1/models", None, self._headers(request))
@@ -394,6 +405,14 @@ class Pipeline:
             return resp.status, await resp.read()
         finally:
             await resp.aclose()
+
+
+def _public_model(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model entry of the engine's listing with ``root`` (vLLM: the model's directory or download path)
+    replaced by the model's id, so no filesystem path reaches clients."""
+    if "root" in entry:
+        return {**entry, "root": entry.get("id")}
+    return entry
 
 
 async def _read_body(request: Request) -> bytes:

@@ -25,6 +25,9 @@ engine aborts the request.
 While the call runs, a watcher waits for ``http.disconnect``; when the client goes away the call is
 cancelled and the upstream response is closed, which drops the connection so vLLM aborts the request.
 
+Engine answers are parsed defensively: a body or event that is not JSON, or is nested too deeply to
+parse, is relayed unchanged (or, for an error body, replaced by a generic message), never an exception.
+
 Errors before the response started become an OpenAI-shaped JSON error with the right status (engine
 error bodies are normalised to the contract's shape; an SSE stream whose first event is an error, as
 vLLM sends for a grammar it cannot compile, becomes that HTTP error when the call was built with
@@ -76,13 +79,14 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class ProxyHooks(Protocol):
-    """What the pipeline wants to see of a proxied exchange (all methods are cheap and never raise)."""
+    """What the pipeline wants to see of a proxied exchange (no method raises; ``on_event`` and ``on_response``
+    are awaited: a guided answer's check may wait for a worker thread, never block the event loop)."""
 
     inspect_all: bool
 
     def on_first_chunk(self) -> None: ...
 
-    def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
+    async def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
         """A parsed SSE data event: return True to relay it unchanged, False to drop it from the client's
         stream, or bytes to relay instead (a whole ``data: ...`` line, without the event separator)."""
         ...
@@ -91,7 +95,7 @@ class ProxyHooks(Protocol):
         """Stream bytes (whole events) about to be handed to the server for the client."""
         ...
 
-    def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    async def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         """A whole (non-SSE) response: return the body to send and extra headers."""
         ...
 
@@ -219,7 +223,7 @@ class ProxyCall:
         content_type = resp.content_type.encode() or b"application/json"
         if status >= 400:
             body, content_type = normalise_error(status, body), b"application/json"
-        body, extra = self._hooks.on_response(status, body)
+        body, extra = await self._hooks.on_response(status, body)
         await self._send_whole(send, status, body, content_type, extra)
 
     async def _send_whole(self, send: Send, status: int, body: bytes, content_type: bytes,
@@ -259,7 +263,7 @@ class ProxyCall:
                     await self._start_sse(send)
                 hooks.on_first_chunk()
             if inspect_all or _USAGE_MARK in ready:
-                ready = _filter_events(ready, hooks, inspect_all)
+                ready = await _filter_events(ready, hooks, inspect_all)
                 if not ready:
                     continue
             hooks.on_sent(ready)
@@ -289,7 +293,7 @@ class ProxyCall:
         payload = events.split(SSE_EVENT_SEPARATOR, 1)[0][len(SSE_DATA_PREFIX):]
         try:
             code = json.loads(payload)["error"].get("code")
-        except (ValueError, KeyError, AttributeError):
+        except (ValueError, KeyError, AttributeError, TypeError, RecursionError):
             code = None
         status = code if isinstance(code, int) and 400 <= code < 600 else 500
         self._complete = True
@@ -301,7 +305,7 @@ def _oversized_event() -> UpstreamProtocolError:
                                  "separator")
 
 
-def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
+async def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
     """Parse each complete data event the hooks must see, keep what they keep (bytes unchanged unless the
     hook returned replacement bytes).
 
@@ -317,10 +321,10 @@ def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> bytes:
                 and (inspect_all or _USAGE_MARK in event)):
             try:
                 obj = json.loads(event[6:])
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse: relayed as is
                 obj = None
             if isinstance(obj, dict):
-                keep = hooks.on_event(obj)
+                keep = await hooks.on_event(obj)
         if keep is False:
             continue
         out.append(keep if isinstance(keep, bytes) else event)
@@ -351,7 +355,7 @@ def normalise_error(status: int, body: bytes) -> bytes:
             code = err.get("code") if isinstance(err.get("code"), str) else None
         elif isinstance(obj, dict) and isinstance(obj.get("detail"), str):  # FastAPI-style {"detail": ...}
             message = obj["detail"]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     if param is None and (found := _PARAM_IN_MESSAGE.search(message)):
         param = found.group(1)

@@ -3,11 +3,13 @@ answer validation (non-streaming and streaming) and the generated schemas in ``t
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-import re
 import random
 import string
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +18,9 @@ from jsonschema import Draft202012Validator
 from qwen_serve.config import GuidedConfig
 from qwen_serve.errors import GuidedSchemaError, InvalidRequest
 from qwen_serve.gateway.guided import CHAT_ROUTE, COMPLETIONS_ROUTE, GuidedRequest, prepare
+from qwen_serve.gateway.guided_schema import SCHEMA_CACHE_BYTES, SCHEMA_CACHE_ENTRIES, SchemaCache
+from qwen_serve.gateway.guided_schema import SCHEMAS as SCHEMA_CACHE
+from qwen_serve.gateway.regex_check import compile_regex
 
 try:
     from tests import schemas
@@ -458,7 +463,7 @@ def test_noise_fails_the_generated_schema(schema: dict[str, Any]) -> None:
 
 def test_regex_outcome_uses_current_unicode_digits() -> None:
     """The engine's grammar knows Unicode 16 (Garay digits, U+10D40..); Python 3.11's ``re`` stops at 14."""
-    check = GuidedRequest("regex", "structured_outputs.regex", pattern=re.compile(r"[a-z]{3}-\d{2,4}"))
+    check = GuidedRequest("regex", "structured_outputs.regex", pattern=compile_regex(r"[a-z]{3}-\d{2,4}"))
     answer = {"choices": [{"message": {"role": "assistant", "content": "way-789\U00010d41"}, "finish_reason": "stop"}]}
     assert check.check_response(answer) == "valid"
     wrong = {"choices": [{"message": {"role": "assistant", "content": "way-78x"}, "finish_reason": "stop"}]}
@@ -468,15 +473,13 @@ def test_regex_outcome_uses_current_unicode_digits() -> None:
 def test_the_compiled_schema_cache_is_bounded_by_bytes_and_entries_lru_first() -> None:
     """The cache holds at most ``max_entries`` schemas and ``max_bytes`` of schema text, evicting the least
     recently used; a schema larger than the byte bound is compiled but not kept."""
-    from qwen_serve.gateway.guided import SCHEMA_CACHE_BYTES, SCHEMA_CACHE_ENTRIES, _SchemaCache, _SCHEMAS
-
-    assert (_SCHEMAS.max_entries, _SCHEMAS.max_bytes) == (SCHEMA_CACHE_ENTRIES, SCHEMA_CACHE_BYTES) == (256, 64 << 20)
+    assert (SCHEMA_CACHE.max_entries, SCHEMA_CACHE.max_bytes) == (SCHEMA_CACHE_ENTRIES, SCHEMA_CACHE_BYTES) == (256, 64 << 20)
 
     def schema(i: int, pad: int = 0) -> str:
         return json.dumps({"type": "object", "description": "x" * pad, "properties": {f"p{i}": {"type": "string"}}},
                           sort_keys=True)
 
-    cache = _SchemaCache(max_entries=100, max_bytes=1000)
+    cache = SchemaCache(max_entries=100, max_bytes=1000)
     texts = [schema(i, pad=200) for i in range(5)]  # ~270 characters each: 3 fit in 1000
     first = cache.get("p", texts[0])
     cache.get("p", texts[1])
@@ -489,15 +492,271 @@ def test_the_compiled_schema_cache_is_bounded_by_bytes_and_entries_lru_first() -
     huge = schema(9, pad=5000)
     assert not isinstance(cache.get("p", huge), Exception) and len(cache) == 3 and cache.bytes <= 1000
 
-    by_count = _SchemaCache(max_entries=2, max_bytes=1 << 20)
+    by_count = SchemaCache(max_entries=2, max_bytes=1 << 20)
     for t in texts:
         by_count.get("p", t)
     assert len(by_count) == 2 and by_count.bytes == len(texts[3]) + len(texts[4])
 
 
 def test_a_bad_schema_is_cached_as_its_error_and_raised_fresh() -> None:
-    from qwen_serve.gateway.guided import _SchemaCache
-
-    cache = _SchemaCache(max_entries=4, max_bytes=1 << 20)
+    cache = SchemaCache(max_entries=4, max_bytes=1 << 20)
     first = cache.get("p", '{"type": 3}')
     assert isinstance(first, GuidedSchemaError) and cache.get("p", '{"type": 3}') is first and len(cache) == 1
+
+
+# -- adversarial constraints: bounded work, 400 instead of 500, unverified instead of a freeze ------
+
+REDOS = r"(a?){28}a{28}c"  # Python's re: ~10 s against 60 characters, with the event loop frozen meanwhile
+
+
+def timed(call: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = call(*args)
+    return result, time.perf_counter() - t0
+
+
+A60 = "a" * 60
+A28C = "a" * 28 + "c"
+
+
+@pytest.mark.parametrize(("body", "slow", "fast"), [
+    (chat(structured_outputs={"regex": REDOS}), (A60, "invalid"), (A28C, "valid")),
+    (chat(guided_regex=REDOS), (A60, "invalid"), (A28C, "valid")),
+    (chat(guided_json={"type": "string", "pattern": "^" + REDOS + "$"}),
+     (json.dumps(A60), "invalid"), (json.dumps(A28C), "valid")),
+    (chat(guided_json={"type": "object", "patternProperties": {"^" + REDOS: {"type": "integer"}}}),
+     (json.dumps({A60: "x"}), "valid"), (json.dumps({A28C: "x"}), "invalid")),  # the key must match to apply
+    (chat(guided_json={"type": "object", "patternProperties": {"^" + REDOS: {}}, "additionalProperties": False}),
+     (json.dumps({A60: 1}), "invalid"), (json.dumps({A28C: 1}), "valid")),
+])
+def test_redos_patterns_are_checked_in_linear_time(body: dict[str, Any], slow: tuple[str, str],
+                                                   fast: tuple[str, str]) -> None:
+    g = guided(body)
+    outcome, seconds = timed(g.check_response, chat_response(slow[0]))
+    assert outcome == slow[1] and seconds < 0.1  # Python's re took ~10 s for this one answer
+    assert g.check_response(chat_response(fast[0])) == fast[1]
+
+
+def test_schema_patterns_use_search_semantics() -> None:
+    g = guided(chat(guided_json={"type": "object", "properties": {"s": {"type": "string", "pattern": "b+"}},
+                                 "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": False}))
+    assert g.check_response(chat_response('{"s": "abbc", "x1": 3}')) == "valid"
+    assert g.check_response(chat_response('{"s": "ac"}')) == "invalid"
+    assert g.check_response(chat_response('{"x1": "not an integer"}')) == "invalid"
+    assert g.check_response(chat_response('{"y": 1}')) == "invalid"  # neither a property nor a pattern
+
+
+def test_a_schema_pattern_re2_cannot_run_makes_the_answer_unverified_not_re_checked() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?=x)x+$"}, "b": {"type": "integer"}}}
+    g = guided(chat(guided_json=schema))  # forwarded: the engine's backend decides (vLLM refuses look-around)
+    assert g.check_response(chat_response('{"a": "xx"}')) == "unverified"
+    assert g.check_response(chat_response('{"b": 1}')) == "valid"  # the pattern was not reached
+    assert g.check_response(chat_response('{"b": "x"}')) == "invalid"
+
+
+def test_unevaluated_properties_next_to_pattern_properties_is_unverified() -> None:
+    schema = {"patternProperties": {"^a": {"type": "integer"}}, "unevaluatedProperties": False, "type": "object"}
+    assert guided(chat(guided_json=schema)).check_response(chat_response('{"a": 1}')) == "unverified"
+    plain = {"properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False, "type": "object"}
+    g = guided(chat(guided_json=plain))
+    assert g.check_response(chat_response('{"a": 1}')) == "valid"
+    assert g.check_response(chat_response('{"a": 1, "b": 2}')) == "invalid"
+
+
+def test_a_guided_regex_too_large_for_the_checker_is_forwarded_and_unverified() -> None:
+    body = chat(structured_outputs={"regex": r"\p{L}{1000}"})
+    g = guided(body)
+    assert body["structured_outputs"] == {"regex": r"\p{L}{1000}"} and g.pattern is None
+    assert g.check_response(chat_response("x" * 1000)) == "unverified"
+    assert g.check_response(chat_response("x", "length")) == "truncated"
+
+
+def test_deeply_nested_answers_are_unverified_not_an_error() -> None:
+    for schema in ({"type": "array"}, {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
+                                        "$ref": "#/$defs/n"}):
+        g = guided(chat(guided_json=schema))
+        assert g.check_response(chat_response("[" * 100_000 + "]" * 100_000)) == "unverified"  # json.loads gives up
+        assert g.check_response(chat_response("[" * 900 + "]" * 900)) in ("valid", "unverified")
+    g = guided(chat(response_format={"type": "json_object"}))
+    assert g.check_response(chat_response('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")) == "unverified"
+
+
+def test_answers_over_the_size_cap_are_unverified_without_parsing() -> None:
+    from qwen_serve.gateway.guided_budget import MAX_ANSWER_CHARS
+
+    g = guided(chat(guided_json={"type": "array"}))
+    huge = "[" + "1," * (MAX_ANSWER_CHARS // 2) + "1]"
+    outcome, seconds = timed(g.check_response, chat_response(huge))
+    assert outcome == "unverified" and seconds < 0.1
+
+
+EXPONENTIAL = {"$defs": {"n": {"oneOf": [{"type": "array", "items": {"$ref": "#/$defs/n"}},
+                                         {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 0},
+                                         {"type": "integer"}]}},
+               "$ref": "#/$defs/n"}  # oneOf tries every branch at every level: 2^depth evaluations
+
+
+def test_a_check_that_needs_too_much_work_stops_at_its_budget() -> None:
+    from qwen_serve.gateway.guided_budget import Budget
+
+    g = guided(chat(guided_json=EXPONENTIAL))
+    assert g.check_response(chat_response("[[1]]")) == "invalid"  # two branches match: oneOf fails
+    answer = chat_response("[" * 30 + "1" + "]" * 30)  # ~2^30 evaluations without a budget
+    outcome, seconds = timed(g.check_response, answer)
+    assert outcome == "unverified" and seconds < 0.5  # the inline budget: a few milliseconds
+    outcome, seconds = timed(g.check_response, answer, Budget.worker())
+    assert outcome == "unverified" and seconds < 10  # the worker budget: about a second on a small VM
+
+
+def test_unverified_ranks_between_unchecked_and_truncated() -> None:
+    g = guided(chat(structured_outputs={"regex": r"\p{L}{1000}"}, n=2))
+    resp = chat_response("x")
+    resp["choices"].append({"index": 1, "message": {"content": "y"}, "finish_reason": "stop"})
+    assert g.check_response(resp) == "unverified"
+    resp["choices"][1]["finish_reason"] = "length"
+    assert g.check_response(resp) == "truncated"
+    from qwen_serve.gateway.guided import OUTCOMES
+
+    assert "unverified" in OUTCOMES and len(OUTCOMES) == 6
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    (chat(structured_outputs={"regex": "a{4294967296}"}), "structured_outputs.regex", "guided_constraint_too_large"),
+    (chat(guided_regex="(?:x{1000}){1000}"), "guided_regex", "guided_constraint_too_large"),
+    (chat(guided_regex="a" * 9000), "guided_regex", "guided_constraint_too_large"),
+    (chat(structured_outputs={"regex": "(?=a)a"}), "structured_outputs.regex", None),  # look-around: RE2 refuses
+    (chat(structured_outputs={"regex": r"(a)\1"}), "structured_outputs.regex", None),  # backreference
+    (chat(guided_choice=[f"c{i}" for i in range(20_000)]), "guided_choice", "guided_constraint_too_large"),
+    (chat(structured_outputs={"choice": ["x" * 70_000]}), "structured_outputs.choice", "guided_constraint_too_large"),
+    (chat(guided_grammar='root ::= "' + "a" * 70_000 + '"'), "guided_grammar", "guided_constraint_too_large"),
+    (chat(guided_json={"type": "string", "pattern": "b{1001}"}), "guided_json.pattern", "guided_constraint_too_large"),
+])
+def test_oversized_or_unsupported_constraints_are_a_400_naming_the_field(body: dict[str, Any], param: str,
+                                                                        code: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        prepare(body, route=CHAT_ROUTE, config=TRANSLATE)
+    err = info.value
+    assert err.status == 400 and err.param == param and err.code == code
+    assert err.to_dict()["error"]["type"] == "invalid_request_error"
+
+
+def deep_schema(depth: int) -> dict[str, Any]:
+    root: dict[str, Any] = {"type": "array"}
+    node = root
+    for _ in range(depth - 1):
+        node["items"] = {"type": "array"}
+        node = node["items"]
+    return root
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"disable_additional_properties": True}])
+def test_a_schema_400_levels_deep_is_a_400_not_a_recursion_error(as_text: bool, extra: dict[str, Any]) -> None:
+    schema: Any = deep_schema(400)
+    if as_text:
+        schema = json.dumps(schema)
+    with pytest.raises(InvalidRequest) as info:
+        prepare(chat(structured_outputs={"json": schema, **extra}), route=CHAT_ROUTE, config=TRANSLATE)
+    assert info.value.param == "structured_outputs.json" and info.value.code == "guided_constraint_too_large"
+    with pytest.raises(InvalidRequest) as info:  # deeper than json.loads can parse
+        prepare(chat(guided_json="[" * 100_000), route=CHAT_ROUTE, config=TRANSLATE)
+    assert info.value.param == "guided_json"
+
+
+def test_the_probe_schema_is_refused_before_compiling() -> None:
+    big = {"type": "object", "properties": {f"property_{i:05d}": {"type": "string"} for i in range(60_000)}}
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidRequest) as info:
+        prepare(chat(response_format=rf_schema(big)), route=CHAT_ROUTE, config=TRANSLATE)
+    assert time.perf_counter() - t0 < 0.1  # compiling it took 11 s (on the event loop)
+    err = info.value
+    assert err.param == "response_format.json_schema.schema" and err.code == "guided_constraint_too_large"
+
+
+def test_bounds_follow_the_config() -> None:
+    small = GuidedConfig(max_choices=2, max_schema_properties=1)
+    with pytest.raises(InvalidRequest):
+        prepare(chat(guided_choice=["a", "b", "c"]), route=CHAT_ROUTE, config=small)
+    with pytest.raises(InvalidRequest):
+        prepare(chat(guided_json=PERSON), route=CHAT_ROUTE, config=small)
+    assert guided(chat(guided_choice=["a", "b", "c"])).choices == ("a", "b", "c")
+
+
+# -- off the event loop ----------------------------------------------------------------------------
+
+
+async def test_prepare_async_compiles_a_new_schema_in_a_worker_and_reuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_serve.gateway import guided as guided_mod
+    from qwen_serve.gateway import guided_schema
+
+    threads: list[str] = []
+    real = guided_schema.compile_schema
+
+    def spy(param: str, schema: dict[str, Any]) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(param, schema)
+
+    monkeypatch.setattr(guided_schema, "compile_schema", spy)
+    schema = {**PERSON, "title": f"fresh-{time.monotonic_ns()}"}
+    first = await guided_mod.prepare_async(chat(guided_json=schema), route=CHAT_ROUTE, config=TRANSLATE)
+    again = await guided_mod.prepare_async(chat(guided_json=dict(schema)), route=CHAT_ROUTE, config=TRANSLATE)
+    assert first is not None and again is not None
+    assert len(threads) == 1 and threads[0].startswith("qwen-guided-compile")  # compiled once, off the loop
+    assert first._schema_check is again._schema_check  # the cache is keyed by the schema's content
+    assert again.check_response(chat_response('{"name": "Ann", "age": 3}')) == "valid"
+    with pytest.raises(GuidedSchemaError):  # a bad schema's error comes back through the worker
+        await guided_mod.prepare_async(chat(guided_json={"type": f"bad-{time.monotonic_ns()}"}), route=CHAT_ROUTE,
+                                       config=TRANSLATE)
+
+
+async def test_checks_with_schema_or_regex_work_run_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_serve.gateway import guided as guided_mod
+
+    threads: list[str] = []
+    real = GuidedRequest.check_text
+
+    def spy(self: GuidedRequest, *args: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return real(self, *args)
+
+    monkeypatch.setattr(GuidedRequest, "check_text", spy)
+    g = await guided_mod.prepare_async(chat(guided_json=PERSON), route=CHAT_ROUTE, config=TRANSLATE)
+    assert g is not None and await g.check_response_async(chat_response('{"name": "A", "age": 1}')) == "valid"
+    r = await guided_mod.prepare_async(chat(guided_regex="[a-z]+"), route=CHAT_ROUTE, config=TRANSLATE)
+    assert r is not None
+    checker = r.stream_checker()
+    for chunk in chat_chunks(["ab", "c"]):
+        checker.feed(chunk)
+    assert await checker.outcome_async() == "valid"
+    c = await guided_mod.prepare_async(chat(guided_choice=["x"]), route=CHAT_ROUTE, config=TRANSLATE)
+    assert c is not None and await c.check_response_async(chat_response("x")) == "valid"
+    assert [t.startswith("qwen-guided-check") for t in threads] == [True, True, False]  # a choice: a set lookup
+
+
+async def test_an_expensive_check_does_not_block_the_event_loop() -> None:
+    """While a check spends its whole worker budget, other coroutines keep running (the /health of the
+    gateway would answer): the loop only awaits the worker."""
+    from qwen_serve.gateway import guided as guided_mod
+
+    g = await guided_mod.prepare_async(chat(guided_json=EXPONENTIAL), route=CHAT_ROUTE, config=TRANSLATE)
+    assert g is not None
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    t0 = time.perf_counter()
+    outcome = await g.check_response_async(chat_response("[" * 40 + "1" + "]" * 40))
+    took = time.perf_counter() - t0
+    done.set()
+    await task
+    assert outcome == "unverified"
+    assert took > 0.1, "the check was too cheap to show anything"
+    assert max(gaps) < took / 2, (max(gaps), took)  # on the loop, one gap would be the whole check

@@ -100,3 +100,43 @@ def test_a_full_queue_drops_and_counts_records_instead_of_growing(monkeypatch: p
     assert lines[0].endswith("WARNING qwen_serve.gateway: first")
     assert lines[1].endswith("WARNING qwen_serve.logs: 30 log records dropped: the log queue was full (a slow log reader)")
     assert len(lines) == 102 and lines[-1].endswith("more 99")
+
+
+def test_server_error_tracebacks_are_rate_limited_per_exception_type(caplog: pytest.LogCaptureFixture) -> None:
+    """The first error of a type has its traceback; more of that type within the interval are one line each;
+    another type, or the same type after the interval, has its traceback again."""
+    from qwen_serve.logs import TracebackLimiter, log_server_error
+
+    now = [1000.0]
+    limiter = TracebackLimiter(interval_s=60, clock=lambda: now[0])
+    log = logging.getLogger("qwen_serve.gateway")
+    caplog.set_level(logging.ERROR)
+
+    def fail(exc: Exception) -> None:
+        try:
+            raise exc
+        except Exception as caught:
+            log_server_error(log, "GET /v1/models: unexpected error", caught, limiter)
+
+    fail(RuntimeError("one"))
+    fail(RuntimeError("two"))
+    fail(KeyError("k"))
+    now[0] += 59
+    fail(RuntimeError("three"))
+    now[0] += 2
+    fail(RuntimeError("four " + "x" * 1000))
+    records = caplog.records
+    assert [bool(r.exc_info) for r in records] == [True, False, True, False, True]
+    assert records[0].getMessage() == "GET /v1/models: unexpected error: RuntimeError: one"
+    assert records[1].getMessage().startswith("GET /v1/models: unexpected error: RuntimeError: two (traceback")
+    assert len(records[4].getMessage()) < 400  # the exception's text is cut in the line
+    assert all(r.levelno == logging.ERROR for r in records)
+
+
+def test_the_traceback_limiter_forgets_when_it_knows_too_many_types() -> None:
+    from qwen_serve.logs import TracebackLimiter
+
+    limiter = TracebackLimiter(interval_s=60, max_types=2, clock=lambda: 0.0)
+    kinds = [type(f"E{i}", (Exception,), {}) for i in range(3)]
+    assert [limiter.allow(k()) for k in kinds] == [True, True, True]
+    assert len(limiter._last) == 1  # started afresh at the third type: bounded memory
