@@ -5,11 +5,13 @@ on a GPU, what a restarted engine needs) when the API server dies. They stay in 
 group, whose id is the guard's pid (:mod:`qwen_serve.engine.guard`), so the group is the unit to stop.
 
 :func:`reap_group` is what the supervisor awaits after the engine's guard exited (a crash, a start-up that
-failed, a stop) and before anything new is started: SIGTERM to every process left in the group, up to
-``grace`` seconds for them to exit (vLLM's EngineCore shuts down on SIGTERM), SIGKILL to what is left,
-then up to ``gone_within`` seconds until none remains. Both waits are bounded; ``/proc`` is read in a worker
-thread, so the event loop keeps serving meanwhile. It returns the pids still alive at the end, ``[]``
-when the group is gone (a process stuck in the kernel, ``D`` state, can outlive SIGKILL for a while).
+failed, a stop) and before anything new is started: SIGTERM to every process left in the group, then
+SIGCONT (a stopped process, say a frozen engine, acts on a SIGTERM only once it runs again), up to
+``grace`` seconds for them to exit (vLLM's EngineCore shuts down on SIGTERM), SIGKILL to what is left
+(SIGKILL ends a stopped process too), then up to ``gone_within`` seconds until none remains. Both waits
+are bounded; ``/proc`` is read in a worker thread, so the event loop keeps serving meanwhile. It returns
+the pids still alive at the end, ``[]`` when the group is gone (a process stuck in the kernel, ``D``
+state, can outlive SIGKILL for a while).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 
 from qwen_serve.engine.guard import LEFTOVER_GONE_WITHIN_S, LEFTOVER_GRACE_S, group_members
 
-__all__ = ["GROUP_GONE_WITHIN_S", "GROUP_TERM_GRACE_S", "alive_members", "reap_group"]
+__all__ = ["GROUP_GONE_WITHIN_S", "GROUP_TERM_GRACE_S", "alive_members", "reap_group", "terminate_group"]
 
 GROUP_TERM_GRACE_S = LEFTOVER_GRACE_S  # SIGTERM → SIGKILL for what a dead engine left in its group (3 s)
 GROUP_GONE_WITHIN_S = LEFTOVER_GONE_WITHIN_S  # after SIGKILL; a large process's memory is freed first (10 s)
@@ -39,6 +41,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def terminate_group(pgid: int) -> None:
+    """SIGTERM to every process of group ``pgid``, then SIGCONT so that stopped ones act on it at once.
+
+    A process stopped by SIGSTOP keeps a SIGTERM pending until it is continued; SIGCONT is harmless to
+    processes that run. Never raises for a group that is gone or not ours."""
+    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)
+
+
 async def _gone_within(pgid: int, seconds: float) -> list[int]:
     """Wait up to ``seconds`` until group ``pgid`` has no live process; returns those still alive."""
     deadline = time.monotonic() + seconds
@@ -51,7 +62,7 @@ async def _gone_within(pgid: int, seconds: float) -> list[int]:
 
 async def reap_group(pgid: int, *, grace: float = GROUP_TERM_GRACE_S,
                      gone_within: float = GROUP_GONE_WITHIN_S) -> list[int]:
-    """Stop every process of group ``pgid``: SIGTERM, ``grace`` s, SIGKILL, up to ``gone_within`` s more.
+    """Stop every process of group ``pgid``: SIGTERM + SIGCONT, ``grace`` s, SIGKILL, ``gone_within`` s more.
 
     Signals go to the group only while it has live members (an empty group's id may be reused).
     Returns the pids still alive after both waits (``[]``: the group is gone). Never raises for processes
@@ -59,7 +70,7 @@ async def reap_group(pgid: int, *, grace: float = GROUP_TERM_GRACE_S,
     """
     if not await alive_members(pgid):
         return []
-    _signal_group(pgid, signal.SIGTERM)
+    terminate_group(pgid)
     if not await _gone_within(pgid, grace):
         return []
     _signal_group(pgid, signal.SIGKILL)

@@ -12,10 +12,11 @@ engine's process group. The guard runs the engine as its child in that group, an
 * gives the engine ``PR_SET_PDEATHSIG`` = SIGTERM towards the guard, should the guard itself be killed;
 * ignores the SIGTERM/SIGINT the supervisor sends to the group (the engine gets them too) and waits;
 * when the engine exits (a crash included), stops what is left in the group (children the engine left
-  orphaned, such as vLLM's EngineCore and workers): SIGTERM, up to :data:`LEFTOVER_GRACE_S` for them to
-  exit, SIGKILL, then up to :data:`LEFTOVER_GONE_WITHIN_S` until none is left; then it exits as the
-  engine did: with its exit code, or killed by the same signal. The supervisor checks the group again
-  once the guard is gone (:mod:`qwen_serve.engine.group`), for a guard that was itself killed.
+  orphaned, such as vLLM's EngineCore and workers): SIGTERM and SIGCONT (for stopped ones), up to
+  :data:`LEFTOVER_GRACE_S` for them to exit, SIGKILL, then up to :data:`LEFTOVER_GONE_WITHIN_S` until
+  none is left; then it exits as the engine did: with its exit code, or killed by the same signal. The
+  supervisor checks the group again once the guard is gone (:mod:`qwen_serve.engine.group`), for a guard
+  that was itself killed.
 
 Run as a script by path, so starting it imports nothing of ``qwen_serve`` (nor its dependencies) and
 costs one bare interpreter. It uses the standard library only. ``PR_SET_PDEATHSIG`` tracks the thread
@@ -100,11 +101,13 @@ def _others_gone_within(seconds: float) -> bool:
 
 
 def _stop_others_in_group(grace: float, gone_within: float) -> None:
-    """SIGTERM the group (this process ignores it), wait up to ``grace`` s for the others to exit, SIGKILL
-    those left (one by one: this process stays), and wait up to ``gone_within`` s until they are gone."""
+    """SIGTERM (+ SIGCONT) the group (this process ignores it), wait up to ``grace`` s for the others to
+    exit, SIGKILL those left (one by one: this process stays), and wait up to ``gone_within`` s until they
+    are gone."""
     if not _others_in_group():
         return
     os.killpg(0, signal.SIGTERM)
+    os.killpg(0, signal.SIGCONT)  # a stopped process acts on the SIGTERM only once continued
     if _others_gone_within(grace):
         return
     deadline = time.monotonic() + gone_within
@@ -121,6 +124,7 @@ def _stop_group(grace: float) -> None:
     """SIGTERM the group, wait up to ``grace`` s for the others to exit, then SIGKILL it (this process too)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.killpg(0, signal.SIGTERM)  # this process has a no-op handler for it
+    os.killpg(0, signal.SIGCONT)  # a stopped process acts on the SIGTERM only once continued
     me = os.getpid()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(pid != me for pid in group_members(os.getpgrp())):

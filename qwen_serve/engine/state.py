@@ -1,10 +1,11 @@
 """Engine liveness as the gateway sees it.
 
 :class:`EngineState` is the single record ``/ready`` and the metrics read: is the engine answering
-``/health``, is the gateway draining, why not ready. :class:`EngineMonitor` keeps ``up`` current by
-polling the engine's ``/health`` (every ``interval`` s, short timeout); the supervisor, when there is
-one, also writes to the same state (start-up, crash, restart). The monitor task is owned by the app
-lifespan: ``start()`` then ``aclose()``.
+``/health``, is the gateway draining, why not ready, since when its probes fail, whether it is down for
+good. :class:`EngineMonitor` keeps ``up`` and ``failing_since`` current by polling the engine's
+``/health`` (every ``interval`` s, short timeout); the supervisor, when there is one, also writes to the
+same state (start-up, crash, restart, failure for good) and restarts an engine that stays unhealthy.
+The monitor task is owned by the app lifespan: ``start()`` then ``aclose()``.
 
 Busy is not down: vLLM's API server answers ``/health`` on the event loop that also prepares requests, and
 one expensive request (a guided ``choice`` among hundreds of thousands of strings) can stall it for a
@@ -35,11 +36,22 @@ BUSY_LOG_INTERVAL_S = 30.0  # at most one "engine busy" line per this many secon
 
 @dataclass
 class EngineState:
+    """What the gateway knows about the engine; written by the monitor and the supervisor.
+
+    ``failing_since``: monotonic time (the monitor's clock) of the first failed ``/health`` probe of the
+    current run of failures, None while probes pass or the engine is busy (a busy probe ends the run).
+    The supervisor restarts an engine whose run has lasted ``engine.unhealthy_restart_s``.
+    ``failed``: the engine is down for good (it could not start, or exited or turned unhealthy with no
+    restart left); the gateway's ``/health`` then fails so the orchestrator replaces the process.
+    """
+
     up: bool = False
     draining: bool = False
     status: str = "starting"  # starting | ready | engine_down | draining | failed
     restarts: int = 0
     busy: bool = False  # up, but /health is slow while requests are in flight (still ready)
+    failing_since: float | None = None
+    failed: bool = False
 
     @property
     def ready(self) -> bool:
@@ -82,6 +94,10 @@ class EngineMonitor:
 
     A wedged engine does not stay "busy" for ever: requests in flight end at the gateway's own time-outs
     (``gateway.request_timeout_s``, ``gateway.request_deadline_s``), then the stall window runs.
+
+    After each probe ``state.failing_since`` is the start of the current run of failures (every probe but
+    a 200 or a busy one counts, whether or not the engine is down yet), None when there is none; the
+    supervisor's ``engine.unhealthy_restart_s`` rule reads it.
 
     Without a supervisor (``qwen-serve gateway --upstream URL``) ``process_alive`` is None: there is no
     process to check. A dead engine then shows as refused connections (down after ``failure_threshold``
@@ -127,6 +143,7 @@ class EngineMonitor:
         """Probe once and update the state; returns whether the engine is (still) considered up."""
         probe = await self.probe()
         ok = self.decide(probe, self._clock())
+        self.state.failing_since = self._failing_since
         if ok != self.state.up:
             log.info("engine %s", "is up" if ok else
                      "process is gone" if probe is Probe.DEAD else "stopped answering /health")

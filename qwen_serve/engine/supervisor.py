@@ -19,8 +19,17 @@ Owned by ``qwen_serve.serve`` (``qwen-serve up``); the gateway only sees the sha
   engine (``restart: on-failure``) or call ``on_fatal`` (``restart: never``). Every restart attempt counts
   toward ``max_restarts``, a failed one (exit or time-out during start-up) included; attempt ``n``
   waits :func:`restart_delay` first. Once they are used up, ``on_fatal`` is called.
-* :meth:`EngineSupervisor.stop` sends SIGTERM to the group, then SIGKILL after ``timeout`` (after
-  :data:`STARTING_STOP_TIMEOUT_S` while the engine is still starting); no restart follows. After the
+* An engine that is alive but unhealthy is treated as one that exited: once it was ready, when the health
+  monitor's probes have failed for ``unhealthy_restart_s`` in a row (``EngineState.failing_since``,
+  counted from no earlier than the moment it became ready; a busy probe, no answer while requests are in
+  flight, ends the run), the supervisor logs why and stops its whole group: SIGTERM and SIGCONT (a frozen
+  engine acts on the SIGTERM only once continued), SIGKILL after :data:`UNHEALTHY_STOP_TIMEOUT_S`, then
+  the same bounded reap. The restart (or ``on_fatal``) follows as after a crash, and counts the same.
+  ``unhealthy_restart_s=None`` turns this off; so does a drain (the engine is stopped anyway).
+* ``on_fatal`` comes with ``state.failed`` set: the engine is down for good (the gateway's ``/health``
+  fails from then on).
+* :meth:`EngineSupervisor.stop` sends SIGTERM (and SIGCONT) to the group, then SIGKILL after ``timeout``
+  (after :data:`STARTING_STOP_TIMEOUT_S` while the engine is still starting); no restart follows. After the
   engine's leader exits, whatever is left of its group is reaped the same way as after a crash.
 * :meth:`EngineSupervisor.process_alive` says whether the engine's process runs; the health monitor
   (:class:`~qwen_serve.engine.state.EngineMonitor`) uses it to tell a busy engine from a dead one.
@@ -38,15 +47,15 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from qwen_serve.engine.group import GROUP_GONE_WITHIN_S, GROUP_TERM_GRACE_S, reap_group
+from qwen_serve.engine.group import GROUP_GONE_WITHIN_S, GROUP_TERM_GRACE_S, reap_group, terminate_group
 from qwen_serve.engine.guard import guarded_command
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import QwenServeError, UpstreamError
 from qwen_serve.gateway.upstream import Upstream
 from qwen_serve.logs import ENGINE_LOGGER
 
-__all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "EngineStartError", "EngineSupervisor", "exited",
-           "restart_delay"]
+__all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "UNHEALTHY_STOP_TIMEOUT_S", "EngineStartError",
+           "EngineSupervisor", "exited", "restart_delay"]
 
 log = logging.getLogger("qwen_serve.engine")
 
@@ -56,6 +65,10 @@ MAX_RESTART_DELAY_S = 30.0
 # yet, and vLLM 0.32's API server does not act on SIGTERM before it has started (its EngineCore does).
 STARTING_STOP_TIMEOUT_S = 5.0
 EXIT_POLL_S = 0.1  # how often the supervisor looks whether the engine's process has exited
+# SIGTERM → SIGKILL for an engine stopped because it stayed unhealthy: it is hung, so a long grace would only
+# delay the restart.
+UNHEALTHY_STOP_TIMEOUT_S = 5.0
+UNHEALTHY_CHECK_S = 0.5  # how often watch() compares the engine's run of failed probes to unhealthy_restart_s
 
 
 async def exited(proc: asyncio.subprocess.Process, timeout: float | None = None) -> int | None:
@@ -109,6 +122,7 @@ class EngineSupervisor:
         restart: str = "on-failure",
         max_restarts: int = 5,
         backoff_s: float = 2.0,
+        unhealthy_restart_s: float | None = None,
         on_restart: Callable[[], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         python: str = sys.executable,
@@ -125,6 +139,8 @@ class EngineSupervisor:
         self._restart = restart
         self._max_restarts = max_restarts
         self._backoff = backoff_s
+        self._unhealthy_restart = unhealthy_restart_s
+        self._ready_at: float | None = None  # when the running engine became ready (None: not ready yet)
         self._on_restart = on_restart
         self._on_fatal = on_fatal
         self._group_grace = group_grace_s
@@ -146,6 +162,17 @@ class EngineSupervisor:
         """Whether the engine's process (its guard) runs now: False before the first start, after it
         exited (a crash, during a restart's back-off) and after :meth:`stop`. Cheap: no system call."""
         return self.proc is not None and self.proc.returncode is None
+
+    def unhealthy_for(self, now: float | None = None) -> float | None:
+        """Seconds the running engine's ``/health`` probes have failed in a row at monotonic time ``now``
+        (default: now), counted from ``state.failing_since`` (the monitor's clock, ``time.monotonic``) but
+        from no earlier than the moment this engine became ready. None while the probes pass (or it is
+        busy), and before the engine was ready: start-up is ``startup_timeout_s``'s business."""
+        since = self.state.failing_since
+        if since is None or self._ready_at is None:
+            return None
+        current = time.monotonic() if now is None else now
+        return max(0.0, current - max(since, self._ready_at))
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -180,6 +207,7 @@ class EngineSupervisor:
 
     async def _start(self) -> None:
         t0 = time.monotonic()
+        self._ready_at = None
         self.state.up = False
         self.state.status = "starting"
         proc = await self._spawn()
@@ -204,26 +232,34 @@ class EngineSupervisor:
                     f"engine did not answer /health within engine.startup_timeout_s={self._startup_timeout:g}s",
                     list(self.last_lines))
             await exited(proc, 0.5)
-        self.startup_seconds = time.monotonic() - t0
+        self._ready_at = time.monotonic()
+        self.startup_seconds = self._ready_at - t0
         self.state.up = True
         self.state.status = "ready"
         log.info("engine healthy after %.1f s (pid %d)", self.startup_seconds, proc.pid)
 
     async def watch(self) -> None:
-        """Wait for the engine to exit; restart it or report a fatal failure. Returns on stop() or after
-        ``on_fatal`` was called."""
+        """Wait for the engine to exit or to stay unhealthy for ``unhealthy_restart_s``; then take its group
+        down and restart it or report a fatal failure. Returns on stop() or after ``on_fatal`` was called."""
         while not self._stopping:
             assert self.proc is not None
-            code = await exited(self.proc)
+            code, unhealthy_s = await self._exit_or_unhealthy(self.proc)
             if self._stopping:
                 return
             self.state.up = False
             self.state.status = "engine_down"
-            log.error("engine exited unexpectedly with code %s", code)
-            await self._reap_group()  # vLLM's EngineCore/workers outlive a crashed API server
+            if unhealthy_s is None:
+                reason = f"engine exited with code {code}"
+                log.error("engine exited unexpectedly with code %s", code)
+                await self._reap_group()  # vLLM's EngineCore/workers outlive a crashed API server
+            else:
+                reason = (f"engine unhealthy: its /health probes failed for {unhealthy_s:.1f} s "
+                          f"(engine.unhealthy_restart_s={self._unhealthy_restart:g})")
+                log.error("%s; stopping its process group", reason)
+                await self._terminate(UNHEALTHY_STOP_TIMEOUT_S)
             if self._stopping:
                 return
-            if not await self._restart_until_healthy(f"engine exited with code {code}"):
+            if not await self._restart_until_healthy(reason):
                 return
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -236,6 +272,20 @@ class EngineSupervisor:
         self.state.up = False
 
     # ------------------------------------------------------------------ internals
+    async def _exit_or_unhealthy(self, proc: asyncio.subprocess.Process) -> tuple[int | None, float | None]:
+        """Wait until ``proc`` exits, returning ``(exit code, None)``, or until :meth:`unhealthy_for` reaches
+        ``unhealthy_restart_s`` while the gateway is not draining, returning ``(None, seconds unhealthy)``;
+        ``(None, None)`` on stop()."""
+        while True:
+            code = await exited(proc, UNHEALTHY_CHECK_S)
+            if code is not None or self._stopping:
+                return code, None
+            if self._unhealthy_restart is None or self.state.draining:  # draining: the engine stops anyway
+                continue
+            unhealthy_s = self.unhealthy_for()
+            if unhealthy_s is not None and unhealthy_s >= self._unhealthy_restart:
+                return None, unhealthy_s
+
     async def _restart_until_healthy(self, reason: str) -> bool:
         """Restart with back-off until one start succeeds (True). False when stop() was called, or when
         no restart is allowed (any more): then ``on_fatal`` has been called with ``reason``."""
@@ -249,8 +299,8 @@ class EngineSupervisor:
             if self._on_restart is not None:
                 self._on_restart()
             delay = restart_delay(attempt, self._backoff)
-            log.warning("restarting the engine in %.1f s (restart %d of at most %d)", delay, attempt,
-                        self._max_restarts)
+            log.warning("restarting the engine in %.1f s (restart %d of at most %d): %s", delay, attempt,
+                        self._max_restarts, reason)
             if await self._stop_requested_within(delay):
                 return False
             try:
@@ -273,18 +323,20 @@ class EngineSupervisor:
         """The engine is down for good: mark it failed and call ``on_fatal`` (or log, without one)."""
         self.state.up = False
         self.state.status = "failed"
+        self.state.failed = True
         if self._on_fatal is not None:
             self._on_fatal(reason)
         else:
             log.error("%s", reason)
 
     async def _terminate(self, timeout: float) -> None:
-        """SIGTERM the engine's group, SIGKILL after ``timeout``; then SIGKILL what is left of the group."""
+        """SIGTERM (and SIGCONT: a frozen engine acts on it only once continued) the engine's group, SIGKILL
+        after ``timeout``; then reap what is left of the group."""
         proc = self.proc
         if proc is None:
             return
         if proc.returncode is None:
-            self._signal(signal.SIGTERM)
+            terminate_group(proc.pid)
             if await exited(proc, timeout) is None:
                 log.warning("engine did not stop within %.0f s; killing it", timeout)
                 self._signal(signal.SIGKILL)

@@ -2,7 +2,8 @@
 
 Wiring only: routes are thin and call :class:`~qwen_serve.gateway.pipeline.Pipeline`; one exception
 handler turns every :class:`~qwen_serve.errors.QwenServeError` (and anything unexpected) into the
-OpenAI error shape; :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` wraps everything.
+OpenAI error shape; :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` wraps everything (and logs
+what is unexpected). Paths match exactly: ``/health/`` is an unknown route (404), never a redirect.
 
 The lifespan owns the resources: the upstream client (one pooled keep-alive client for the app's
 life), the engine monitor, the key-file watcher, and, under ``qwen-serve up``, the engine supervisor
@@ -29,10 +30,11 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from qwen_serve.config import Config
 from qwen_serve.constants import ENGINE_HOST
+from qwen_serve.engine.inflight import gauge_reader
 from qwen_serve.engine.state import EngineMonitor, EngineState
 from qwen_serve.errors import (
     ClientClosedRequest,
@@ -44,6 +46,7 @@ from qwen_serve.errors import (
     error_body,
 )
 from qwen_serve.gateway.auth import build_authenticator
+from qwen_serve.gateway.http_protocol import TIMED_OUT
 from qwen_serve.gateway.limits import build_limiter
 from qwen_serve.gateway.metrics import EngineScrapeCache, GatewayMetrics, merge_engine_metrics
 from qwen_serve.gateway.middleware import GatewayMiddleware
@@ -57,6 +60,15 @@ __all__ = ["PortRouter", "build_app"]
 log = logging.getLogger("qwen_serve.gateway")
 
 _STATIC = Path(__file__).parent / "static"
+# The chat page's answers: its own files only (no inline script or style, nothing from another origin).
+_PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+               ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 _ENGINE_SCRAPE_TIMEOUT_S = 2.0
 
@@ -69,14 +81,16 @@ def build_app(
     state: EngineState | None = None,
     engine_runner: Callable[[], Any] | None = None,
     engine_stopper: Callable[[], Any] | None = None,
+    engine_alive: Callable[[], bool] | None = None,
 ) -> Any:
     """Build the gateway for ``config``.
 
     ``upstream_url`` defaults to the planned engine on ``127.0.0.1:<engine.port>``. Under
     ``qwen-serve up``, ``engine_runner`` (a coroutine function: start the engine, then watch it) runs in
     the background for the app's life and ``engine_stopper`` is awaited at shutdown after in-flight
-    requests finished. Returns the ASGI app (the FastAPI instance wrapped in the gateway middleware);
-    the FastAPI object is reachable as ``app.fastapi`` for tests. With ``gateway.metrics_port`` set,
+    requests finished; ``engine_alive`` (the supervisor's ``process_alive``) lets the engine monitor
+    tell a busy engine from a dead one. Returns the ASGI app (the FastAPI instance wrapped in the gateway
+    middleware); the FastAPI object is reachable as ``app.fastapi`` for tests. With ``gateway.metrics_port`` set,
     the middleware wraps a :class:`PortRouter` instead and the metrics app is ``app.metrics_app``
     (``None`` otherwise); the server must then listen on both ports (``qwen_serve.serve`` does).
     """
@@ -85,11 +99,13 @@ def build_app(
     state = state or EngineState()
     url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
     gw = config.gateway
-    limiter = build_limiter(config.limits)  # first: a backend that is not available stops the start here
+    # first: a backend that cannot be built stops the start here
+    limiter = build_limiter(config.limits, on_backend_error=lambda op: metrics.limiter_backend_errors.labels(op).inc())
     upstream = upstream or create_upstream(gw.upstream_client, url, connect_timeout=gw.connect_timeout_s,
                                            read_timeout=gw.request_timeout_s)  # idle read timeout
     auth = build_authenticator(config.auth, config.resolve_path)
-    monitor = EngineMonitor(upstream, state)
+    monitor = EngineMonitor(upstream, state, in_flight=gauge_reader(metrics.in_flight.collector),
+                            process_alive=engine_alive)
     pipeline = Pipeline(Stages(auth=auth, limiter=limiter, guided=config.guided, upstream=upstream,
                                metrics=metrics, engine=state, served_models=served,
                                request_deadline_s=gw.request_deadline_s))
@@ -114,7 +130,8 @@ def build_app(
             await limiter.aclose()
             await upstream.aclose()
 
-    app = FastAPI(title="qwen-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="qwen-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.pipeline = pipeline
     app.state.metrics = metrics
     app.state.engine = state
@@ -135,7 +152,15 @@ def build_app(
     async def models(request: Request) -> Response:
         return JSONResponse(await pipeline.models(request))
 
+    async def model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if not model_id:  # "/v1/models/": no redirect to the listing, an unknown route as any other
+            raise NotFound("Unknown route")
+        return JSONResponse(await pipeline.model(request, model_id))
+
     async def health(_: Request) -> Response:
+        if state.failed:  # the engine is down for good (no restart left): let the orchestrator replace us
+            return JSONResponse({"status": "failed"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
         return JSONResponse({"status": "ok"})
 
     async def ready(_: Request) -> Response:
@@ -169,11 +194,15 @@ def build_app(
             raise EngineUnavailable("engine metrics are unavailable (engine down)")
         return Response(text, media_type=_PROMETHEUS_TEXT)
 
-    async def index(_: Request) -> Response:
-        page = _STATIC / "index.html"
-        if not gw.ui or not page.exists():
-            raise NotFound("the chat page is disabled (gateway.ui: false)")
-        return FileResponse(page, media_type="text/html")
+    page_files = _page_files() if gw.ui else {}
+
+    async def page_file(request: Request) -> Response:
+        """The chat page (``/``), its files (``/static/<name>``) and ``/favicon.ico``; 404 with ``gateway.ui: false``."""
+        found = page_files.get(request.url.path)
+        if found is None:
+            raise NotFound("the chat page is disabled (gateway.ui: false)" if not gw.ui else "Unknown route")
+        body, media_type = found
+        return Response(body, media_type=media_type, headers=_PAGE_HEADERS)
 
     metrics_routes = (
         ("/metrics", metrics_route, ["GET"]),
@@ -183,12 +212,15 @@ def build_app(
         ("/v1/chat/completions", chat_completions, ["POST"]),
         ("/v1/completions", completions, ["POST"]),
         ("/v1/models", models, ["GET"]),
+        ("/v1/models/{model_id:path}", model, ["GET"]),
         ("/tokenize", tokenize, ["POST"]),
         ("/detokenize", detokenize, ["POST"]),
         ("/health", health, ["GET"]),
         ("/ready", ready, ["GET"]),
         *(metrics_routes if gw.metrics_port is None else ()),
-        ("/", index, ["GET"]),
+        ("/", page_file, ["GET"]),
+        ("/static/{name}", page_file, ["GET"]),
+        ("/favicon.ico", page_file, ["GET"]),
     ):
         app.add_route(path, endpoint, methods=methods)  # plain Starlette routes: no body re-validation
     _add_error_handlers(app)
@@ -197,7 +229,8 @@ def build_app(
     metrics_app: FastAPI | None = None
     if gw.metrics_port is not None:
         # No lifespan of its own: the main app's owns the shared resources (upstream, engine state).
-        metrics_app = FastAPI(title="qwen-serve metrics", docs_url=None, redoc_url=None, openapi_url=None)
+        metrics_app = FastAPI(title="qwen-serve metrics", docs_url=None, redoc_url=None, openapi_url=None,
+                              redirect_slashes=False)
         for path, endpoint, methods in metrics_routes:
             metrics_app.add_route(path, endpoint, methods=methods)
         _add_error_handlers(metrics_app)
@@ -207,6 +240,23 @@ def build_app(
     wrapped.fastapi = app  # type: ignore[attr-defined]
     wrapped.metrics_app = metrics_app  # type: ignore[attr-defined]
     return wrapped
+
+
+def _page_files() -> dict[str, tuple[bytes, str]]:
+    """The chat page's files by URL path, read once: ``/`` is ``static/index.html``, each other file of
+    ``static/`` with a known type is ``/static/<name>``, and ``/favicon.ico`` is the SVG icon."""
+    files: dict[str, tuple[bytes, str]] = {}
+    if not _STATIC.is_dir():
+        return files
+    for path in sorted(_STATIC.iterdir()):
+        media_type = _PAGE_TYPES.get(path.suffix)
+        if media_type is None or not path.is_file():
+            continue
+        url = "/" if path.name == "index.html" else f"/static/{path.name}"
+        files[url] = (path.read_bytes(), media_type)
+    if "/static/favicon.svg" in files:
+        files["/favicon.ico"] = files["/static/favicon.svg"]
+    return files
 
 
 class PortRouter:
@@ -250,10 +300,12 @@ async def _qwen_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    """The client hung up before its request was complete: nothing to answer, nothing wrong here. Logged at
-    debug level; the 499 is only recorded (the server drops a response to a client that has gone)."""
-    log.debug("%s %s: %s", request.method, request.url.path,
-              exc.message if isinstance(exc, QwenServeError) else "the client went away before the request was read")
+    """The client hung up before its request was complete: nothing to answer, nothing wrong here. One line at
+    debug level, no traceback (none when the connection already logged a body timeout); the 499 is only
+    recorded (the server drops a response to a client that has gone)."""
+    if TIMED_OUT not in request.scope.get("state", {}):
+        log.debug("%s %s: %s (499)", request.method, request.url.path,
+                 exc.message if isinstance(exc, QwenServeError) else "the client went away before the request was read")
     return Response(status_code=ClientClosedRequest.status)
 
 
@@ -269,6 +321,7 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
+    """The 500 for an exception no other handler took. Not logged here: Starlette raises the exception on
+    after this response, and :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` logs it once."""
     return JSONResponse(error_body("internal error in the gateway", "server_error", "internal_error"),
                         status_code=HTTPStatus.INTERNAL_SERVER_ERROR)

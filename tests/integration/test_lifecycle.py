@@ -12,6 +12,9 @@ since these tests kill or stop it):
   exit 1. To make the restart time out for real, on the supervisor's own clock, the test freezes the
   restarted engine's process group with SIGSTOP as soon as it appears (as a wedged driver or a stuck
   download would leave it): ``/health`` is never answered and ``engine.startup_timeout_s`` passes.
+* an engine that hangs after it was ready (its whole process group frozen with SIGSTOP, nothing in flight)
+  is stopped (the frozen processes killed) and restarted once its ``/health`` probes have failed for
+  ``engine.unhealthy_restart_s``; the restart counts, and traffic through the gateway resumes.
 
 The engine's processes are found through ``/proc``: the supervisor starts the engine under a guard
 (``qwen_serve.engine.guard``) in a new session, so the guard is ``up``'s child and every engine process
@@ -36,7 +39,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ENGINE_STARTUP_TIMEOUT_S, _engine_failure, free_port, stack_config
+from tests.conftest import (ENGINE_STARTUP_TIMEOUT_S, MODEL_NAME, _engine_failure, free_port, metric_value,
+                            stack_config)
 
 pytestmark = pytest.mark.engine
 
@@ -45,6 +49,7 @@ SIGTERM_EXIT_WITHIN_S = 25.0  # a starting engine gets 5 s after SIGTERM (STARTI
 # The restart test's engine.startup_timeout_s: the first start (~25-30 s here) must fit with room for a
 # loaded machine; the frozen restart then times out after exactly this long.
 RESTART_TEST_STARTUP_TIMEOUT_S = 90.0
+UNHEALTHY_RESTART_S = 5.0  # the frozen-engine test's engine.unhealthy_restart_s
 
 
 @dataclass
@@ -263,7 +268,8 @@ def test_restart_that_times_out_ends_in_exit_1(up: Callable[..., Up], timings: d
     assert not left_at_restart, f"the crashed engine left {left_at_restart} at the restart"
     u.sessions.add(restarted[0])
     os.killpg(restarted[0], signal.SIGSTOP)
-    # startup_timeout_s, then SIGTERM (pending on a stopped group) and SIGKILL 5 s later, then exit 1.
+    # startup_timeout_s, then SIGTERM and SIGCONT (the group acts on the SIGTERM) and SIGKILL 5 s later, then
+    # exit 1.
     code = u.exit_code(RESTART_TEST_STARTUP_TIMEOUT_S + 5 + 60)
     timings["lifecycle: exit 1 after a crash whose restart timed out"] = time.monotonic() - t0
     log = u.log()
@@ -273,3 +279,55 @@ def test_restart_that_times_out_ends_in_exit_1(up: Callable[..., Up], timings: d
     assert not _session(restarted[0]), _session(restarted[0])
     assert not _session(first), f"the crashed engine left {_session(first)}"  # vLLM's EngineCore/worker
     assert _port_free(u.engine_port)
+
+
+def _chat(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=60,
+                      json={"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_a_frozen_engine_is_restarted_and_traffic_resumes(up: Callable[..., Up], timings: dict[str, float]) -> None:
+    u = up(restart="on-failure", max_restarts=1, unhealthy_restart_s=UNHEALTHY_RESTART_S)
+    u.wait_ready()
+    assert _chat(u.url).status_code == 200
+    first = u.engine_session()
+    frozen = _session(first)
+    assert any(p.name.startswith("VLLM::EngineCor") for p in frozen), frozen
+    t0 = time.monotonic()
+    # A hang: guard, API server, EngineCore and worker all stop; nothing is in flight, so the gateway's
+    # /health probes time out and count as failures from the first one.
+    os.killpg(first, signal.SIGSTOP)
+    restarted: list[int] = []
+    left_at_restart: list[Proc] = []
+
+    def restarted_engine_runs() -> bool:
+        restarted[:] = [g for g in _guards(u.proc.pid) if g != first and _api_server(g) is not None]
+        if restarted:
+            left_at_restart[:] = _session(first)
+        return bool(restarted)
+
+    # unhealthy_restart_s (+ the first probe's 2 s time-out), up to 5 s for SIGTERM, the reap, a 2 s back-off
+    assert _poll(restarted_engine_runs, 60, interval=0.05) is not None, u.log()[-4000:]
+    restart_s = time.monotonic() - t0
+    u.sessions.add(restarted[0])
+    timings["lifecycle: frozen engine stopped and restarted"] = restart_s
+    assert restart_s >= UNHEALTHY_RESTART_S, restart_s
+    assert not left_at_restart, f"the frozen engine left {left_at_restart} at the restart"
+    assert not any(_alive(p.pid) for p in frozen), "a frozen process outlived the restart"
+    u.wait_ready()
+    timings["lifecycle: frozen engine to ready again"] = time.monotonic() - t0
+    answer = _chat(u.url)  # traffic resumes through the same gateway
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    assert u.proc.poll() is None and _status(u.url + "/health") == 200
+    metrics = httpx.get(u.url + "/metrics", timeout=10).text
+    assert metric_value(metrics, "qwen_serve_engine_restarts_total") == 1.0
+    log = u.log()
+    assert "engine unhealthy: its /health probes failed for" in log, log[-4000:]
+    assert f"engine.unhealthy_restart_s={UNHEALTHY_RESTART_S:g}); stopping its process group" in log, log[-4000:]
+    assert "(restart 1 of at most 1): engine unhealthy" in log, log[-4000:]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    return any(p.pid == pid for p in _processes())

@@ -163,6 +163,42 @@ async def test_busy_does_not_bring_a_down_engine_up() -> None:
     assert await monitor.check() and state.describe() == "ready"
 
 
+async def test_failing_since_marks_the_start_of_a_run_of_failed_probes() -> None:
+    # What the supervisor's engine.unhealthy_restart_s rule reads: the first failed probe of the current run.
+    monitor, state, clock, _ = _monitor([200, "refused", 503, "timeout", 200, "timeout", "timeout"],
+                                        in_flight=lambda: 0, process_alive=lambda: True)
+    since = []
+    for _ in range(7):
+        await monitor.check()
+        since.append(state.failing_since)
+        clock.now += 1.0
+    assert since == [None, 1001.0, 1001.0, 1001.0, None, 1005.0, 1005.0]  # also before the engine is down
+
+
+async def test_a_busy_probe_is_no_failure_for_failing_since() -> None:
+    in_flight = [0]
+    monitor, state, clock, _ = _monitor([200, "timeout", "timeout", "timeout", "refused"],
+                                        in_flight=lambda: in_flight[0], process_alive=lambda: True)
+    await monitor.check()
+    clock.now += 1.0
+    await monitor.check()  # slow, nothing in flight: a failure
+    assert state.failing_since == 1001.0
+    in_flight[0] = 1
+    for _ in range(2):  # busy: the run of failures is over
+        clock.now += 1.0
+        await monitor.check()
+        assert state.failing_since is None and state.busy
+    clock.now += 1.0
+    await monitor.check()
+    assert state.failing_since == 1004.0  # a refused connection is a failure, in flight or not
+
+
+async def test_a_dead_process_starts_a_run_of_failures() -> None:
+    monitor, state, clock, _ = _monitor([200], process_alive=lambda: False)
+    await monitor.check()
+    assert state.failing_since == 1000.0 and not state.up
+
+
 def test_gauge_reader_sums_every_label_value() -> None:
     metrics = GatewayMetrics(("m",))
     read = gauge_reader(metrics.in_flight.collector)

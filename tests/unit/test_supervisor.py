@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -380,3 +381,197 @@ def test_guard_escalates_to_sigkill_for_what_ignores_sigterm(tmp_path: Path) -> 
     assert proc.returncode == 0
     assert not _alive(int((tmp_path / "child").read_text()))  # at once: the guard waited for it
     assert elapsed >= LEFTOVER_GRACE_S, elapsed
+
+
+# --- an engine that turns unhealthy after it was ready is restarted -----------------------------------------
+
+
+def _monitor_for(sup: EngineSupervisor, in_flight: Callable[[], int] | None = None) -> Any:
+    """The gateway's health monitor on ``sup``'s engine, probing quickly (every 0.2 s, 0.5 s time-out)."""
+    from qwen_serve.engine.state import EngineMonitor
+
+    return EngineMonitor(sup._upstream, sup.state, interval=0.2, timeout=0.5, in_flight=in_flight,
+                         process_alive=sup.process_alive)
+
+
+def _cores(state_dir: Path) -> list[int]:
+    return [int(p.read_text()) for p in state_dir.glob("core-*")]
+
+
+async def test_an_engine_that_turns_unhealthy_is_restarted_and_the_restart_counts(
+        fake_engine_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
+    # Every launch answers /health 200 for 1.5 s, then 503: ready, then unhealthy.
+    restarts: list[int] = []
+    fatal: list[str] = []
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "sicken", restart="on-failure", max_restarts=1,
+                                backoff_s=0.2, unhealthy_restart_s=1.0, on_restart=lambda: restarts.append(1),
+                                on_fatal=fatal.append,
+                                env={"FAKE_ENGINE_HEALTHY_S": "1.5", "FAKE_ENGINE_CORE": "1"})
+    caplog.set_level(logging.INFO, logger="qwen_serve.engine")
+    monitor = _monitor_for(sup)
+    monitor.start()
+    try:
+        # ready → unhealthy 1 s → group stopped → restart 1 → ready → unhealthy 1 s → none left → fatal
+        await asyncio.wait_for(sup.run(), 60)
+    finally:
+        await monitor.aclose()
+    pids = fake_engine.launches(tmp_path)
+    assert len(pids) == 2 and restarts == [1] and state.restarts == 1
+    assert fake_engine.alive_at_launch(tmp_path, pids[1]) == []  # the unhealthy engine's group was gone
+    assert len(fatal) == 1, fatal
+    assert fatal[0].startswith("engine unhealthy: its /health probes failed for "), fatal
+    assert "engine.unhealthy_restart_s=1)" in fatal[0] and "engine.max_restarts=1, restarts so far 1" in fatal[0]
+    unhealthy = [float(re.findall(r"probes failed for ([0-9.]+) s", r.getMessage())[0]) for r in caplog.records
+                 if r.levelno == logging.ERROR and r.getMessage().startswith("engine unhealthy")]
+    assert len(unhealthy) == 2 and all(1.0 <= s < 5.0 for s in unhealthy), unhealthy
+    assert "restarting the engine in 0.2 s (restart 1 of at most 1): engine unhealthy" in caplog.text
+    assert state.failed and state.status == "failed" and not state.up
+    assert not sup.process_alive() and _all_gone(pids + _cores(tmp_path))  # killed, not left behind
+    await sup.stop()
+    await sup._upstream.aclose()
+
+
+async def test_a_frozen_engine_is_killed_and_restarted(fake_engine_path: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from qwen_serve.engine.guard import group_members
+
+    # SIGSTOP of the whole group (guard, API server, a core that ignores SIGTERM) is a hang: /health goes
+    # unanswered, nothing is in flight. The stopped processes act on SIGTERM only once continued.
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "ok", restart="on-failure", max_restarts=2,
+                                backoff_s=0.2, unhealthy_restart_s=1.0, group_grace_s=0.5,
+                                env={"FAKE_ENGINE_CORE": "stubborn"})
+    monitor = _monitor_for(sup)
+    monitor.start()
+    watcher: asyncio.Task[None] | None = None
+    old_group = -1
+    try:
+        await sup.start()
+        assert sup.proc is not None
+        old_group = sup.proc.pid
+        old = fake_engine.launches(tmp_path)[0]
+        old_members = group_members(old_group)
+        assert len(old_members) == 3, old_members  # guard, API server, core
+        watcher = asyncio.create_task(sup.watch())
+        await _until(lambda: state.failing_since is None, 10)
+        t0 = time.monotonic()
+        os.killpg(old_group, signal.SIGSTOP)
+        await _until(lambda: len(fake_engine.launches(tmp_path)) == 2 and state.up, 60)
+        elapsed = time.monotonic() - t0
+        assert 1.0 <= elapsed < 30, elapsed  # not before unhealthy_restart_s
+        assert state.restarts == 1 and sup.proc.pid != old_group and not state.failed
+        new = fake_engine.launches(tmp_path)[1]
+        assert fake_engine.alive_at_launch(tmp_path, new) == []  # the frozen group was gone at the restart
+        assert group_members(old_group) == [] and not any(_alive(pid) for pid in old_members)
+        assert old != new and not _alive(_core_of(tmp_path, old))
+        assert str(old) in (tmp_path / "sigterm").read_text().split()  # continued, it acted on SIGTERM
+        await sup.stop(timeout=10)
+        await asyncio.wait_for(watcher, 10)
+    finally:
+        await monitor.aclose()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+        for pid in fake_engine.launches(tmp_path) + _cores(tmp_path) + ([old_group] if old_group > 0 else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)  # SIGKILL ends a stopped process too
+        await sup._upstream.aclose()
+
+
+async def test_a_busy_engine_is_not_restarted(fake_engine_path: Path, tmp_path: Path) -> None:
+    import httpx
+
+    # One request stalls the stand-in's one-request-at-a-time server for 3 s: /health goes unanswered while
+    # that request is in flight. That is busy, not unhealthy, however long it lasts.
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "stall", restart="on-failure", max_restarts=2,
+                                backoff_s=0.2, unhealthy_restart_s=1.0, env={"FAKE_ENGINE_STALL_S": "3"})
+    in_flight = [0]
+    busy_seen: list[bool] = []
+    monitor = _monitor_for(sup, in_flight=lambda: in_flight[0])
+    monitor.start()
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await sup.start()
+        watcher = asyncio.create_task(sup.watch())
+        port = sup.argv[sup.argv.index("--port") + 1]
+
+        async def note_busy() -> None:
+            for _ in range(200):  # bounded: 200 × 0.05 s
+                busy_seen.append(state.busy)
+                await asyncio.sleep(0.05)
+
+        noter = asyncio.create_task(note_busy())
+        in_flight[0] = 1
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b'{"stall": 1}')
+        finally:
+            in_flight[0] = 0
+        assert r.status_code == 200
+        await asyncio.sleep(1.5)  # past unhealthy_restart_s after the stall
+        noter.cancel()
+        assert any(busy_seen), "the monitor never saw the engine busy"
+        assert len(fake_engine.launches(tmp_path)) == 1 and state.restarts == 0
+        assert sup.process_alive() and state.up and not watcher.done()
+        await sup.stop(timeout=10)
+        await asyncio.wait_for(watcher, 10)
+    finally:
+        await monitor.aclose()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+        await sup._upstream.aclose()
+
+
+async def test_unhealthy_time_counts_from_the_later_of_the_first_failed_probe_and_readiness(
+        fake_engine_path: Path, tmp_path: Path) -> None:
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "ok", unhealthy_restart_s=5.0)
+    assert sup.unhealthy_for(1000.0) is None  # never ready
+    state.failing_since = 990.0
+    assert sup.unhealthy_for(1000.0) is None  # still starting: startup_timeout_s's business
+    sup._ready_at = 995.0  # probes that failed during start-up do not count
+    assert sup.unhealthy_for(1000.0) == 5.0
+    state.failing_since = 997.0
+    assert sup.unhealthy_for(1000.0) == 3.0
+    state.failing_since = None
+    assert sup.unhealthy_for(1000.0) is None
+    await sup._upstream.aclose()
+
+
+def test_health_fails_once_the_engine_is_down_for_good(fake_engine_path: Path, tmp_path: Path) -> None:
+    import time
+
+    import httpx
+
+    from qwen_serve.config import parse_config
+    from qwen_serve.gateway.app import build_app
+    from tests.conftest import serve_in_thread, wait_ready
+
+    # restart: never, and no on_fatal (nothing ends the process): the gateway stays up in a failed state,
+    # so its own /health (the liveness probe) must say so.
+    port = free_port()
+    state = EngineState()
+    upstream = create_upstream("aiohttp", f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=5)
+    sup = EngineSupervisor(["--port", str(port), "--mode", "sicken"],
+                           {"PYTHONPATH": str(fake_engine_path), "FAKE_ENGINE_HEALTHY_S": "3",
+                            "FAKE_ENGINE_DIR": str(tmp_path)},
+                           upstream, state, startup_timeout_s=30, restart="never", unhealthy_restart_s=1.0)
+    config = parse_config({"model": {"source": "x", "served_name": "m"}, "auth": {"enabled": False}})
+    app = build_app(config, upstream=upstream, state=state, engine_runner=sup.run, engine_stopper=sup.stop,
+                    engine_alive=sup.process_alive)
+    with serve_in_thread(app, free_port()) as url:
+        wait_ready(url, timeout=30)
+        assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "/health still 200 30 s after the engine turned unhealthy"
+            time.sleep(0.1)
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json() == {"status": "failed"}
+        ready = httpx.get(url + "/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json() == {"status": "failed"}
+        assert state.failed and state.restarts == 0 and len(fake_engine.launches(tmp_path)) == 1
+        assert not sup.process_alive()  # the unhealthy engine was stopped, not left holding its memory
+        assert _all_gone(fake_engine.launches(tmp_path))
