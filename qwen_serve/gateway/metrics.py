@@ -6,13 +6,27 @@ metric names exist only in this module.
 
 Labels are bounded: ``model`` is one of the served names or ``"other"`` (see :meth:`model_label`),
 ``key_id`` is a configured key id or ``"anonymous"``, never a presented secret.
+
+Several gateway worker processes (``gateway.workers`` > 1) use prometheus-client's multiprocess mode: the
+worker supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` (:data:`MULTIPROC_ENV`) for every worker before it
+starts, so each worker's samples live in files there, and :meth:`GatewayMetrics.render` on any worker
+shows the sum over all of them (counters and histograms of dead workers included; the in-flight gauge
+over live workers; ``qwen_serve_engine_up`` and ``qwen_serve_draining`` as most recently set by a live
+worker, which every worker does once a second and at each scrape; ``qwen_serve_engine_restarts_total``
+from the supervisor's count). Every family appears once, with its HELP text, in the order of one process,
+samples or not. The per-process ``process_*``/``python_*`` families are left out then: N processes' start
+times, file descriptors and collector counts do not add up to one gateway. The supervisor removes a dead
+worker's live-gauge files (``mark_process_dead``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
+import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -26,12 +40,19 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from qwen_serve.logs import dropped_records
 
-__all__ = ["EngineScrapeCache", "GatewayMetrics", "Labelled", "merge_engine_metrics", "OTHER_MODEL"]
+__all__ = ["MULTIPROC_ENV", "EngineScrapeCache", "GatewayMetrics", "Labelled", "merge_engine_metrics",
+           "multiprocess_dir", "OTHER_MODEL", "workers_in_flight"]
+
+log = logging.getLogger("qwen_serve.gateway")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 OTHER_MODEL = "other"
 
@@ -50,6 +71,57 @@ class _LogDrops(Collector):
     def collect(self) -> Iterable[Metric]:
         yield CounterMetricFamily("qwen_serve_log_records_dropped",
                                   "Log records dropped because the log queue was full", value=dropped_records())
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory this process writes its samples to, or None (one gateway process).
+
+    prometheus-client decides when it is first imported: :data:`MULTIPROC_ENV` must be set by then (the
+    worker supervisor sets it in each worker's environment). Set later, it is ignored, with a warning."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if getattr(prometheus_values.ValueClass, "__name__", "") != "MmapedValue":
+        log.warning("%s is set but prometheus-client was imported before: metrics of this process only", MULTIPROC_ENV)
+        return None
+    return path
+
+
+class _Restarts(Collector):
+    """``qwen_serve_engine_restarts_total`` from the engine state (the supervisor's count, one per host), for
+    the multiprocess mode: a counter per worker would add it up once per worker."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily("qwen_serve_engine_restarts", "Engine restarts by the supervisor.", value=self.value)
+
+
+IN_FLIGHT = "qwen_serve_in_flight_requests"
+
+
+def _live_sums(path: str, name: str) -> list[Metric]:
+    files = glob.glob(os.path.join(path, "gauge_livesum_*.db"))
+    merged = MultiProcessCollector.merge(files, accumulate=False)  # type: ignore[no-untyped-call]
+    return [m for m in merged if m.name == name]
+
+
+def workers_in_flight(path: str) -> int:
+    """Requests in flight through all live gateway workers writing to the multiprocess directory ``path``
+    (the supervisor's engine monitor asks it: busy is judged by the whole gateway)."""
+    return max(0, round(sum(s.value for m in _live_sums(path, IN_FLIGHT) for s in m.samples)))
+
+
+class _AllWorkersGauge(Gauge):
+    """A ``livesum`` gauge whose :meth:`collect` (what :func:`~qwen_serve.engine.inflight.gauge_reader` asks,
+    e.g. the engine monitor's "requests in flight") sums every live worker's samples, not this process's."""
+
+    def collect(self) -> Iterable[Metric]:
+        path = multiprocess_dir()
+        if path is None:
+            return super().collect()
+        return _live_sums(path, self._name) or self.describe()  # the family, without samples yet
 
 
 class Labelled(Generic[C]):
@@ -82,14 +154,23 @@ class GatewayMetrics:
         # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
         # process-wide switch of prometheus-client; the gateway process exports only our registry.
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        r.register(_LogDrops())
         self._models: set[str] = set(served_models)
         self._restarts_seen = 0
+        self._dropped_seen = 0
+        self._restarts: _Restarts | None = None
+        self._log_drops: Counter | None = None
+        shared = self.multiprocess_dir is not None
+        if shared:
+            self._log_drops = Counter("qwen_serve_log_records_dropped",
+                                      "Log records dropped because the log queue was full", registry=r)
+        else:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+            r.register(_LogDrops())
 
         self.requests = Labelled(Counter(
             "qwen_serve_requests", "Requests answered by the gateway.",
@@ -107,8 +188,9 @@ class GatewayMetrics:
             "qwen_serve_tokens", "Tokens processed, from the engine's usage (kind: prompt|completion).",
             ["model", "key_id", "kind"], registry=r,
         ))
-        self.in_flight = Labelled(Gauge(
-            "qwen_serve_in_flight_requests", "Requests in flight through the gateway.", ["model"], registry=r,
+        self.in_flight = Labelled((_AllWorkersGauge if shared else Gauge)(
+            IN_FLIGHT, "Requests in flight through the gateway.", ["model"], registry=r,
+            multiprocess_mode="livesum",
         ))
         self.rate_limited = Labelled(Counter(
             "qwen_serve_rate_limited", "Requests refused by a rate limit (limit: rpm|tpm|concurrency).",
@@ -129,20 +211,41 @@ class GatewayMetrics:
             "qwen_serve_upstream_errors", "Failures talking to the engine (kind: connect|timeout|protocol|status).",
             ["kind"], registry=r,
         ))
-        self.engine_up = Gauge("qwen_serve_engine_up", "1 when the engine answers /health.", registry=r)
-        self.engine_restarts = Counter(
-            "qwen_serve_engine_restarts", "Engine restarts by the supervisor.", registry=r,
-        )
-        self.draining = Gauge("qwen_serve_draining", "1 while the gateway drains for shutdown.", registry=r)
+        self.limiter_backend_errors = Labelled(Counter(
+            "qwen_serve_limiter_backend_errors",
+            "Limiter store (Redis) failures: requests decided by limits.on_backend_error (op=acquire), "
+            "failed lease releases and heartbeats.", ["op"], registry=r,
+        ))
+        self.engine_up = Gauge("qwen_serve_engine_up", "1 when the engine answers /health.", registry=r,
+                               multiprocess_mode="livemostrecent")
+        self.engine_restarts: Counter | None = None
+        if shared:
+            self._restarts = _Restarts()
+            r.register(self._restarts)
+        else:
+            self.engine_restarts = Counter(
+                "qwen_serve_engine_restarts", "Engine restarts by the supervisor.", registry=r,
+            )
+        self.draining = Gauge("qwen_serve_draining", "1 while the gateway drains for shutdown.", registry=r,
+                              multiprocess_mode="livemostrecent")
 
     def sync_engine(self, *, up: bool, draining: bool, restarts: int) -> None:
-        """Copy the engine state into the gauges (called per scrape; state is the source of truth)."""
+        """Copy the engine state into the gauges (called per scrape, and by each worker once a second; state
+        is the source of truth)."""
         self.engine_up.set(1 if up else 0)
         self.draining.set(1 if draining else 0)
-        behind = restarts - self._restarts_seen
-        if behind > 0:
-            self.engine_restarts.inc(behind)
-            self._restarts_seen = restarts
+        if self._restarts is not None:
+            self._restarts.value = max(self._restarts.value, restarts)
+        elif self.engine_restarts is not None:
+            behind = restarts - self._restarts_seen
+            if behind > 0:
+                self.engine_restarts.inc(behind)
+                self._restarts_seen = restarts
+        if self._log_drops is not None:
+            dropped = dropped_records()
+            if dropped > self._dropped_seen:
+                self._log_drops.inc(dropped - self._dropped_seen)
+                self._dropped_seen = dropped
 
     def set_served_models(self, names: Iterable[str]) -> None:
         self._models = set(names)
@@ -152,8 +255,35 @@ class GatewayMetrics:
         return name if isinstance(name, str) and name in self._models else OTHER_MODEL
 
     def render(self) -> bytes:
-        """The gateway's own exposition text."""
-        return generate_latest(self.registry)
+        """The gateway's own exposition text (with several workers: all of them, see the module docstring)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(_AllWorkers(self.registry, self.multiprocess_dir, {"qwen_serve_engine_restarts"}))
+
+
+class _AllWorkers:
+    """The families of ``registry`` (names, types, HELP, order) with the samples of every worker, read from
+    the multiprocess directory ``path``; the families named in ``local`` (collectors that write no files)
+    with this process's samples. A family nobody has a sample of yet is still listed, as one process lists
+    it."""
+
+    def __init__(self, registry: CollectorRegistry, path: str, local: set[str]) -> None:
+        self._registry = registry
+        self._path = path
+        self._local = local
+
+    def collect(self) -> Iterator[Metric]:
+        merged = {m.name: m for m in MultiProcessCollector(None, self._path).collect()}  # type: ignore[no-untyped-call]
+        for family in self._registry.collect():
+            if family.name in self._local:
+                yield family
+                continue
+            found = merged.get(family.name)
+            if found is None:
+                yield Metric(family.name, family.documentation, family.type)
+                continue
+            found.documentation = family.documentation
+            yield found
 
 
 class EngineScrapeCache:

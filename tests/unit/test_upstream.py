@@ -56,7 +56,7 @@ class _KeepAliveServer:
         self.server.close()
 
 
-@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("kind", ["aiohttp", "httptools", "httpx"])
 async def test_idle_connections_are_not_reused(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream_mod, "IDLE_S", 0.4)  # read when the pool is created
     fake = _KeepAliveServer()
