@@ -25,11 +25,14 @@ EXIT_USAGE = 2
 def _plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "engine.gpus": args.gpus,
+        "engine.nodes": args.nodes,
         "engine.gpu_memory_gib": args.gpu_memory_gib,
         "engine.gpu_memory_utilization": args.gpu_memory_utilization,
         "model.max_model_len": args.max_model_len,
         "engine.tensor_parallel_size": args.tensor_parallel_size,
         "engine.kv_cache_dtype": args.kv_cache_dtype,
+        "engine.stream_interval": args.stream_interval,
+        "gateway.workers": args.workers,
     }
 
 
@@ -45,7 +48,7 @@ def _tp(value: str) -> int | str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from qwen_serve.plan import build_plan
+    from qwen_serve.plan import GATEWAY_WORKER_BUSY, build_plan, chart_values, helm_set_args
 
     plan = build_plan(_config_for_plan(args))
     if args.json:
@@ -54,12 +57,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     d = plan.to_json_dict()
     width = max(len(k) for k in d)
     for key, value in d.items():
-        if key in ("vllm_args", "warnings", "env"):
+        if key in ("vllm_args", "warnings", "env", "gateway_notes"):
             continue
         print(f"{key:<{width}}  {value}")
     print("vllm_args:\n  python -m vllm.entrypoints.openai.api_server " + " ".join(_quote(a) for a in plan.vllm_args))
+    print(f"gateway: {plan.gateway_workers} worker(s) relay about {plan.gateway_capacity_events_per_s:,} SSE events/s "
+          f"({plan.gateway_event_cpu_us:g} µs of CPU per event, each worker at most "
+          f"{GATEWAY_WORKER_BUSY:.0%} busy); the engine makes an estimated {plan.engine_tokens_per_s:,} tokens/s = "
+          f"{plan.gateway_events_per_s:,} events/s at stream_interval {plan.stream_interval}; "
+          f"{plan.cpus_available} CPU(s) available here")
+    if plan.nodes > 1:
+        print(f"layout: {plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor_parallel_size "
+              f"{plan.tensor_parallel_size} inside each node x pipeline_parallel_size "
+              f"{plan.pipeline_parallel_size} across the nodes, over Ray (leader = Ray head + gateway)")
+        print(f"chart values: {helm_set_args(chart_values(plan.nodes, plan.gpus_per_node))}")
     for w in plan.warnings:
         print(f"warning: {w}")
+    for note in plan.gateway_notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -69,16 +84,21 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def _workers(value: str) -> int | str:
+    """``--workers``: ``auto`` or an integer (the config validates its range)."""
+    return value if value == "auto" else int(value)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from qwen_serve.serve import run_up
 
-    return run_up(load_config(args.config))
+    return run_up(load_config(args.config, {"gateway.workers": args.workers}))
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from qwen_serve.serve import run_gateway
 
-    return run_gateway(load_config(args.config), upstream_url=args.upstream)
+    return run_gateway(load_config(args.config, {"gateway.workers": args.workers}), upstream_url=args.upstream)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -113,22 +133,28 @@ def _parser() -> argparse.ArgumentParser:
     src = plan.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="qwen-serve YAML config")
     src.add_argument("--model", help="local dir with config.json, HF id, or preset (qwen2.5-7b-instruct, ...)")
-    plan.add_argument("--gpus", type=int)
+    plan.add_argument("--gpus", type=int, help="GPUs per node")
+    plan.add_argument("--nodes", type=int, help="GPU nodes one engine spans (pipeline parallel over Ray)")
     plan.add_argument("--gpu-memory-gib", type=float)
     plan.add_argument("--gpu-memory-utilization", type=float)
     plan.add_argument("--max-model-len", type=int)
     plan.add_argument("--tensor-parallel-size", type=_tp)
     plan.add_argument("--kv-cache-dtype", choices=["auto", "fp8"])
+    plan.add_argument("--stream-interval", type=int, help="tokens per streamed SSE event (engine.stream_interval)")
+    plan.add_argument("--workers", type=_workers, help="gateway processes: auto or a number (gateway.workers)")
     plan.add_argument("--json", action="store_true", help="one JSON object")
     plan.set_defaults(func=cmd_plan)
 
     up = sub.add_parser("up", help="start vLLM on 127.0.0.1 and serve the gateway")
     up.add_argument("--config", required=True)
+    up.add_argument("--workers", type=_workers, help="gateway processes: auto or a number (overrides gateway.workers)")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="serve the gateway in front of a running vLLM")
     gw.add_argument("--config", required=True)
     gw.add_argument("--upstream", help="engine base URL (default http://127.0.0.1:<engine.port>)")
+    gw.add_argument("--workers", type=_workers, help="gateway processes: auto (1 here) or a number "
+                    "(overrides gateway.workers)")
     gw.set_defaults(func=cmd_gateway)
 
     keys = sub.add_parser("keys", help="manage the API keys file")

@@ -36,11 +36,31 @@ Rules:
   ``--tokenizer``, ``--tokenizer-revision``, so weights and tokenizer come from the same commit. Ignored
   with a warning for a local directory.
 * CPU: TP = DP = 1; the KV cache is ``engine.cpu_kv_cache_gib`` (``VLLM_CPU_KVCACHE_SPACE``).
+* Multi-node (``engine.nodes`` > 1, GPUs only): one engine over ``engine.nodes`` nodes of ``engine.gpus`` GPUs
+  each: TP inside a node (``auto``: the largest valid TP ≤ ``engine.gpus``), pipeline parallel across nodes
+  (``--pipeline-parallel-size`` = nodes), ``--distributed-executor-backend ray``, DP 1. A pipeline stage holds
+  ``ceil(layers / nodes)`` layers plus the embedding or the LM head, so weights and KV cache per GPU shrink
+  with the node count. With ``engine.nodes: 1`` and ``auto`` TP/DP, a model whose weights plus one
+  ``max_model_len`` sequence fit on no TP ≤ ``engine.gpus`` is refused with the smallest node count that holds
+  it (``engine.nodes: ... needs 3 nodes``) and the chart values that run it (:func:`chart_values`).
+* ``engine.stream_interval`` above 1: ``--stream-interval`` (vLLM sends a stream's first token at once, then
+  one SSE event per that many tokens).
+* Gateway sizing (:func:`gateway_sizing`): the engine's decode rate is estimated from memory traffic
+  (:func:`estimate_engine_tokens_per_s`, an estimate on the high side, so the gateway is sized not to be the
+  limit), divided by the stream interval into SSE events/s, and each gateway worker is planned to relay at
+  most :data:`GATEWAY_WORKER_BUSY` of a core at :data:`GATEWAY_EVENT_CPU_S` per event. ``gateway.workers:
+  auto`` takes the workers that rate needs, at least 1 and at most the CPUs this process may use
+  (:func:`available_cpus`; ``build_plan(cpus=...)`` overrides it). A fixed count that relays less than the
+  engine produces adds a warning; what depends on this machine's CPUs (``auto`` capped by them, more workers
+  than CPUs) goes to ``gateway_notes`` instead, so the warnings stay the same wherever the plan is made.
+  This reads the CPU affinity and the cgroup's CPU quota.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +71,9 @@ from qwen_serve.constants import ENGINE_HOST
 from qwen_serve.errors import PlanError
 from qwen_serve.presets import ModelGeometry, resolve_geometry
 
-__all__ = ["Plan", "build_plan", "detect_gpu", "valid_tensor_parallel_sizes"]
+__all__ = ["GATEWAY_EVENT_CPU_S", "GATEWAY_WORKER_BUSY", "GatewaySizing", "Plan", "available_cpus", "build_plan",
+           "chart_values", "detect_gpu", "estimate_engine_tokens_per_s", "gateway_sizing", "helm_set_args",
+           "valid_tensor_parallel_sizes"]
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -60,6 +82,7 @@ _FIXED_RESERVE_BYTES = 1 * GIB
 _PREFILL_CHUNK_TOKENS = 8192
 _SAMPLED_SEQS = 1024
 _KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of 16 tokens
+_MAX_NODE_GPUS = 8  # the most GPUs a node usually has: a refusal suggests a bigger node only up to this
 _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.port, nowhere else
 # The engine keeps idle keep-alive connections this long (vLLM's default is 5 s). The gateway drops its own
 # after gateway.upstream.IDLE_S (4 s), but a gateway stalled between the engine finishing a response and the
@@ -67,6 +90,25 @@ _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.po
 # engine close a connection the gateway was reusing (the likely cause of 502s in two CI runs). Set via
 # VLLM_HTTP_TIMEOUT_KEEP_ALIVE.
 ENGINE_KEEP_ALIVE_S = 75
+
+# --- gateway sizing -------------------------------------------------------------------------------------------
+# Gateway CPU per relayed SSE event, one worker: 52 µs measured by benchmarks/event_cost.py --upstream engine
+# --model random (the real vLLM-CPU engine, one token per event, one stream at a time, rounds in which every
+# event came in its own read: the dearest case, request handling included at 32 tokens per stream), 2-vCPU VM
+# shared with other work, 2026-12-05, with the httptools upstream client (benchmarks/RESULTS.md, "Gateway
+# workers and the cost per relayed event"). Many concurrent streams cost less per event (wake-ups are shared:
+# 14 µs at 47k events/s there), so sizing with this figure errs towards more workers.
+GATEWAY_EVENT_CPU_S = 50e-6
+GATEWAY_WORKER_BUSY = 0.7  # the share of a core a worker is planned to spend relaying (headroom for bursts)
+# Decode-rate model for sizing only: a step reads every GPU's weight shard and the running sequences' KV
+# cache once, at _HBM_BYTES_PER_S (H100 class; slower GPUs make fewer tokens, i.e. a smaller gateway need);
+# vLLM's per-step CPU work (scheduling, sampling, detokenising) caps it at _MAX_STEPS_PER_S. 4 GPUs serving
+# Qwen2.5-0.5B data-parallel come out at ~100k tokens/s.
+_HBM_BYTES_PER_S = 3.35e12
+_MAX_STEPS_PER_S = 100.0
+_RUNNING_SEQS = 256  # vLLM's max_num_seqs on GPUs
+_SIZING_CONTEXT = 1024  # tokens of KV cache read per running sequence per step (prompt + answer so far)
+_CPU_TOKENS_PER_S = 2000.0  # vLLM-CPU: a generous figure for a many-core server (a 2-vCPU VM makes ~100)
 
 
 class Plan(BaseModel):
@@ -96,10 +138,111 @@ class Plan(BaseModel):
     served_name: str
     env: dict[str, str]  # extra environment for the engine process (engine.env wins)
     engine_port: int
+    nodes: int = 1  # GPU nodes the engine spans (engine.nodes)
+    gpus_per_node: int = 0  # engine.gpus on cuda; 0 on cpu
+    pipeline_parallel_size: int = 1  # = nodes: one pipeline stage per node
+    stream_interval: int = 1  # tokens per SSE event (engine.stream_interval / --stream-interval)
+    engine_tokens_per_s: int = 0  # the estimated decode rate of all replicas (gateway sizing only)
+    gateway_events_per_s: int = 0  # the SSE events/s the gateway must relay at that rate
+    gateway_event_cpu_us: float = GATEWAY_EVENT_CPU_S * 1e6  # per relayed event, one worker
+    gateway_workers: int = 1  # gateway.workers, auto resolved
+    gateway_capacity_events_per_s: int = 0  # what those workers relay at GATEWAY_WORKER_BUSY of a core each
+    cpus_available: int = 1  # CPUs this process may use (affinity and cgroup quota)
+    gateway_notes: list[str] = []  # about the sizing on this machine's CPUs (the warnings do not depend on them)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``plan --json`` object: the contract keys plus the extensions."""
         return self.model_dump(mode="json")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (``os.sched_getaffinity``), lowered to the cgroup's CPU
+    quota when one is set (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``; a container's CPU limit),
+    rounded up; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        raw = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if raw and raw[0] != "max":
+            return int(raw[0]) / int(raw[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def estimate_engine_tokens_per_s(*, device: str, replicas: int, weights_bytes_per_gpu: int,
+                                 kv_bytes_per_token_per_gpu: int, kv_tokens_per_replica: int) -> float:
+    """Decode tokens/s of all replicas, for sizing the gateway (see the constants above): per replica
+    ``running x steps/s``, ``running`` = min(:data:`_RUNNING_SEQS`, the sequences of
+    :data:`_SIZING_CONTEXT` tokens its KV cache holds), ``steps/s`` = min(:data:`_MAX_STEPS_PER_S`, HBM
+    bandwidth / (weight shard + ``running`` x context x KV bytes per token)). CPU: :data:`_CPU_TOKENS_PER_S`."""
+    if device == "cpu":
+        return _CPU_TOKENS_PER_S
+    running = max(1, min(_RUNNING_SEQS, kv_tokens_per_replica // _SIZING_CONTEXT))
+    step_bytes = weights_bytes_per_gpu + running * _SIZING_CONTEXT * kv_bytes_per_token_per_gpu
+    steps = min(_MAX_STEPS_PER_S, _HBM_BYTES_PER_S / max(1, step_bytes))
+    return replicas * running * steps
+
+
+class GatewaySizing(BaseModel):
+    """The gateway's share of a plan: events to relay, workers, their capacity (:func:`gateway_sizing`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events_per_s: float
+    workers: int
+    capacity_events_per_s: float
+    cpus: int
+    warnings: list[str]  # from the config alone
+    notes: list[str]  # about this machine's CPUs
+
+
+def gateway_sizing(tokens_per_s: float, stream_interval: int, workers: int | str, cpus: int) -> GatewaySizing:
+    """Workers for ``tokens_per_s`` relayed ``stream_interval`` tokens per event: ``auto`` → enough that none
+    is busier than :data:`GATEWAY_WORKER_BUSY` of a core at :data:`GATEWAY_EVENT_CPU_S` per event, clamped
+    to 1..``cpus``; a number is kept. A fixed count that relays fewer events/s than the engine makes is a
+    warning; ``auto`` capped by ``cpus``, or more workers than ``cpus``, a note."""
+    events = tokens_per_s / stream_interval
+    per_worker = GATEWAY_WORKER_BUSY / GATEWAY_EVENT_CPU_S
+    needed = max(1, math.ceil(events / per_worker))
+    chosen = max(1, min(needed, cpus)) if workers == "auto" else int(workers)
+    capacity = chosen * per_worker
+    warnings: list[str] = []
+    notes: list[str] = []
+    if capacity < events:
+        (notes if workers == "auto" else warnings).append(
+            f"gateway.workers: {chosen} worker(s) relay about {capacity:,.0f} SSE events/s, below the engine's "
+            f"estimated {events:,.0f} ({tokens_per_s:,.0f} tokens/s, engine.stream_interval {stream_interval}); "
+            + (f"auto is capped by the {cpus} CPU(s) available here" if workers == "auto"
+               else f"{needed} workers would relay it")
+            + "; a larger engine.stream_interval sends fewer events")
+    if workers != "auto" and chosen > cpus:
+        notes.append(f"gateway.workers: {chosen} workers on {cpus} available CPU(s)")
+    return GatewaySizing(events_per_s=events, workers=chosen, capacity_events_per_s=capacity, cpus=cpus,
+                         warnings=warnings, notes=notes)
+
+
+def _stream_interval(engine_extra_args: list[str], configured: int) -> int:
+    """``--stream-interval`` from ``engine.extra_args`` when given there (it overrides the planned one)."""
+    for i, arg in enumerate(engine_extra_args):
+        if _is_flag(arg, "--stream-interval"):
+            value = arg.split("=", 1)[1] if "=" in arg else (engine_extra_args[i + 1:i + 2] or [""])[0]
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+    return configured
 
 
 def detect_gpu() -> bool:
@@ -117,9 +260,26 @@ def valid_tensor_parallel_sizes(geometry: ModelGeometry, limit: int | None = Non
     ]
 
 
-def _kv_bytes_per_token(g: ModelGeometry, dtype_bytes: int, tp: int = 1) -> int:
-    """K and V for every layer; per GPU when ``tp`` > 1 (KV heads split, or replicated to one per rank)."""
-    return 2 * g.num_hidden_layers * max(1, g.num_key_value_heads // tp) * g.head_dim * dtype_bytes
+def _kv_bytes_per_token(g: ModelGeometry, dtype_bytes: int, tp: int = 1, layers: int | None = None) -> int:
+    """K and V for every layer (or ``layers`` of them: one pipeline stage); per GPU when ``tp`` > 1 (KV heads
+    split, or replicated to one per rank)."""
+    layers = g.num_hidden_layers if layers is None else layers
+    return 2 * layers * max(1, g.num_key_value_heads // tp) * g.head_dim * dtype_bytes
+
+
+def _stage_layers(g: ModelGeometry, pp: int) -> int:
+    """Decoder layers of the largest pipeline stage (vLLM splits them as evenly as it can)."""
+    return -(-g.num_hidden_layers // pp)
+
+
+def _stage_params(g: ModelGeometry, pp: int) -> int:
+    """Parameters of the largest pipeline stage: its layers plus the embedding (first stage) or the LM head
+    (last stage; a tied head is a second copy there) and the final norm. ``pp`` 1: the whole model."""
+    if pp == 1:
+        return g.param_count
+    embedding = g.vocab_size * g.hidden_size
+    per_layer = (g.param_count - embedding * (1 if g.tie_word_embeddings else 2) - g.hidden_size) // g.num_hidden_layers
+    return _stage_layers(g, pp) * per_layer + embedding + g.hidden_size
 
 
 def _reserve_bytes(g: ModelGeometry, tp: int) -> int:
@@ -129,13 +289,14 @@ def _reserve_bytes(g: ModelGeometry, tp: int) -> int:
 
 
 class _Fit:
-    """Memory figures for one TP size on the GPU budget."""
+    """Memory figures for one TP size (and pipeline stages) on the GPU budget; per GPU of the largest stage."""
 
-    def __init__(self, g: ModelGeometry, tp: int, budget: float, kv_dtype_bytes: int, max_len: int) -> None:
-        self.tp = tp
-        self.weights = -(-g.param_count * g.dtype_bytes // tp)  # ceil
+    def __init__(self, g: ModelGeometry, tp: int, budget: float, kv_dtype_bytes: int, max_len: int,
+                 pp: int = 1) -> None:  # fmt: skip
+        self.tp, self.pp = tp, pp
+        self.weights = -(-_stage_params(g, pp) * g.dtype_bytes // tp)  # ceil
         free = int(budget - self.weights - _reserve_bytes(g, tp))
-        per_token = _kv_bytes_per_token(g, kv_dtype_bytes, tp)
+        per_token = _kv_bytes_per_token(g, kv_dtype_bytes, tp, _stage_layers(g, pp))
         self.tokens = max(0, free) // per_token // _KV_BLOCK_TOKENS * _KV_BLOCK_TOKENS
         self.weights_fit = free > 0
         self.sequences = self.tokens // max_len
@@ -145,18 +306,41 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def _fit_error(key: str, what: str, fit: _Fit, budget: float, max_len: int) -> PlanError:
+def _layout(tp: int, pp: int = 1) -> str:
+    return f"tensor_parallel_size {tp}" + (f" x pipeline_parallel_size {pp}" if pp > 1 else "")
+
+
+def _fit_reason(fit: _Fit, budget: float, max_len: int) -> str:
     if not fit.weights_fit:
-        why = (
-            f"{_gib(fit.weights)} of weights per GPU at tensor_parallel_size {fit.tp} plus the activation "
+        return (
+            f"{_gib(fit.weights)} of weights per GPU at {_layout(fit.tp, fit.pp)} plus the activation "
             f"reserve exceed the {_gib(budget)} usable per GPU"
         )
-    else:
-        why = (
-            f"tensor_parallel_size {fit.tp} leaves room for {fit.tokens} KV-cache tokens per replica, "
-            f"less than one model.max_model_len sequence ({max_len})"
-        )
-    return PlanError(f"{key}: {what}: {why}")
+    return (
+        f"{_layout(fit.tp, fit.pp)} leaves room for {fit.tokens} KV-cache tokens per replica, "
+        f"less than one model.max_model_len sequence ({max_len})"
+    )
+
+
+def _fit_error(key: str, what: str, fit: _Fit, budget: float, max_len: int) -> PlanError:
+    return PlanError(f"{key}: {what}: {_fit_reason(fit, budget, max_len)}")
+
+
+def _node_tp(g: ModelGeometry, gpus: int) -> int:
+    """TP inside one node of a multi-node engine: the largest valid TP on ``gpus`` GPUs."""
+    return valid_tensor_parallel_sizes(g, limit=gpus)[-1]
+
+
+def chart_values(nodes: int, gpus_per_node: int) -> dict[str, Any]:
+    """The helm/qwen-serve values that run an engine over ``nodes`` nodes of ``gpus_per_node`` GPUs."""
+    if nodes == 1:
+        return {"engine.gpus": gpus_per_node, "multinode.enabled": False}
+    return {"engine.gpus": gpus_per_node, "multinode.enabled": True, "multinode.nodes": nodes}
+
+
+def helm_set_args(values: dict[str, Any]) -> str:
+    """``--set key=value`` arguments for ``helm install``/``upgrade`` from :func:`chart_values`."""
+    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
 
 
 def _is_flag(arg: str, flag: str) -> bool:
@@ -199,8 +383,9 @@ def _check_extra_args(extra_args: list[str], planned: list[str]) -> list[str]:
     return warnings
 
 
-def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
-    """Plan the engine launch for ``config``; raises :class:`PlanError` when the request is impossible."""
+def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | None = None) -> Plan:
+    """Plan the engine launch for ``config``; raises :class:`PlanError` when the request is impossible.
+    ``cpus``: the CPUs the gateway may use (default :func:`available_cpus`)."""
     model, engine = config.model, config.engine
     warnings: list[str] = []
 
@@ -215,6 +400,8 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         device = "cpu" if gpu_visible is False else "cuda"
         if gpu_visible is None and not detect_gpu():
             warnings.append("engine.device auto: no GPU visible here; planned for cuda (`up` would run on cpu)")
+    if engine.nodes > 1 and device == "cpu":
+        raise PlanError(f"engine.nodes: {engine.nodes} nodes need GPUs; the engine runs on cpu here (engine.device)")
 
     # --- context and YaRN -----------------------------------------------------------------------------------
     native = geometry.native_context
@@ -275,10 +462,11 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
                 f"model.max_model_len sequence ({max_len}); raise it or lower model.max_model_len"
             )
     else:
-        gpus = engine.gpus
+        gpus, nodes = engine.gpus, engine.nodes
         if engine.gpu_memory_gib is None:
             warnings.append(f"engine.gpu_memory_gib not set: assuming {DEFAULT_GPU_MEMORY_GIB:g} GiB per GPU")
-        budget = (engine.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * GIB * engine.gpu_memory_utilization
+        gpu_gib = engine.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
+        budget = gpu_gib * GIB * engine.gpu_memory_utilization
         if explicit_tp is not None and explicit_dp is not None and explicit_tp * explicit_dp > gpus:
             raise PlanError(
                 f"engine.data_parallel_size: tensor_parallel_size {explicit_tp} x data_parallel_size "
@@ -289,10 +477,36 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         if explicit_dp is not None and explicit_dp > gpus:
             raise PlanError(f"engine.data_parallel_size: {explicit_dp} is more than engine.gpus ({gpus})")
 
-        def fit(tp: int) -> _Fit:
-            return _Fit(geometry, tp, budget, kv_dtype_bytes, max_len)
+        def fit(tp: int, pp: int = 1) -> _Fit:
+            return _Fit(geometry, tp, budget, kv_dtype_bytes, max_len, pp)
 
-        if explicit_tp is not None:
+        def min_nodes(tp: int) -> int | None:
+            """The fewest nodes (pipeline stages, at most one per layer) holding one sequence at ``tp``."""
+            return next((n for n in range(2, geometry.num_hidden_layers + 1) if fit(tp, n).sequences >= 1), None)
+
+        if nodes > 1:
+            if explicit_dp is not None and explicit_dp > 1:
+                raise PlanError(
+                    f"engine.data_parallel_size: {explicit_dp} with engine.nodes {nodes}: a multi-node engine is "
+                    f"one replica (pipeline parallel across the nodes); add replicas with more engines instead"
+                )
+            if nodes > geometry.num_hidden_layers:
+                raise PlanError(
+                    f"engine.nodes: {nodes} pipeline stages for the {geometry.num_hidden_layers} layers of "
+                    f"{geometry.name}; at most one stage per layer"
+                )
+            tp = explicit_tp if explicit_tp is not None else _node_tp(geometry, gpus)
+            chosen = fit(tp, nodes)
+            if chosen.sequences < 1:
+                raise _fit_error("engine.nodes", f"{nodes} does not fit", chosen, budget, max_len)
+            fewest = next((n for n in range(1, nodes) if fit(tp, n).sequences >= 1), None)
+            if fewest is not None:
+                warnings.append(
+                    f"engine.nodes: {nodes}, but {fewest} node(s) hold {geometry.name} at {max_len} tokens "
+                    f"({_layout(tp, fewest)}); every extra pipeline stage adds an inter-node hop per token"
+                )
+            dp = 1
+        elif explicit_tp is not None:
             chosen = fit(explicit_tp)
             if chosen.sequences < 1:
                 raise _fit_error("engine.tensor_parallel_size", f"{explicit_tp} does not fit", chosen, budget, max_len)
@@ -303,13 +517,28 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
             if not fitting:
                 key = "engine.gpus" if not candidates[-1].weights_fit else "model.max_model_len"
                 what = f"{geometry.name} at {max_len} tokens does not fit on {per_replica} GPU(s) per replica"
-                raise _fit_error(key, what, candidates[-1], budget, max_len)
+                node_tp = _node_tp(geometry, gpus)
+                needed = min_nodes(node_tp) if (explicit_dp or 1) == 1 else None
+                if needed is None:
+                    raise _fit_error(key, what, candidates[-1], budget, max_len)
+                bigger = next((tp for tp in valid_tensor_parallel_sizes(geometry, limit=_MAX_NODE_GPUS)
+                               if tp > gpus and fit(tp).sequences >= 1), None)
+                raise PlanError(
+                    f"engine.nodes: {geometry.name} at {max_len} tokens does not fit on one node of {gpus} "
+                    f"GPU(s) of {gpu_gib:g} GiB "
+                    f"({_fit_reason(candidates[-1], budget, max_len)}); it needs {needed} nodes "
+                    f"({_layout(node_tp, needed)} over Ray): set engine.nodes: {needed} "
+                    f"(chart: {helm_set_args(chart_values(needed, gpus))})"
+                    + (f", or give one node {bigger} GPUs (engine.gpus: {bigger})" if bigger else "")
+                )
             chosen = fitting[0]
         tp = chosen.tp
-        dp = explicit_dp or gpus // tp
+        if nodes == 1:
+            dp = explicit_dp or gpus // tp
         weights, tokens = chosen.weights, chosen.tokens
         if tp * dp < gpus:
-            warnings.append(f"engine.gpus: {gpus - tp * dp} of {gpus} GPUs unused (TP {tp} x DP {dp})")
+            unused = f"TP {tp} x DP {dp}" if nodes == 1 else f"TP {tp} per node"
+            warnings.append(f"engine.gpus: {gpus - tp * dp} of {gpus} GPUs unused ({unused})")
 
     # --- vLLM argv ----------------------------------------------------------------------------------------
     args = [
@@ -329,6 +558,9 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
                 args += ["--tokenizer-revision", model.revision]
     if dp > 1:
         args += ["--data-parallel-size", str(dp)]
+    pp = engine.nodes if device == "cuda" else 1
+    if pp > 1:
+        args += ["--pipeline-parallel-size", str(pp), "--distributed-executor-backend", "ray"]
     if device == "cuda":
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
     else:
@@ -338,6 +570,8 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
     if engine.kv_cache_dtype != "auto":
         args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     args.append("--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching")
+    if engine.stream_interval > 1:
+        args += ["--stream-interval", str(engine.stream_interval)]
     if engine.structured_outputs_backend != "auto":
         args += ["--structured-outputs-config", json.dumps({"backend": engine.structured_outputs_backend})]
     if model.tool_calling:
@@ -355,6 +589,16 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
     warnings += _check_extra_args(engine.extra_args, args)
     args += engine.extra_args
     env.update(engine.env)
+
+    # --- gateway sizing -------------------------------------------------------------------------------------
+    stream_interval = _stream_interval(engine.extra_args, engine.stream_interval)
+    engine_rate = estimate_engine_tokens_per_s(
+        device=device, replicas=dp, weights_bytes_per_gpu=weights,
+        kv_bytes_per_token_per_gpu=_kv_bytes_per_token(geometry, kv_dtype_bytes, tp, _stage_layers(geometry, pp)),
+        kv_tokens_per_replica=tokens)
+    sizing = gateway_sizing(engine_rate, stream_interval, config.gateway.workers,
+                            available_cpus() if cpus is None else cpus)
+    warnings += sizing.warnings
 
     return Plan(
         model=model.source,
@@ -378,4 +622,14 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None) -> Plan:
         served_name=model.name,
         env=env,
         engine_port=engine.port,
+        nodes=pp,
+        gpus_per_node=engine.gpus if device == "cuda" else 0,
+        pipeline_parallel_size=pp,
+        stream_interval=stream_interval,
+        engine_tokens_per_s=round(engine_rate),
+        gateway_events_per_s=round(sizing.events_per_s),
+        gateway_workers=sizing.workers,
+        gateway_capacity_events_per_s=round(sizing.capacity_events_per_s),
+        cpus_available=sizing.cpus,
+        gateway_notes=sizing.notes,
     )

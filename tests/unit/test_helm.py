@@ -446,7 +446,7 @@ def test_probes_point_at_health_and_ready() -> None:
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 2 * 3600, "72B download window"
     config = rendered_config(render())
-    assert config["engine"]["startup_timeout_s"] >= 2 * 3600
+    assert config["engine"]["startup_timeout_s"] == 1800, "auto: the default model is 7B"
 
 
 def test_startup_probe_window_is_configurable() -> None:
@@ -873,7 +873,8 @@ def _notes_timeout(values: dict[str, Any]) -> int:
     return int(timeout)
 
 
-@pytest.mark.parametrize("values", [{}, {"engine": {"startupTimeoutSeconds": 14400}},
+@pytest.mark.parametrize("values", [{}, {"engine": {"startupTimeoutSeconds": 14400},
+                                         "probes": {"startup": {"failureThreshold": 1440}}},
                                     {"probes": {"startup": {"failureThreshold": 1440}}},
                                     {"terminationGracePeriodSeconds": 1800}, SCENARIOS["example-7b-128k-tp4"]])
 def test_progress_deadline_outlasts_startup_and_drain(values: dict[str, Any]) -> None:
@@ -881,7 +882,8 @@ def test_progress_deadline_outlasts_startup_and_drain(values: dict[str, Any]) ->
     merged_values = merged(values)
     deadline = only(render(values), "Deployment")["spec"]["progressDeadlineSeconds"]
     probe = merged_values["probes"]["startup"]
-    startup = max(merged_values["engine"]["startupTimeoutSeconds"], probe["periodSeconds"] * probe["failureThreshold"])
+    timeout = rendered_config(render(values))["engine"]["startup_timeout_s"]
+    startup = max(timeout, probe["periodSeconds"] * probe["failureThreshold"])
     assert deadline > startup + merged_values["terminationGracePeriodSeconds"] + 300, "room for pull and attach"
     assert _notes_timeout(values) == deadline, "NOTES' rollout status waits as long as the deadline"
 
@@ -1112,3 +1114,80 @@ def test_values_comments_explain_yarn_and_openshift() -> None:
     assert "Choose 32768" in yarn and "short" in yarn
     security = comment_above("podSecurityContext")
     assert "OpenShift" in security and "fsGroup" in security and "runAsUser" in security
+
+
+# ---------------------------------------------------------------------------------------------- startup timeout
+def _size_class_seconds(params: int) -> int:
+    """The start-up time-out `auto` gives a model of ``params`` parameters: 1800 s up to 7B, 3600 s up to 32B,
+    else 7200 s."""
+    return 1800 if params < 10e9 else 3600 if params < 40e9 else 7200
+
+
+def _startup_timeout(values: dict[str, Any]) -> int:
+    timeout: int = rendered_config(render(values))["engine"]["startup_timeout_s"]
+    return timeout
+
+
+def test_auto_startup_timeout_follows_every_preset_size() -> None:
+    from qwen_serve.presets import PRESETS
+
+    assert _chart().values["engine"]["startupTimeoutSeconds"] == "auto"
+    for name, geometry in PRESETS.items():
+        expected = _size_class_seconds(geometry.param_count)
+        assert geometry.hf_id is not None
+        for source in (name, geometry.hf_id, geometry.hf_id.upper()):  # the planner accepts any case
+            assert _startup_timeout({"model": {"source": source}}) == expected, (source, expected)
+    assert _startup_timeout({"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}}) == 1800
+    assert _startup_timeout({"model": {"source": "Qwen/Qwen2.5-32B-Instruct"}}) == 3600
+    assert _startup_timeout({"model": {"source": "Qwen/Qwen2.5-72B-Instruct"}}) == 7200
+
+
+@pytest.mark.parametrize("source", ["/models/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+                                    "Qwen/Qwen2.5-7B"])
+def test_auto_startup_timeout_is_2_h_for_a_source_of_unknown_size(source: str) -> None:
+    assert _startup_timeout({"model": {"source": source}}) == 7200
+
+
+def test_a_numeric_startup_timeout_is_used_as_given() -> None:
+    assert _startup_timeout({"engine": {"startupTimeoutSeconds": 900}}) == 900
+    assert _startup_timeout({"engine": {"startupTimeoutSeconds": 900.5}}) == 901  # whole seconds, rounded up
+    assert _startup_timeout({"model": {"source": "Qwen/Qwen2.5-72B-Instruct"},
+                             "engine": {"startupTimeoutSeconds": 600}}) == 600
+
+
+@pytest.mark.parametrize("values", [{}, *({"model": {"source": f"Qwen/Qwen2.5-{size}-Instruct"}}
+                                          for size in ("0.5B", "14B", "72B")),
+                                    {"model": {"source": "/models/local"}},
+                                    {"engine": {"startupTimeoutSeconds": 10000},
+                                     "probes": {"startup": {"periodSeconds": 20, "failureThreshold": 500}}}])
+def test_the_startup_probe_window_covers_the_startup_timeout(values: dict[str, Any]) -> None:
+    probe = container(render(values))["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"] + probe.get("initialDelaySeconds", 0)
+    assert window >= _startup_timeout(values)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"engine": {"startupTimeoutSeconds": 14400}},
+     "probes.startup allows 7200 s (periodSeconds × failureThreshold + initialDelaySeconds), less than "
+     "engine.startupTimeoutSeconds = 14400 s"),
+    ({"engine": {"startupTimeoutSeconds": 14400}}, "Raise probes.startup.failureThreshold to at least 1440"),
+    ({"probes": {"startup": {"failureThreshold": 100}}}, "engine.startupTimeoutSeconds = 1800 s"),
+    ({"model": {"source": "Qwen/Qwen2.5-72B-Instruct"},
+      "probes": {"startup": {"periodSeconds": 10, "failureThreshold": 700, "initialDelaySeconds": 60}}},
+     "probes.startup allows 7060 s"),
+    ({"model": {"source": "Qwen/Qwen2.5-72B-Instruct"},
+      "probes": {"startup": {"periodSeconds": 10, "failureThreshold": 700, "initialDelaySeconds": 60}}},
+     "failureThreshold to at least 714"),
+])
+def test_render_refuses_a_startup_probe_shorter_than_the_startup_timeout(values: dict[str, Any],
+                                                                        message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_takes_auto_or_seconds_for_the_startup_timeout() -> None:
+    chart = _chart()
+    chart.validate_schema(chart.merge_values({"engine": {"startupTimeoutSeconds": 3600}}))
+    for bad in ("2h", 0, -5):
+        with pytest.raises(helm.HelmValuesError, match=re.escape("/engine/startupTimeoutSeconds")):
+            chart.validate_schema(chart.merge_values({"engine": {"startupTimeoutSeconds": bad}}))

@@ -1,4 +1,4 @@
-"""Launch planner: presets, TP/DP choice, YaRN, memory arithmetic and the vLLM argv (CONTRACTS.md §1)."""
+"""Launch planner: presets, TP/DP choice, multi-node layouts, YaRN, memory arithmetic and the vLLM argv."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from qwen_serve.config import Config, parse_config
-from qwen_serve.errors import PlanError
-from qwen_serve.plan import GIB, Plan, build_plan, valid_tensor_parallel_sizes
+from qwen_serve.errors import ConfigError, PlanError
+from qwen_serve.plan import GIB, Plan, build_plan, chart_values, helm_set_args, valid_tensor_parallel_sizes
 from qwen_serve.presets import PRESETS, resolve_geometry
 
 CONTRACT_KEYS = {
@@ -131,7 +131,10 @@ def test_auto_tp_grows_until_weights_and_one_sequence_fit() -> None:
 
 
 def test_nothing_fits_names_the_reason() -> None:
+    # Two replicas asked for: no multi-node way out, the per-replica reason is the error.
     with pytest.raises(PlanError, match=r"^engine\.gpus: qwen2\.5-72b-instruct .* of weights per GPU"):
+        plan("qwen2.5-72b-instruct", engine={"gpus": 2, "gpu_memory_gib": 24, "data_parallel_size": 2})
+    with pytest.raises(PlanError, match=r"^engine\.nodes: qwen2\.5-72b-instruct .* of weights per GPU .* needs 4 nodes"):
         plan("qwen2.5-72b-instruct", engine={"gpus": 2, "gpu_memory_gib": 24})
     with pytest.raises(PlanError, match=r"^engine\.tensor_parallel_size: 1 does not fit: .*KV-cache tokens"):
         plan(model={"max_model_len": 131072}, engine={"gpus": 1, "gpu_memory_gib": 24, "tensor_parallel_size": 1})
@@ -382,3 +385,193 @@ def test_strict_tool_calling_off_unless_xgrammar() -> None:
     assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in xg.env
     no_tools = plan("qwen2.5-7b-instruct", model={"tool_calling": False})
     assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in no_tools.env
+
+
+# --- multi-node -------------------------------------------------------------------------------------------
+
+BIG = {"model": {"max_model_len": 131072}}
+
+
+def test_72b_at_128k_fits_one_node_of_eight_80gb_gpus() -> None:
+    p = plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 8, "gpu_memory_gib": 80})
+    assert (p.nodes, p.pipeline_parallel_size) == (1, 1)
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (4, 2)
+    assert "--pipeline-parallel-size" not in p.vllm_args and "--distributed-executor-backend" not in p.vllm_args
+    assert p.max_full_context_sequences_per_replica >= 1
+
+
+def test_72b_at_128k_on_four_24gb_gpus_asks_for_three_nodes() -> None:
+    with pytest.raises(PlanError) as excinfo:
+        plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24})
+    message = excinfo.value.message
+    assert message.startswith("engine.nodes: qwen2.5-72b-instruct at 131072 tokens does not fit on one node of 4 GPU(s) of 24 GiB")
+    assert "33.9 GiB of weights per GPU at tensor_parallel_size 4" in message  # why one node is not enough
+    assert "it needs 3 nodes (tensor_parallel_size 4 x pipeline_parallel_size 3 over Ray): set engine.nodes: 3" in message
+    assert "--set engine.gpus=4 --set multinode.enabled=true --set multinode.nodes=3" in message
+    # The count is the smallest that works: 3 plans, 2 does not.
+    three = plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 3})
+    assert three.max_full_context_sequences_per_replica >= 1
+    with pytest.raises(PlanError, match=r"^engine\.nodes: 2 does not fit: tensor_parallel_size 4 x pipeline_parallel_size 2 "
+                                        r"leaves room for \d+ KV-cache tokens"):
+        plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 2})
+
+
+def test_multinode_launch_is_tp_per_node_times_pp_across_nodes_over_ray() -> None:
+    p = plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 3})
+    assert (p.nodes, p.gpus_per_node, p.pipeline_parallel_size) == (3, 4, 3)
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (4, 1)
+    assert flag(p, "--tensor-parallel-size") == "4"
+    assert flag(p, "--pipeline-parallel-size") == "3"
+    assert flag(p, "--distributed-executor-backend") == "ray"
+    assert "--data-parallel-size" not in p.vllm_args
+    assert flag(p, "--host") == "127.0.0.1"  # the leader's gateway still fronts the engine
+    assert not any("unused" in w for w in p.warnings)
+
+
+def test_pipeline_stage_memory_by_hand() -> None:
+    """The largest of 3 stages holds ceil(80 / 3) = 27 layers plus the embedding (or the LM head)."""
+    g = PRESETS["qwen2.5-72b-instruct"]
+    p = plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 3})
+    embedding = g.vocab_size * g.hidden_size
+    per_layer = (g.param_count - 2 * embedding - g.hidden_size) // 80
+    assert p.weights_bytes_per_gpu == -(-(27 * per_layer + embedding + g.hidden_size) * 2 // 4)
+    per_token_per_gpu = 2 * 27 * (8 // 4) * 128 * 2  # 27 layers, 2 of the 8 KV heads per rank, bf16
+    budget = 24 * GIB * 0.9
+    free = budget - p.weights_bytes_per_gpu
+    assert free - 3 * GIB < p.kv_cache_tokens_per_replica * per_token_per_gpu < free - 1 * GIB
+    assert p.kv_cache_bytes_per_token == 2 * 80 * 8 * 128 * 2  # still the whole model's figure
+
+
+def test_more_nodes_than_needed_warns() -> None:
+    p = plan("qwen2.5-72b-instruct", **BIG, engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 4})
+    assert p.pipeline_parallel_size == 4
+    (warning,) = [w for w in p.warnings if w.startswith("engine.nodes:")]
+    assert "but 3 node(s) hold" in warning and "inter-node hop" in warning
+    small = plan("qwen2.5-7b-instruct", engine={"gpus": 2, "gpu_memory_gib": 80, "nodes": 2})
+    assert any(w.startswith("engine.nodes: 2, but 1 node(s) hold") for w in small.warnings)
+
+
+def test_multinode_explicit_tp_and_unused_gpus() -> None:
+    p = plan("qwen2.5-72b-instruct", engine={"gpus": 8, "gpu_memory_gib": 24, "nodes": 2, "tensor_parallel_size": 4})
+    assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size) == (4, 2, 1)
+    assert "engine.gpus: 4 of 8 GPUs unused (TP 4 per node)" in p.warnings
+    # Auto TP on 6 GPUs per node: the largest TP that divides 64 heads and 8 KV heads is 4.
+    p = plan("qwen2.5-72b-instruct", engine={"gpus": 6, "gpu_memory_gib": 24, "nodes": 3})
+    assert p.tensor_parallel_size == 4 and "engine.gpus: 2 of 6 GPUs unused (TP 4 per node)" in p.warnings
+
+
+def test_multinode_refusals() -> None:
+    with pytest.raises(PlanError, match=r"^engine\.nodes: 2 nodes need GPUs"):
+        plan(engine={"device": "cpu", "nodes": 2})
+    with pytest.raises(PlanError, match=r"^engine\.nodes: 2 nodes need GPUs"):
+        plan(gpu=False, engine={"nodes": 2})  # device auto on a machine without a GPU
+    with pytest.raises(PlanError, match=r"^engine\.data_parallel_size: 2 with engine\.nodes 2: a multi-node engine is one replica"):
+        plan(engine={"gpus": 4, "nodes": 2, "data_parallel_size": 2})
+    with pytest.raises(PlanError, match=r"^engine\.nodes: 25 pipeline stages for the 24 layers"):
+        plan("qwen2.5-0.5b-instruct", engine={"nodes": 25})
+    with pytest.raises(ConfigError, match=r"^engine\.nodes: must be a positive integer"):
+        plan(engine={"nodes": 0})
+
+
+def test_chart_values_for_a_layout() -> None:
+    assert chart_values(3, 4) == {"engine.gpus": 4, "multinode.enabled": True, "multinode.nodes": 3}
+    assert chart_values(1, 8) == {"engine.gpus": 8, "multinode.enabled": False}
+    assert helm_set_args(chart_values(2, 8)) == "--set engine.gpus=8 --set multinode.enabled=true --set multinode.nodes=2"
+
+
+def test_plan_command_prints_layout_and_chart_values(capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_serve.cli import main
+
+    base = ["plan", "--model", "qwen2.5-72b-instruct", "--gpus", "4", "--gpu-memory-gib", "24", "--max-model-len", "131072"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen-serve: engine.nodes:") and "needs 3 nodes" in err and "multinode.nodes=3" in err
+    assert main([*base, "--nodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: 3 nodes x 4 GPUs: tensor_parallel_size 4 inside each node x pipeline_parallel_size 3" in out
+    assert "chart values: --set engine.gpus=4 --set multinode.enabled=true --set multinode.nodes=3" in out
+    assert "--pipeline-parallel-size 3 --distributed-executor-backend ray" in out
+    assert main([*base[:-2], "--json", "--nodes", "3"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["nodes"], d["pipeline_parallel_size"], d["gpus_per_node"]) == (3, 3, 4)
+
+
+def test_refusal_also_suggests_a_bigger_node_when_one_exists() -> None:
+    with pytest.raises(PlanError) as excinfo:
+        plan("qwen2.5-32b-instruct", **BIG, engine={"gpus": 1, "gpu_memory_gib": 80})
+    message = excinfo.value.message
+    assert "it needs 2 nodes (tensor_parallel_size 1 x pipeline_parallel_size 2 over Ray)" in message
+    assert message.endswith(", or give one node 2 GPUs (engine.gpus: 2)")
+    assert plan("qwen2.5-32b-instruct", **BIG, engine={"gpus": 2, "gpu_memory_gib": 80}).tensor_parallel_size == 2
+
+
+# --- stream interval and gateway sizing ------------------------------------------------------------------------
+
+
+def test_stream_interval_is_passed_to_vllm_only_above_one() -> None:
+    assert "--stream-interval" not in plan().vllm_args
+    p = plan(engine={"stream_interval": 8})
+    assert flag(p, "--stream-interval") == "8" and p.stream_interval == 8
+
+
+def test_engine_rate_estimate_for_the_reference_layout() -> None:
+    """4 GPUs serving Qwen2.5-0.5B data-parallel: ~100k tokens/s (the step-rate cap, 256 sequences each)."""
+    from qwen_serve.plan import GATEWAY_EVENT_CPU_S, GATEWAY_WORKER_BUSY
+
+    p = build_plan(cfg("qwen2.5-0.5b-instruct", engine={"gpus": 4, "gpu_memory_gib": 80}), gpu_visible=True, cpus=64)
+    assert (p.tensor_parallel_size, p.data_parallel_size) == (1, 4)
+    assert 90_000 <= p.engine_tokens_per_s <= 110_000
+    assert p.gateway_events_per_s == p.engine_tokens_per_s
+    per_worker = GATEWAY_WORKER_BUSY / GATEWAY_EVENT_CPU_S
+    assert p.gateway_workers == -(-p.gateway_events_per_s // per_worker)  # just enough, rounded up
+    assert p.gateway_capacity_events_per_s >= p.gateway_events_per_s
+    assert not any("gateway.workers" in w for w in p.warnings)
+
+
+def test_auto_workers_are_capped_by_the_cpus_and_fewer_with_a_stream_interval() -> None:
+    source = cfg("qwen2.5-0.5b-instruct", engine={"gpus": 4, "gpu_memory_gib": 80})
+    capped = build_plan(source, gpu_visible=True, cpus=2)
+    assert capped.gateway_workers == 2 and capped.cpus_available == 2
+    assert any("below the engine's estimated" in n and "capped by the 2 CPU(s)" in n for n in capped.gateway_notes)
+    assert not any("gateway" in w for w in capped.warnings)  # the warnings do not depend on the machine
+    wide = build_plan(source, gpu_visible=True, cpus=64)
+    interval = build_plan(cfg("qwen2.5-0.5b-instruct", engine={"gpus": 4, "gpu_memory_gib": 80, "stream_interval": 4}),
+                          gpu_visible=True, cpus=64)
+    assert interval.gateway_events_per_s * 4 == wide.gateway_events_per_s
+    assert 1 <= interval.gateway_workers < wide.gateway_workers
+
+
+def test_a_cpu_engine_needs_one_worker_and_a_fixed_count_is_kept() -> None:
+    cpu = build_plan(cfg("qwen2.5-0.5b-instruct", engine={"device": "cpu"}), gpu_visible=False, cpus=64)
+    assert cpu.gateway_workers == 1
+    fixed = build_plan(cfg("qwen2.5-0.5b-instruct", engine={"gpus": 4, "gpu_memory_gib": 80},
+                           gateway={"workers": 1}), gpu_visible=True, cpus=64)
+    assert fixed.gateway_workers == 1
+    assert any(w.startswith("gateway.workers: 1 worker(s) relay about") for w in fixed.warnings)
+    many = build_plan(cfg("qwen2.5-0.5b-instruct", engine={"device": "cpu"}, gateway={"workers": 8}),
+                      gpu_visible=False, cpus=2)
+    assert many.gateway_workers == 8 and "gateway.workers: 8 workers on 2 available CPU(s)" in many.gateway_notes
+
+
+def test_stream_interval_in_extra_args_counts_for_the_sizing() -> None:
+    p = plan("qwen2.5-0.5b-instruct", engine={"gpus": 4, "extra_args": ["--stream-interval", "5"]})
+    assert p.stream_interval == 5
+
+
+def test_available_cpus_is_within_the_affinity() -> None:
+    import os
+
+    from qwen_serve.plan import available_cpus
+
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_plan_command_prints_the_gateway_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_serve.cli import main
+
+    assert main(["plan", "--model", "qwen2.5-0.5b-instruct", "--gpus", "4", "--stream-interval", "2",
+                 "--workers", "3"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("gateway: "))
+    assert line.startswith("gateway: 3 worker(s) relay about") and "stream_interval 2" in line
+    assert "--stream-interval 2" in out

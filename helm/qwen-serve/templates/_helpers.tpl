@@ -204,6 +204,23 @@ Usage: {{ include "qwen-serve.strategy" . }}
 {{- end }}
 
 {{/*
+engine.startupTimeoutSeconds in whole seconds. `auto`: from the size of a known model.source, a bundled
+preset name or its Hugging Face id in any case (the presets of qwen_serve/presets.py): 1800 s for 0.5B to
+7B, 3600 s for 14B and 32B, 7200 s for 72B (about 150 GB to download) and for any other source, whose size
+the chart cannot know. A number is rounded up.
+Usage: {{ include "qwen-serve.startupTimeoutSeconds" . | int }}
+*/}}
+{{- define "qwen-serve.startupTimeoutSeconds" -}}
+{{- $value := .Values.engine.startupTimeoutSeconds }}
+{{- if eq (toString $value) "auto" }}
+{{- $known := dict "qwen2.5-0.5b-instruct" 1800 "qwen2.5-1.5b-instruct" 1800 "qwen2.5-3b-instruct" 1800 "qwen2.5-7b-instruct" 1800 "qwen2.5-14b-instruct" 3600 "qwen2.5-32b-instruct" 3600 "qwen2.5-72b-instruct" 7200 }}
+{{- get $known (lower .Values.model.source | trimPrefix "qwen/") | default 7200 }}
+{{- else }}
+{{- int (ceil $value) }}
+{{- end }}
+{{- end }}
+
+{{/*
 The Deployment's progressDeadlineSeconds. `auto`: the longer of engine.startupTimeoutSeconds and the
 startup probe window (a first start downloads the weights), plus terminationGracePeriodSeconds (without a
 surge the old pod drains before its replacement starts), plus 900 s for scheduling, volume attach and the
@@ -215,7 +232,7 @@ Usage: {{ include "qwen-serve.progressDeadlineSeconds" . }}
 {{- if eq (toString $v.progressDeadlineSeconds) "auto" }}
 {{- $probe := default dict $v.probes.startup }}
 {{- $window := add (mul (int (default 10 $probe.periodSeconds)) (int (default 3 $probe.failureThreshold))) (int (default 0 $probe.initialDelaySeconds)) }}
-{{- $startup := max (int (ceil $v.engine.startupTimeoutSeconds)) $window }}
+{{- $startup := max (int (include "qwen-serve.startupTimeoutSeconds" .)) $window }}
 {{- add $startup (int $v.terminationGracePeriodSeconds) 900 }}
 {{- else }}
 {{- int $v.progressDeadlineSeconds }}
@@ -299,8 +316,12 @@ Usage: {{ include "qwen-serve.config" . }}
       "data_parallel_size" (ternary $v.engine.dataParallelSize (int $v.engine.dataParallelSize) (kindIs "string" $v.engine.dataParallelSize))
       "gpu_memory_utilization" $v.engine.gpuMemoryUtilization
       "kv_cache_dtype" $v.engine.kvCacheDtype
-      "startup_timeout_s" $v.engine.startupTimeoutSeconds
+      "startup_timeout_s" (int (include "qwen-serve.startupTimeoutSeconds" .))
       "extra_args" (default list $v.engine.extraArgs) }}
+{{- if $v.multinode.enabled }}
+{{- /* One engine over multinode.nodes pods: the planner adds pipeline parallel over Ray. */}}
+{{- $_ := set $engine "nodes" (int $v.multinode.nodes) }}
+{{- end }}
 {{- $gateway := dict
       "host" "0.0.0.0"
       "port" 8080
@@ -310,6 +331,14 @@ Usage: {{ include "qwen-serve.config" . }}
       "metrics_port" (int (required "Value 'gateway.metricsPort' must be defined !" $v.gateway.metricsPort))
       "engine_metrics_cache_s" $v.gateway.engineMetricsCacheSeconds
       "ui" $v.gateway.ui }}
+{{- with $v.inferencePool }}{{ if .enabled }}
+{{- /* The endpoint picker scrapes /metrics/engine every refreshInterval: a longer engine-scrape cache would
+hand it stale queue and KV-cache figures, so the cache is capped at that interval. */}}
+{{- $interval := toString .picker.refreshInterval }}
+{{- $number := regexFind "^[0-9]+" $interval }}
+{{- $scale := get (dict "ns" 1e-9 "us" 1e-6 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) (trimPrefix $number $interval) }}
+{{- $_ := set $gateway "engine_metrics_cache_s" (minf (float64 $v.gateway.engineMetricsCacheSeconds) (mulf (float64 $number) $scale)) }}
+{{- end }}{{ end }}
 {{- $auth := dict "enabled" $v.auth.enabled "reload_interval_s" $v.auth.reloadIntervalSeconds }}
 {{- if $v.auth.enabled }}
 {{- $_ := set $auth "keys_file" (printf "%s/%s" (include "qwen-serve.keysDir" .) $v.auth.secretKey) }}
@@ -338,10 +367,21 @@ Usage: {{ include "qwen-serve.validate" . }}
 {{- if le (int $v.terminationGracePeriodSeconds) $needed }}
 {{- fail (printf "terminationGracePeriodSeconds=%d must exceed lifecycle.preStopSleepSeconds + gateway.drainTimeoutSeconds = %d, or Kubernetes kills the pod while streams are still draining" (int $v.terminationGracePeriodSeconds) $needed) }}
 {{- end }}
+{{- with $v.probes.startup }}
+{{- $window := add (mul (int (default 10 .periodSeconds)) (int (default 3 .failureThreshold))) (int (default 0 .initialDelaySeconds)) }}
+{{- $timeout := int (include "qwen-serve.startupTimeoutSeconds" $) }}
+{{- if lt $window $timeout }}
+{{- fail (printf "probes.startup allows %d s (periodSeconds × failureThreshold + initialDelaySeconds), less than engine.startupTimeoutSeconds = %d s: Kubernetes would restart the container while the engine may still be starting. Raise probes.startup.failureThreshold to at least %d, or lower engine.startupTimeoutSeconds" $window $timeout (int (ceil (divf (sub $timeout (int (default 0 .initialDelaySeconds))) (int (default 10 .periodSeconds)))))) }}
+{{- end }}
+{{- end }}
 {{- $extra := default dict $v.extraConfig }}
 {{- if hasKey (default dict $extra.engine) "gpus" }}
 {{- fail "extraConfig.engine.gpus: set engine.gpus instead (it also sets the pod's GPU limit)" }}
 {{- end }}
+{{- if hasKey (default dict $extra.engine) "nodes" }}
+{{- fail "extraConfig.engine.nodes: set multinode.enabled and multinode.nodes instead (they also render the LeaderWorkerSet whose pods are those nodes)" }}
+{{- end }}
+{{- include "qwen-serve.validateScaleOut" . }}
 {{- if or (hasKey (default dict $extra.gateway) "port") (hasKey (default dict $extra.gateway) "host") }}
 {{- fail "extraConfig.gateway.port/host: the chart fixes the gateway at 0.0.0.0:8080 (container port, probes, Service)" }}
 {{- end }}

@@ -1,0 +1,665 @@
+"""The chart's scale-out options, rendered for real with the Helm library (helpers from test_helm.py).
+
+* ``inferencePool``: an InferencePool on the gateway port, the endpoint picker it names (Deployment, Service,
+  RBAC, config) scraping ``/metrics/engine`` on the metrics port, an optional HTTPRoute, and the
+  NetworkPolicy rule that lets the picker scrape.
+* ``multinode``: a LeaderWorkerSet instead of the Deployment: a leader running the Ray head and
+  ``qwen-serve up`` (vLLM with pipeline parallel over Ray), workers joining it, a Service on the leaders.
+
+InferencePool, HTTPRoute and LeaderWorkerSet are validated against the CRDs in tests/data/crds (their
+``openAPIV3Schema`` converted to JSON Schema; see the README there for what those files are), every other
+object with kubernetes-validate, and the LeaderWorkerSet's pod templates against Kubernetes' own
+PodTemplateSpec schema. The rendered config must load and plan as a multi-node launch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from qwen_serve.config import parse_config
+from qwen_serve.plan import build_plan
+from tests.unit.test_helm import (CHART, CONFIG_PATH, FULLNAME, K8S_VERSIONS, NAMESPACE, RELEASE, _chart, _METADATA,
+                                  env_of, kinds, merged, only, render, render_raw, rendered_config, validate_object)
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT / "tests" / "data" / "crds"
+POOL_LABEL = "qwen-serve.io/inference-pool"
+PICKER = f"{FULLNAME}-epp"
+SELECTOR = {"app.kubernetes.io/name": "qwen-serve", "app.kubernetes.io/instance": RELEASE}
+LEADER = {"leaderworkerset.sigs.k8s.io/worker-index": "0"}
+
+RWX = {"modelCache": {"accessMode": "ReadWriteMany"}}
+ROUTE = {"enabled": True, "parentRefs": [{"name": "inference-gateway", "namespace": "gateways"}],
+         "hostnames": ["llm.example.com"]}
+# 72B at 128K on 24 GiB GPUs: one node of 4 is not enough, three are (the planner's own answer).
+MULTINODE_72B = {"model": {"source": "Qwen/Qwen2.5-72B-Instruct", "servedName": "qwen2.5-72b-instruct"},
+                 "engine": {"gpus": 4}, "extraConfig": {"engine": {"gpu_memory_gib": 24}},
+                 "multinode": {"enabled": True, "nodes": 3}, **RWX}
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "pool": {"inferencePool": {"enabled": True}, "networkPolicy": {"enabled": True}},
+    "pool-route": {"inferencePool": {"enabled": True, "name": "qwen-pool", "failureMode": "FailOpen",
+                                     "httpRoute": ROUTE}},
+    "pool-external-picker": {"inferencePool": {"enabled": True, "picker": {"enabled": False,
+                                                                           "serviceName": "llm-d-epp"}}},
+    "pool-ha-picker": {"inferencePool": {"enabled": True, "picker": {
+        "replicas": 2, "metricsPath": "/metrics", "metricsPort": 9191, "extraArgs": ["--v=2"],
+        "metricFlags": {"total-running-requests-metric": "vllm:num_requests_running"},
+        "nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "x", "operator": "Exists"}]}},
+        "gateway": {"metricsPort": 9191}},
+    "multinode": MULTINODE_72B,
+    "multinode-pool-hpa": {**MULTINODE_72B, "inferencePool": {"enabled": True, "httpRoute": ROUTE},
+                           "networkPolicy": {"enabled": True},
+                           "autoscaling": {"enabled": True, "kind": "hpa", "minReplicas": 1, "maxReplicas": 3}},
+    "multinode-keda-no-cache": {**MULTINODE_72B, "modelCache": {"enabled": False},
+                                "autoscaling": {"enabled": True, "kind": "keda"}, "auth": {"enabled": False}},
+    "multinode-everything": {**MULTINODE_72B, "hfToken": {"existingSecret": "hf"},
+                             "model": {**MULTINODE_72B["model"], "revision": "v1"},
+                             "imagePullSecrets": [{"name": "regcred"}], "runtimeClassName": "nvidia",
+                             "priorityClassName": "llm", "nodeSelector": {"gpu": "a10"},
+                             "extraEnv": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+                             "extraVolumes": [{"name": "x", "emptyDir": {}}],
+                             "extraVolumeMounts": [{"name": "x", "mountPath": "/x"}],
+                             "podLabels": {"tier": "gpu"}, "commonLabels": {"team": "ml"},
+                             "multinode": {"enabled": True, "nodes": 2, "socketInterface": "ens5", "rayPort": 6380}},
+}
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def serving_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The qwen-serve Deployment (the picker has one of its own)."""
+    return named(objects, "Deployment", FULLNAME)
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = serving_deployment(objects)["spec"]["template"]["spec"]["containers"]
+    found: dict[str, Any] = c
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- CRDs → JSON Schema
+def openapi_to_jsonschema(node: Any) -> Any:
+    """A CRD's structural ``openAPIV3Schema`` as JSON Schema: int-or-string and nullable spelt out, and
+    objects with ``properties`` closed to other fields (a strict-field-validation server refuses them)
+    unless marked ``x-kubernetes-preserve-unknown-fields``. CEL rules are dropped (jsonschema cannot run
+    them; the tests below check the ones that matter by hand)."""
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: openapi_to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    out.pop("format", None)
+    if node.get("x-kubernetes-int-or-string"):
+        out = {"anyOf": [{"type": "integer"}, {"type": "string"}], **out}
+    if node.get("nullable"):
+        out.pop("nullable")
+        out["type"] = [out["type"], "null"]
+    if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) → JSON Schema, for every served version of every CRD in tests/data/crds."""
+    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        assert crd["kind"] == "CustomResourceDefinition", path
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            schema = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = _METADATA
+            schema.setdefault("required", []).extend(["apiVersion", "kind", "metadata"])
+            schemas[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = schema
+    return schemas
+
+
+def validate_scaleout(obj: dict[str, Any]) -> None:
+    """Validate one rendered object: CRD kinds against tests/data/crds, the rest with test_helm's checks."""
+    schema = crd_schemas().get((obj["apiVersion"], obj["kind"]))
+    if schema is None:
+        validate_object(obj)
+        return
+    jsonschema.validate(obj, schema)
+    if obj["kind"] == "LeaderWorkerSet":
+        for which in ("leaderTemplate", "workerTemplate"):
+            template = {"apiVersion": "v1", "kind": "PodTemplate",
+                        "metadata": {"name": f"{obj['metadata']['name']}-{which.lower()}", "namespace": NAMESPACE},
+                        "template": obj["spec"]["leaderWorkerTemplate"][which]}
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(template, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    pytest.fail(f"LeaderWorkerSet {which} invalid for Kubernetes {version}: "
+                                f"{'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+def test_crd_files_cover_the_three_kinds() -> None:
+    assert set(crd_schemas()) == {("inference.networking.k8s.io/v1", "InferencePool"),
+                                  ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+                                  ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")}
+    readme = (CRDS / "README.md").read_text()
+    for needed in ("reconstruct", "Apache-2.0", "https://gateway-api-inference-extension.sigs.k8s.io/",
+                   "https://gateway-api.sigs.k8s.io/", "https://lws.sigs.k8s.io/"):
+        assert needed in readme, needed
+    for path in CRDS.glob("*.yaml"):
+        assert "RECONSTRUCTED" in path.read_text().splitlines()[1], path  # says so at the top
+
+
+@pytest.mark.parametrize(("kind", "mutate", "message"), [
+    ("InferencePool", lambda o: o["spec"].pop("endpointPickerRef"), "'endpointPickerRef' is a required property"),
+    ("InferencePool", lambda o: o["spec"].update(targetPorts=[]), "should be non-empty"),
+    ("InferencePool", lambda o: o["spec"]["endpointPickerRef"].update(failureMode="Maybe"), "is not one of"),
+    ("InferencePool", lambda o: o["spec"].update(targetPortNumber=8080), "Additional properties"),  # pre-v1 field
+    ("HTTPRoute", lambda o: o["spec"]["rules"][0]["timeouts"].update(request="1 hour"), "does not match"),
+    ("HTTPRoute", lambda o: o["spec"]["rules"][0]["backendRefs"][0].update(weight=-1), "less than the minimum"),
+    ("LeaderWorkerSet", lambda o: o["spec"]["leaderWorkerTemplate"].update(restartPolicy="Always"), "is not one of"),
+    ("LeaderWorkerSet", lambda o: o["spec"]["leaderWorkerTemplate"].update(size=0), "less than the minimum"),
+    ("LeaderWorkerSet", lambda o: o["spec"].update(replica=2), "Additional properties"),
+])  # fmt: skip
+def test_crd_schemas_refuse_what_the_api_refuses(kind: str, mutate: Any, message: str) -> None:
+    """The converted schemas bite: each breaks one documented rule of an object the chart renders."""
+    obj = copy.deepcopy(only(render(SCENARIOS["multinode-pool-hpa"]), kind))
+    jsonschema.validate(obj, crd_schemas()[(obj["apiVersion"], kind)])
+    mutate(obj)
+    with pytest.raises(jsonschema.ValidationError, match=message):
+        jsonschema.validate(obj, crd_schemas()[(obj["apiVersion"], kind)])
+
+
+# ---------------------------------------------------------------------------------------------- every scenario
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_object_validates(scenario: str) -> None:
+    objects = render(SCENARIOS[scenario])
+    for obj in objects:
+        validate_scaleout(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), "two objects of one kind share a name"
+
+
+@pytest.mark.parametrize("scenario", ["pool-route", "multinode-pool-hpa", "multinode-everything"])
+def test_lint_passes(scenario: str) -> None:
+    report = helm.lint(CHART, SCENARIOS[scenario], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    findings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not findings, report
+
+
+@pytest.mark.parametrize(("scenario", "present", "absent"), [
+    ("pool", {"InferencePool", "Deployment", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"},
+     {"HTTPRoute", "LeaderWorkerSet"}),
+    ("pool-route", {"InferencePool", "HTTPRoute"}, {"LeaderWorkerSet"}),
+    ("pool-external-picker", {"InferencePool"}, {"Role", "ClusterRole"}),
+    ("multinode", {"LeaderWorkerSet"}, {"Deployment", "InferencePool"}),  # no picker either
+    ("multinode-pool-hpa", {"LeaderWorkerSet", "InferencePool", "HTTPRoute", "HorizontalPodAutoscaler"}, set()),
+])  # fmt: skip
+def test_toggles(scenario: str, present: set[str], absent: set[str]) -> None:
+    found = kinds(render(SCENARIOS[scenario]))
+    assert present <= found and not (absent & found)
+    assert not {"InferencePool", "HTTPRoute", "LeaderWorkerSet", "Role"} & kinds(render()), "all off by default"
+
+
+def test_values_defaults_and_comments() -> None:
+    values = _chart().values
+    assert values["inferencePool"]["enabled"] is False and values["multinode"]["enabled"] is False
+    assert values["multinode"]["nodes"] == 2
+    assert values["inferencePool"]["picker"]["metricsPath"] == "/metrics/engine"
+    assert values["inferencePool"]["picker"]["metricsPort"] is None  # gateway.metricsPort
+    assert values["inferencePool"]["picker"]["refreshInterval"] == "50ms"
+    # Every leaf value of the two sections carries a `# --` comment (maps whose keys are data do not).
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    data_maps = ("config:", "metricFlags:", "resources:", "timeouts:")
+    inside: int | None = None  # indentation of a data map being skipped
+    section = False
+    for i, line in enumerate(lines):
+        if re.match(r"^\S", line):
+            section = line in ("inferencePool:", "multinode:")
+            continue
+        key = re.match(r"^( +)([A-Za-z][\w-]*):(.*)$", line)
+        if not section or not key:
+            continue
+        indent = len(key[1])
+        if inside is not None and indent > inside:
+            continue
+        inside = None
+        if key[3].strip() or key[2] + ":" in data_maps:
+            assert lines[i - 1].strip().startswith("#"), f"values.yaml:{i + 1}: no comment above {line.strip()!r}"
+            assert any(lines[j].strip().startswith("# --") for j in range(i - 1, max(i - 12, 0), -1)
+                       if lines[j].strip().startswith("#")), f"values.yaml:{i + 1}: not `# --` style"
+        if key[2] + ":" in data_maps:
+            inside = indent
+
+
+# ---------------------------------------------------------------------------------------------- InferencePool
+def pool_pods_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Labels of the pods that serve: the Deployment's, or the LeaderWorkerSet's leaders."""
+    if "LeaderWorkerSet" in kinds(objects):
+        labels: dict[str, str] = only(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"]
+        return {**labels, **LEADER}  # the LWS controller labels the leader worker-index 0
+    labels = serving_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def picker_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(objects, "Deployment", PICKER)
+
+
+def picker_args(objects: list[dict[str, Any]]) -> dict[str, str]:
+    args = picker_deployment(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
+    return dict(a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), "") for a in args)
+
+
+@pytest.mark.parametrize("scenario", ["pool", "pool-route", "multinode-pool-hpa"])
+def test_pool_selects_the_serving_pods_on_the_gateway_port(scenario: str) -> None:
+    objects = render(SCENARIOS[scenario])
+    pool = only(objects, "InferencePool")
+    assert pool["spec"]["targetPorts"] == [{"number": 8080}]  # the gateway: auth and limits stay in the pod
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector == {**SELECTOR, POOL_LABEL: pool["metadata"]["name"]}
+    assert selector.items() <= pool_pods_labels(objects).items()
+    pod = only(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"] if "multinode" in scenario else None
+    if pod is not None:  # the workers run Ray only: never pool members
+        assert POOL_LABEL not in pod["workerTemplate"]["metadata"]["labels"]
+    picker_pod = picker_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= picker_pod.items()
+
+
+def test_pool_label_only_when_the_pool_is_on() -> None:
+    off = serving_deployment(render())["spec"]["template"]
+    on = serving_deployment(render(SCENARIOS["pool"]))["spec"]["template"]
+    assert POOL_LABEL not in off["metadata"]["labels"]
+    assert on["metadata"]["labels"].pop(POOL_LABEL) == FULLNAME
+    # The config changes too (the engine-scrape cache is capped at the picker's interval): new checksum.
+    assert on["metadata"]["annotations"].pop("checksum/config") != off["metadata"]["annotations"].pop("checksum/config")
+    assert on == off, "the pool changes nothing else in the pod template"
+
+
+@pytest.mark.parametrize("scenario", ["pool", "pool-route", "pool-ha-picker", "multinode-pool-hpa"])
+def test_pool_names_the_rendered_picker(scenario: str) -> None:
+    objects = render(SCENARIOS[scenario])
+    values = merged(SCENARIOS[scenario])
+    ref = only(objects, "InferencePool")["spec"]["endpointPickerRef"]
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == PICKER]
+    assert ref["kind"] == "Service" and ref["name"] == PICKER
+    assert ref["port"] == {"number": service["spec"]["ports"][0]["port"]} == {"number": 9002}
+    assert "group" not in ref  # the core group, the CRD's default
+    assert ref["failureMode"] == values["inferencePool"]["failureMode"]
+    # The Service reaches the picker's gRPC port: selector = the picker pods' labels.
+    deployment = picker_deployment(objects)
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert service["spec"]["ports"][0]["targetPort"] == "grpc" and ports["grpc"] == 9002
+    # The Services, PDB and NetworkPolicy of qwen-serve never select the picker.
+    picker_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for obj in objects:
+        if obj["metadata"]["name"].startswith(PICKER):
+            continue
+        spec = obj.get("spec", {})
+        selector = spec.get("selector", {}) if obj["kind"] == "Service" else spec.get("selector", spec.get("podSelector", {})).get("matchLabels")
+        if obj["kind"] in ("Service", "PodDisruptionBudget", "NetworkPolicy") and selector:
+            assert not selector.items() <= picker_labels.items(), obj["metadata"]["name"]
+
+
+def test_external_picker() -> None:
+    objects = render(SCENARIOS["pool-external-picker"])
+    assert only(objects, "InferencePool")["spec"]["endpointPickerRef"]["name"] == "llm-d-epp"
+    assert not [o for o in objects if o["metadata"]["name"].startswith(PICKER)]
+    with pytest.raises(helm.HelmRenderError, match="inferencePool.picker.serviceName: with inferencePool.picker.enabled false"):
+        render({"inferencePool": {"enabled": True, "picker": {"enabled": False}}})
+
+
+def test_picker_scrapes_the_engine_text_on_the_metrics_port() -> None:
+    objects = render(SCENARIOS["pool"])
+    args = picker_args(objects)
+    assert args["pool-name"] == FULLNAME and args["pool-namespace"] == NAMESPACE
+    assert args["pool-group"] == "inference.networking.k8s.io"
+    assert args["model-server-metrics-path"] == "/metrics/engine"
+    assert args["model-server-metrics-scheme"] == "http"
+    # The port is the serving pod's metrics port (gateway.metricsPort), where /metrics/engine is served.
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert int(args["model-server-metrics-port"]) == ports["metrics"] == 9090
+    assert rendered_config(objects)["gateway"]["metrics_port"] == 9090
+    assert args["refresh-metrics-interval"] == "50ms"
+    assert args["total-queued-requests-metric"] == "vllm:num_requests_waiting"
+    assert args["kv-cache-usage-percentage-metric"] == "vllm:kv_cache_usage_perc"
+    assert args["cache-info-metric"] == "vllm:cache_config_info"
+    assert args["lora-info-metric"] == ""  # no adapters: off
+    assert "ha-enable-leader-election" not in args
+    (c,) = picker_deployment(objects)["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "registry.k8s.io/gateway-api-inference-extension/epp:v1.0.1"
+    assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "inference-extension"}
+
+
+@pytest.mark.parametrize(("values", "cache_s"), [
+    ({}, 1), ({"inferencePool": {"enabled": True}}, 0.05),
+    ({"inferencePool": {"enabled": True, "picker": {"refreshInterval": "2s"}}}, 1),
+    ({"inferencePool": {"enabled": True, "picker": {"refreshInterval": "250ms"}}}, 0.25),
+    ({"inferencePool": {"enabled": True}, "gateway": {"engineMetricsCacheSeconds": 0}}, 0),
+])  # fmt: skip
+def test_engine_scrape_cache_never_outlives_the_pickers_interval(values: dict[str, Any], cache_s: float) -> None:
+    """The picker reads /metrics/engine every 50 ms; the gateway's shared engine scrape must be no older."""
+    config = parse_config(rendered_config(render(values)))
+    assert config.gateway.engine_metrics_cache_s == pytest.approx(cache_s)
+
+
+def test_picker_scrape_path_and_port_are_values() -> None:
+    objects = render(SCENARIOS["pool-ha-picker"])
+    args = picker_args(objects)
+    assert args["model-server-metrics-path"] == "/metrics"
+    assert int(args["model-server-metrics-port"]) == 9191 == {p["name"]: p["containerPort"] for p in container(objects)["ports"]}["metrics"]
+    assert args["total-running-requests-metric"] == "vllm:num_requests_running"
+    assert "ha-enable-leader-election" in args and args["v"] == "2"
+    spec = picker_deployment(objects)["spec"]
+    assert spec["replicas"] == 2
+    assert spec["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["service"] == "readiness"
+    assert spec["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    # metricsPort null follows gateway.metricsPort.
+    args = picker_args(render({"inferencePool": {"enabled": True}, "gateway": {"metricsPort": 9400}}))
+    assert args["model-server-metrics-port"] == "9400"
+
+
+def test_picker_metric_names_are_what_the_installed_vllm_exports() -> None:
+    """The names the picker reads (and vllm:num_requests_running, which newer pickers read) are vLLM's own."""
+    import vllm
+
+    source = (Path(vllm.__file__).parent / "v1" / "metrics" / "loggers.py").read_text()
+    names = [m for m in _chart().values["inferencePool"]["picker"]["metricFlags"].values() if m]
+    for name in [*names, "vllm:num_requests_running"]:
+        assert f'"{name}"' in source, name
+
+
+def test_picker_rbac_and_config() -> None:
+    objects = render(SCENARIOS["pool"])
+    role = next(o for o in objects if o["kind"] == "Role")
+    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    for needed in (("inference.networking.k8s.io", "inferencepools"), ("", "pods"),
+                   ("inference.networking.x-k8s.io", "inferenceobjectives")):
+        assert granted[needed] >= {"get", "list", "watch"}, needed
+    assert all(verbs <= {"get", "list", "watch"} for verbs in granted.values()), "read-only"
+    binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    pod = picker_deployment(objects)["spec"]["template"]["spec"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}]
+    cluster_role = only(objects, "ClusterRole")
+    assert {(r["apiGroups"][0], r["resources"][0], tuple(r["verbs"])) for r in cluster_role["rules"]} == {
+        ("authentication.k8s.io", "tokenreviews", ("create",)),
+        ("authorization.k8s.io", "subjectaccessreviews", ("create",))}
+    assert NAMESPACE in cluster_role["metadata"]["name"], "cluster-scoped: unique per namespace"
+    # The scheduling config: every profile plugin is declared, and it is the file --config-file reads.
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == PICKER)
+    config = yaml.safe_load(config_map["data"]["picker.yaml"])
+    assert config["kind"] == "EndpointPickerConfig"
+    declared = {p["type"] for p in config["plugins"]}
+    assert declared == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+    assert {r["pluginRef"] for profile in config["schedulingProfiles"] for r in profile["plugins"]} <= declared
+    mount = pod["containers"][0]["volumeMounts"][0]
+    assert Path(picker_args(objects)["config-file"]).parent == Path(mount["mountPath"])
+    assert next(v for v in pod["volumes"] if v["name"] == mount["name"])["configMap"]["name"] == PICKER
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_network_policy_lets_the_picker_scrape() -> None:
+    objects = render(SCENARIOS["pool"])
+    policy = only(objects, "NetworkPolicy")
+    picker_labels = picker_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    rules = [r for r in policy["spec"]["ingress"] if any(
+        p.get("podSelector", {}).get("matchLabels", {}).items() <= picker_labels.items() and p.get("podSelector")
+        for p in r.get("from", []))]
+    (rule,) = rules
+    assert rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pool_pods_labels(objects).items()
+    # Without the pool the rule is gone.
+    plain = only(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    assert len(plain["spec"]["ingress"]) == 2
+
+
+def test_http_route_sends_traffic_to_the_pool() -> None:
+    objects = render(SCENARIOS["pool-route"])
+    route = only(objects, "HTTPRoute")
+    assert route["spec"]["parentRefs"] == ROUTE["parentRefs"]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "qwen-pool"}]
+    assert only(objects, "InferencePool")["metadata"]["name"] == "qwen-pool"
+    assert rule["timeouts"] == {"request": "3600s"}
+    # The CRD's CEL rules, by hand: no port needed for a non-Service backend; a prefix path is absolute.
+    backend = rule["backendRefs"][0]
+    assert not (backend.get("group", "") == "" and backend.get("kind", "Service") == "Service")
+    assert rule["matches"][0]["path"]["value"].startswith("/")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"inferencePool": {"httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}]}}},
+     "inferencePool.httpRoute.enabled: the HTTPRoute's backend is the InferencePool"),
+    ({"inferencePool": {"enabled": True, "httpRoute": {"enabled": True}}},
+     "inferencePool.httpRoute.parentRefs: name the Gateway"),
+])  # fmt: skip
+def test_route_needs_a_pool_and_a_gateway(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values)
+
+
+def test_notes_tell_how_to_attach_the_pool() -> None:
+    notes = render_raw(SCENARIOS["pool"])["qwen-serve/templates/NOTES.txt"]
+    assert f"InferencePool {FULLNAME}" in notes and "/metrics/engine on port 9090" in notes
+    assert "kind: InferencePool" in notes  # how to write the HTTPRoute
+    notes = render_raw(SCENARIOS["pool-route"])["qwen-serve/templates/NOTES.txt"]
+    assert f"HTTPRoute {FULLNAME} sends / on inference-gateway to it" in notes
+
+
+# ---------------------------------------------------------------------------------------------- LeaderWorkerSet
+def lws(values: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = only(render(values), "LeaderWorkerSet")
+    return found
+
+
+def leader(values: dict[str, Any]) -> dict[str, Any]:
+    template: dict[str, Any] = lws(values)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    return template
+
+
+def worker(values: dict[str, Any]) -> dict[str, Any]:
+    template: dict[str, Any] = lws(values)["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+    return template
+
+
+def test_leader_worker_set_shape() -> None:
+    objects = render(SCENARIOS["multinode"])
+    assert "Deployment" not in kinds(objects)
+    spec = only(objects, "LeaderWorkerSet")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["leaderWorkerTemplate"]["size"] == 3
+    assert spec["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert spec["startupPolicy"] == "LeaderCreated"
+    assert spec["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 1, "maxSurge": 0}
+    assert "replicas" not in lws(SCENARIOS["multinode-pool-hpa"])["spec"], "the HPA owns replicas"
+
+
+def test_leader_runs_the_ray_head_then_qwen_serve_up() -> None:
+    (c,) = leader(SCENARIOS["multinode"])["spec"]["containers"]
+    assert c["command"] == ["/bin/sh", "-c"]
+    script = c["args"][0]
+    assert "ray start --head --port=6379 --node-ip-address=\"$VLLM_HOST_IP\"" in script
+    assert script.rstrip().endswith(f"exec qwen-serve up --config {CONFIG_PATH}")
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090, "ray": 6379}
+
+
+def test_workers_join_the_leaders_ray_cluster() -> None:
+    (c,) = worker(SCENARIOS["multinode"])["spec"]["containers"]
+    assert c["command"][:3] == ["ray", "start", "--address=$(LWS_LEADER_ADDRESS):6379"]
+    assert c["command"][-1] == "--block"
+    assert "--node-ip-address=$(VLLM_HOST_IP)" in c["command"]
+    assert "startupProbe" not in c and "ports" not in c
+    (c,) = worker(SCENARIOS["multinode-everything"])["spec"]["containers"]
+    assert "--address=$(LWS_LEADER_ADDRESS):6380" in c["command"]
+
+
+@pytest.mark.parametrize("scenario", ["multinode", "multinode-everything"])
+def test_every_group_pod_has_gpus_shm_and_the_network_settings(scenario: str) -> None:
+    values = merged(SCENARIOS[scenario])
+    for template in (leader(SCENARIOS[scenario]), worker(SCENARIOS[scenario])):
+        (c,) = template["spec"]["containers"]
+        env = env_of(c)
+        assert env["VLLM_HOST_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == values["multinode"]["socketInterface"]
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"] == "/models/huggingface"  # each stage loads offline
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == values["engine"]["gpus"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        dshm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
+        assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": values["shm"]["sizeLimit"]}
+        (init,) = template["spec"]["initContainers"]
+        assert init["name"] == "model-download"
+
+
+def test_leader_matches_the_single_node_pod() -> None:
+    """The leader is the Deployment's pod plus Ray: same image, env (plus Ray/NCCL), probes, mounts, init
+    container, resources and pod-level settings, so a value never reaches one and not the other."""
+    multi = SCENARIOS["multinode-everything"]
+    single = {k: v for k, v in multi.items() if k != "multinode"}
+    deployment_pod = serving_deployment(render(single))["spec"]["template"]
+    leader_pod = leader(multi)
+    dep_c, (lead_c,) = container(render(single)), leader_pod["spec"]["containers"]
+    extra = {"VLLM_HOST_IP", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"}
+    assert {k: v for k, v in env_of(lead_c).items() if k not in extra} == env_of(dep_c)
+    for key in ("image", "imagePullPolicy", "volumeMounts", "startupProbe", "readinessProbe", "livenessProbe",
+                "lifecycle", "resources", "securityContext"):
+        assert lead_c[key] == dep_c[key], key
+    assert [p for p in lead_c["ports"] if p["name"] != "ray"] == dep_c["ports"]
+    assert leader_pod["spec"]["initContainers"] == deployment_pod["spec"]["initContainers"]
+    assert leader_pod["spec"]["volumes"] == deployment_pod["spec"]["volumes"]
+    pod_keys = set(deployment_pod["spec"]) - {"containers", "initContainers", "volumes"}
+    assert {k: leader_pod["spec"][k] for k in pod_keys} == {k: deployment_pod["spec"][k] for k in pod_keys}
+    assert leader_pod["metadata"]["annotations"] == deployment_pod["metadata"]["annotations"] | {
+        "checksum/config": leader_pod["metadata"]["annotations"]["checksum/config"]}
+    assert leader_pod["metadata"]["labels"] == deployment_pod["metadata"]["labels"]
+    worker_pod = worker(multi)
+    assert {k: worker_pod["spec"][k] for k in pod_keys} == {k: deployment_pod["spec"][k] for k in pod_keys}
+    assert worker_pod["metadata"]["labels"]["app.kubernetes.io/component"] == "inference-worker"
+
+
+def test_config_plans_the_multinode_launch() -> None:
+    objects = render(SCENARIOS["multinode"])
+    data = rendered_config(objects)
+    assert data["engine"]["nodes"] == 3 and data["engine"]["gpus"] == 4
+    plan = build_plan(parse_config(data), gpu_visible=True)
+    assert (plan.tensor_parallel_size, plan.pipeline_parallel_size, plan.data_parallel_size) == (4, 3, 1)
+    args = plan.vllm_args
+    assert args[args.index("--pipeline-parallel-size") + 1] == "3"
+    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+    assert not [w for w in plan.warnings if w.startswith("engine.nodes")], "3 is what 72B at 128K on 24 GiB needs"
+    # The leader's script waits for exactly that many Ray nodes before starting vLLM.
+    script = leader(SCENARIOS["multinode"])["spec"]["containers"][0]["args"][0]
+    assert re.search(r"^python3 - 3 <<'WAIT'$", script, re.M)
+    assert "nodes" not in rendered_config(render())["engine"], "single node: the config does not change"
+
+
+def test_services_select_the_leaders() -> None:
+    objects = render(SCENARIOS["multinode-pool-hpa"])
+    leader_labels = pool_pods_labels(objects)
+    for service in (o for o in objects if o["kind"] == "Service" and not o["metadata"]["name"].startswith(PICKER)):
+        assert service["spec"]["selector"] == {**SELECTOR, **LEADER}, service["metadata"]["name"]
+        assert service["spec"]["selector"].items() <= leader_labels.items()
+    worker_labels = {**worker(SCENARIOS["multinode-pool-hpa"])["metadata"]["labels"],
+                     "leaderworkerset.sigs.k8s.io/worker-index": "1"}
+    for service in (o for o in objects if o["kind"] == "Service" and not o["metadata"]["name"].startswith(PICKER)):
+        assert not service["spec"]["selector"].items() <= worker_labels.items()
+
+
+def test_autoscalers_scale_the_leader_worker_set() -> None:
+    for scenario, kind in (("multinode-pool-hpa", "HorizontalPodAutoscaler"), ("multinode-keda-no-cache", "ScaledObject")):
+        target = only(render(SCENARIOS[scenario]), kind)["spec"]["scaleTargetRef"]
+        assert target == {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet", "name": FULLNAME}
+    crd = yaml.safe_load((CRDS / "leaderworkerset.x-k8s.io_leaderworkersets.yaml").read_text())
+    assert crd["spec"]["versions"][0]["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+
+
+def test_network_policy_opens_the_group_to_itself() -> None:
+    policy = only(render(SCENARIOS["multinode-pool-hpa"]), "NetworkPolicy")
+    (rule,) = [r for r in policy["spec"]["ingress"] if "ports" not in r]
+    assert rule["from"] == [{"podSelector": {"matchLabels": SELECTOR}}], "Ray and NCCL use ports of their own"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"multinode": {"enabled": True}},
+     "multinode.enabled with a model cache of access modes ReadWriteOnce: the 2 pods of a group run on 2 nodes"),
+    ({**RWX, "multinode": {"enabled": True}, "engine": {"dataParallelSize": 2}},
+     "engine.dataParallelSize=2 with multinode.enabled"),
+    ({**RWX, "extraConfig": {"engine": {"nodes": 2}}}, "extraConfig.engine.nodes: set multinode.enabled"),
+])  # fmt: skip
+def test_multinode_refusals(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values)
+
+
+@pytest.mark.parametrize(("values", "where"), [
+    ({"multinode": {"enabled": True, "nodes": 1}, **RWX}, "/multinode/nodes"),
+    ({"multinode": {"enabled": True, "size": 2}, **RWX}, "/multinode"),
+    ({"inferencePool": {"failureMode": "Sometimes"}}, "/inferencePool/failureMode"),
+    ({"inferencePool": {"httpRoute": {"timeouts": {"request": "forever"}}}}, "/inferencePool/httpRoute/timeouts/request"),
+    ({"inferencePool": {"picker": {"metricsPath": "metrics"}}}, "/inferencePool/picker/metricsPath"),
+])  # fmt: skip
+def test_schema_refuses_bad_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=f"at '{where}'"):
+        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_notes_for_multinode() -> None:
+    notes = render_raw(SCENARIOS["multinode"])["qwen-serve/templates/NOTES.txt"]
+    assert f"wait --for=condition=Available lws/{FULLNAME}" in notes
+    assert "rollout status deploy/" not in notes
+    assert "groups of 3 pods × 4 GPUs" in notes
+
+
+def test_leader_script_waits_for_every_worker(tmp_path: Path) -> None:
+    """Run the leader's script with stand-ins for `ray` (CLI and module) and `qwen-serve`: it starts the Ray
+    head on the pod IP, waits until all nodes have joined, then execs `qwen-serve up`."""
+    script = leader(SCENARIOS["multinode"])["spec"]["containers"][0]["args"][0]
+    bin_dir, lib_dir, log = tmp_path / "bin", tmp_path / "lib", tmp_path / "log"
+    bin_dir.mkdir()
+    (lib_dir / "ray").mkdir(parents=True)
+    for name in ("ray", "qwen-serve"):
+        exe = bin_dir / name
+        exe.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    # Nodes join one per ray.nodes() call: 1, 2, 3 alive. sleep is recorded, not slept.
+    (lib_dir / "ray" / "__init__.py").write_text(
+        "import time\n"
+        f"_log = {str(log)!r}\n"
+        "_calls = []\n"
+        "time.sleep = lambda s: open(_log, 'a').write(f'sleep {s}\\n')\n"
+        "def init(address=None, logging_level=None):\n"
+        "    open(_log, 'a').write(f'init {address}\\n')\n"
+        "def nodes():\n"
+        "    _calls.append(1)\n"
+        "    return [{'Alive': True}] * len(_calls) + [{'Alive': False}]\n")
+    python_dir = Path(sys.executable).parent
+    env = {"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin", "PYTHONPATH": str(lib_dir), "VLLM_HOST_IP": "10.1.2.3",
+           "HOME": str(tmp_path)}
+    (bin_dir / "python3").symlink_to(sys.executable)
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "ray start --head --port=6379 --node-ip-address=10.1.2.3 --include-dashboard=false --disable-usage-stats"
+    assert lines[1:] == ["init auto", "sleep 5", "sleep 5", f"qwen-serve up --config {CONFIG_PATH}"]
+    assert "waiting for the Ray workers: 1 of 3 nodes" in proc.stdout and "all 3 Ray nodes joined" in proc.stdout
