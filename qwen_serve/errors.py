@@ -23,7 +23,9 @@ once a stream has started) turns them into a response. Each leaf carries its HTT
         ├── UpstreamError                502 upstream_error
         │   └── UpstreamTimeout          504 upstream_timeout
         │       └── DeadlineExceeded     504 upstream_timeout / deadline_exceeded
-        └── EngineUnavailable            503 service_unavailable (+ Retry-After)
+        ├── EngineUnavailable            503 service_unavailable (+ Retry-After)
+        └── LimiterUnavailable           503 service_unavailable (+ Retry-After; the shared limits store
+                                             is unreachable and limits.on_backend_error is fail_closed)
 
 ``x-should-retry: false`` tells OpenAI SDKs (which otherwise retry every 429 for up to two minutes) that
 retrying the same request cannot succeed.
@@ -46,6 +48,7 @@ __all__ = [
     "EngineUnavailable",
     "GuidedSchemaError",
     "InvalidRequest",
+    "LimiterUnavailable",
     "ModelNotAllowed",
     "NotFound",
     "PlanError",
@@ -261,5 +264,18 @@ class EngineUnavailable(_RetryAfterMixin, ServerError):
     code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LimiterUnavailable(_RetryAfterMixin, ServerError):
+    """The shared store of the per-key limits cannot be reached and ``limits.on_backend_error`` is
+    ``fail_closed``: the request is refused rather than admitted unmetered."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after

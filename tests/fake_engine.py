@@ -11,6 +11,8 @@ vLLM (``python -m vllm.entrypoints.openai.api_server ...``). It serves ``GET /he
 * ``deaf``: as ``unhealthy``, and ignores SIGTERM (as vLLM 0.32's API server does while it loads);
 * ``crash``: healthy, then exits with code 9 after one second;
 * ``crash-then-hang``: the first launch behaves as ``crash``, every later one as ``unhealthy``;
+* ``sicken``: ``/health`` answers 200 for ``FAKE_ENGINE_HEALTHY_S`` seconds (default 2) after the launch,
+  then 503 forever (an engine that turns unhealthy after it was ready; every launch does);
 * ``stall``: healthy, and answers ``POST`` (``/v1/chat/completions`` and the like) with a minimal chat
   completion. A request whose body contains ``stall`` first stalls the whole server for
   ``FAKE_ENGINE_STALL_S`` seconds (default 10): the server handles one request at a time, so ``/health``
@@ -91,6 +93,11 @@ def answer_post(self):
     self.send_header("content-length", str(len(answer))); self.end_headers(); self.wfile.write(answer)
 if mode == "stall":
     H.do_POST = answer_post
+if mode == "sicken":
+    healthy_until = time.monotonic() + float(os.environ.get("FAKE_ENGINE_HEALTHY_S", "2"))
+    def sickening_get(self):
+        self.send_response(200 if time.monotonic() < healthy_until else 503); self.end_headers()
+    H.do_GET = sickening_get
 srv = http.server.HTTPServer(("127.0.0.1", a.port), H)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 if mode == "crash":

@@ -15,9 +15,13 @@ refuse, the one that frees last is reported. A request no wait can admit raises
 or a ``RateLimited`` with ``retryable=False`` (a limit of 0). Every lease must be released exactly once
 (later calls are ignored); an unreleased lease holds its concurrency slot and its token estimate forever.
 
-Limits are per :class:`Limiter` instance, i.e. per gateway process. With N gateway replicas a key gets up to
-N times its limits; configure ``limit / N``. :class:`Limiter` is the seam for a shared store (e.g. Redis):
-the gateway gets its limiter from :func:`build_limiter`, which reads the config's ``limits`` section.
+Limits are per :class:`Limiter` instance. The gateway gets its limiter from :func:`build_limiter`, which
+reads the config's ``limits`` section: with ``local``, one gateway process has a :class:`LocalLimiter`, and
+the worker processes of one gateway (``gateway.workers`` > 1) share one
+:class:`~qwen_serve.gateway.limits_shared.SharedLimiter` in shared memory, with the same accounting. With
+``local`` the limits are per host: with N gateway replicas a key gets up to N times its limits. With
+``redis`` every process and replica books in one Redis
+(:class:`~qwen_serve.gateway.limits_redis.RedisLimiter`), so a key's limits hold across all of them.
 
 :class:`LocalLimiter` accounting, window W = 60 s, kept in time buckets of R = ``resolution_s`` (0.1 s):
 an amount booked at time t counts until the end of its bucket plus W — for at least W (so every bound
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -64,13 +69,17 @@ from qwen_serve.errors import ConfigError, RateLimited, TooLargeForLimit
 
 __all__ = [
     "RESOLUTION_S",
+    "SHARED_LIMITS_ENV",
     "WINDOW_S",
     "KeyLimits",
     "Lease",
+    "LedgerView",
     "Limiter",
     "LocalLimiter",
     "build_limiter",
     "estimate_prompt_tokens",
+    "refusal",
+    "too_large",
 ]
 
 WINDOW_S = 60.0
@@ -176,6 +185,21 @@ class _Ledger:
                 return start + self.span - now
         return None
 
+    def newest_end(self) -> float | None:
+        """When the newest bucket stops counting; None when empty."""
+        return self.starts[-1] + self.span if self.starts else None
+
+
+class LedgerView(Protocol):
+    """What :func:`refusal` reads of a ledger (:class:`_Ledger`, or one in shared memory)."""
+
+    @property
+    def total(self) -> int: ...
+
+    def wait_to_free(self, amount: int, now: float) -> float | None: ...
+
+    def newest_end(self) -> float | None: ...
+
 
 class _KeyState:
     __slots__ = ("starts", "done", "in_flight", "in_flight_tokens")
@@ -249,7 +273,7 @@ class LocalLimiter:
             done.prune(now)
         estimate = estimated_tokens if estimated_tokens > 0 else 0
         if tpm is not None and estimate > tpm:
-            raise _too_large(principal.key_id, estimate, tpm)
+            raise too_large(principal.key_id, estimate, tpm)
         if ((concurrency is not None and state.in_flight >= concurrency)
                 or (rpm is not None and starts.total >= rpm)
                 or (tpm is not None and state.in_flight_tokens + done.total + estimate > tpm)):
@@ -263,47 +287,54 @@ class LocalLimiter:
         return _LocalLease(state, estimate, self._clock)
 
     def _refusal(self, principal: KeyLimits, state: _KeyState, estimate: int, now: float) -> RateLimited:
-        """The 429 for a request that :meth:`try_acquire` cannot admit: of the limits that refuse, the one that
-        frees last."""
-        key_id, rpm, tpm, concurrency = principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent
-        window = self._window
-        starts, done = state.starts, state.done
-        refusals: list[RateLimited] = []
-        if concurrency is not None and state.in_flight >= concurrency:
-            refusals.append(RateLimited(
-                f"Too many concurrent requests for API key '{key_id}': the limit is {concurrency}. "
-                "Try again when one has finished.",
-                limit="concurrency", retry_after=_UNKNOWN_WAIT_S, retryable=concurrency > 0,
-            ))
-        if rpm is not None and starts.total >= rpm:
-            # Room once total - rpm + 1 admissions have left the window.
-            wait = starts.wait_to_free(starts.total - rpm + 1, now) or window
-            refusals.append(RateLimited(
-                f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
-                f"Please try again in {_seconds(wait)}s.",
-                limit="rpm", retry_after=wait, retryable=rpm > 0,
-            ))
-        used = state.in_flight_tokens + done.total
-        if tpm is not None and used + estimate > tpm:  # estimate <= tpm: try_acquire refused the rest
-            # Finished charges leaving may be enough; else a request in flight must finish first.
-            freed_in = done.wait_to_free(used + estimate - tpm, now)
-            if freed_in is None:
-                last = done.starts[-1] + done.span - now if done.starts else 0.0
-                freed_in = max(_UNKNOWN_WAIT_S, last)
-            refusals.append(RateLimited(
-                f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
-                f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
-                limit="tpm", retry_after=freed_in,
-            ))
-        # A limit that never frees wins: no wait helps, whatever the others say.
-        return max(refusals, key=lambda r: (not r.retryable, r.retry_after))
+        return refusal(principal, state.in_flight, state.in_flight_tokens, state.starts, state.done, estimate, now,
+                       self._window)
+
+
+def refusal(principal: KeyLimits, in_flight: int, in_flight_tokens: int, starts: LedgerView, done: LedgerView,
+            estimate: int, now: float, window: float) -> RateLimited:
+    """The 429 for a request that cannot be admitted (the module docstring's rules; every limiter uses it):
+    of the limits that refuse, the one that frees last. ``starts``: the key's admissions; ``done``: the
+    charges of its finished requests; ``in_flight``/``in_flight_tokens``: its unreleased leases and their
+    estimates."""
+    key_id, rpm, tpm, concurrency = principal.key_id, principal.rpm, principal.tpm, principal.max_concurrent
+    refusals: list[RateLimited] = []
+    if concurrency is not None and in_flight >= concurrency:
+        refusals.append(RateLimited(
+            f"Too many concurrent requests for API key '{key_id}': the limit is {concurrency}. "
+            "Try again when one has finished.",
+            limit="concurrency", retry_after=_UNKNOWN_WAIT_S, retryable=concurrency > 0,
+        ))
+    if rpm is not None and starts.total >= rpm:
+        # Room once total - rpm + 1 admissions have left the window.
+        wait = starts.wait_to_free(starts.total - rpm + 1, now) or window
+        refusals.append(RateLimited(
+            f"Rate limit reached for API key '{key_id}': {rpm} requests per minute. "
+            f"Please try again in {_seconds(wait)}s.",
+            limit="rpm", retry_after=wait, retryable=rpm > 0,
+        ))
+    used = in_flight_tokens + done.total
+    if tpm is not None and used + estimate > tpm:  # estimate <= tpm: the caller refused the rest
+        # Finished charges leaving may be enough; else a request in flight must finish first.
+        freed_in = done.wait_to_free(used + estimate - tpm, now)
+        if freed_in is None:
+            end = done.newest_end()
+            freed_in = max(_UNKNOWN_WAIT_S, end - now if end is not None else 0.0)
+        refusals.append(RateLimited(
+            f"Rate limit reached for API key '{key_id}': {tpm} tokens per minute (in use {used}, "
+            f"requested {estimate}). Please try again in {_seconds(freed_in)}s.",
+            limit="tpm", retry_after=freed_in,
+        ))
+    # A limit that never frees wins: no wait helps, whatever the others say.
+    return max(refusals, key=lambda r: (not r.retryable, r.retry_after))
 
 
 def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait))
 
 
-def _too_large(key_id: str, estimate: int, tpm: int) -> TooLargeForLimit:
+def too_large(key_id: str, estimate: int, tpm: int) -> TooLargeForLimit:
+    """The 413 for a request whose estimate alone exceeds the key's tpm."""
     return TooLargeForLimit(
         f"Request too large for API key '{key_id}': its estimated {estimate} prompt tokens exceed the limit of "
         f"{tpm} tokens per minute, so it can never be admitted. Shorten the prompt or ask for a higher tpm limit.",
@@ -311,16 +342,32 @@ def _too_large(key_id: str, estimate: int, tpm: int) -> TooLargeForLimit:
     )
 
 
-def build_limiter(config: LimitsConfig) -> Limiter:
+SHARED_LIMITS_ENV = "QWEN_SERVE_SHARED_LIMITS"  # set by qwen_serve.workers in each gateway worker's environment
+
+
+def build_limiter(config: LimitsConfig, *, shared_path: str | None = None,
+                  on_backend_error: Callable[[str], None] | None = None) -> Limiter:
     """The :class:`Limiter` the config's ``limits`` section asks for.
 
-    ``local`` → :class:`LocalLimiter`. ``redis`` is accepted by the config schema for the shared backend to
-    come, but raises :class:`ConfigError` here (the gateway does not start) until it exists.
+    ``local`` → :class:`LocalLimiter`, or, in a gateway worker process (``gateway.workers`` > 1: ``shared_path``,
+    by default the :data:`SHARED_LIMITS_ENV` variable the worker supervisor sets), the
+    :class:`~qwen_serve.gateway.limits_shared.SharedLimiter` on that shared-memory file, so the workers of one
+    host share every key's limits. ``redis`` → :class:`~qwen_serve.gateway.limits_redis.RedisLimiter` on
+    ``limits.redis_url`` (shared by every gateway process and replica); ``on_backend_error(op)`` is called
+    once per failed round trip to Redis. Raises :class:`ConfigError` when the backend cannot be built.
     """
     if config.backend == "local":
+        path = shared_path if shared_path is not None else os.environ.get(SHARED_LIMITS_ENV)
+        if path:
+            from qwen_serve.gateway.limits_shared import SharedLimiter
+
+            return SharedLimiter.attach(path, on_error=config.on_backend_error)
         return LocalLimiter()
-    raise ConfigError(f"limits.backend: {config.backend!r} is not available yet in this version; use 'local' "
-                      "(limits then apply per gateway replica)")
+    if config.backend == "redis":
+        from qwen_serve.gateway.limits_redis import build_redis_limiter
+
+        return build_redis_limiter(config, on_error=on_backend_error)
+    raise ConfigError(f"limits.backend: {config.backend!r} is not a known backend; use 'local' or 'redis'")
 
 
 # --- upfront estimate -------------------------------------------------------------------------------------
