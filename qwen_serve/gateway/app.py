@@ -95,12 +95,14 @@ def build_app(
     (``None`` otherwise); the server must then listen on both ports (``qwen_serve.serve`` does).
     """
     served = (config.model.name,)
-    metrics = GatewayMetrics(served)
+    metrics = GatewayMetrics(served, shared_limiter=config.limits.backend == "redis")
     state = state or EngineState()
     url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
     gw = config.gateway
     # first: a backend that cannot be built stops the start here
-    limiter = build_limiter(config.limits, on_backend_error=lambda op: metrics.limiter_backend_errors.labels(op).inc())
+    backend_errors = metrics.limiter_backend_errors
+    limiter = build_limiter(config.limits, on_backend_error=None if backend_errors is None
+                            else lambda op: backend_errors.labels(op).inc())
     upstream = upstream or create_upstream(gw.upstream_client, url, connect_timeout=gw.connect_timeout_s,
                                            read_timeout=gw.request_timeout_s)  # idle read timeout
     auth = build_authenticator(config.auth, config.resolve_path)

@@ -148,9 +148,13 @@ class Labelled(Generic[C]):
 
 
 class GatewayMetrics:
-    """The gateway's collectors on a private registry (plus process/platform/gc collectors)."""
+    """The gateway's collectors on a private registry (plus process/platform/gc collectors).
 
-    def __init__(self, served_models: Iterable[str] = ()) -> None:
+    ``shared_limiter``: the limiter keeps its counts in an external store (``limits.backend: redis``); adds
+    ``qwen_serve_limiter_backend_errors_total{op}``, which no other setup can move.
+    """
+
+    def __init__(self, served_models: Iterable[str] = (), *, shared_limiter: bool = False) -> None:
         # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
         # process-wide switch of prometheus-client; the gateway process exports only our registry.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -211,11 +215,12 @@ class GatewayMetrics:
             "qwen_serve_upstream_errors", "Failures talking to the engine (kind: connect|timeout|protocol|status).",
             ["kind"], registry=r,
         ))
+        # Only with a limiter that has a store to lose (limits.backend: redis).
         self.limiter_backend_errors = Labelled(Counter(
             "qwen_serve_limiter_backend_errors",
             "Limiter store (Redis) failures: requests decided by limits.on_backend_error (op=acquire), "
             "failed lease releases and heartbeats.", ["op"], registry=r,
-        ))
+        )) if shared_limiter else None
         self.engine_up = Gauge("qwen_serve_engine_up", "1 when the engine answers /health.", registry=r,
                                multiprocess_mode="livemostrecent")
         self.engine_restarts: Counter | None = None
