@@ -139,13 +139,20 @@ def gateway_app(port: int, upstream: str, auth: dict[str, Any], **gateway: Any) 
     return build_app(config, upstream_url=upstream)
 
 
-def serve_app(app: Any, port: int) -> None:
+def serve_app(app: Any, port: int, http: str = "gateway") -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` as ``qwen-serve`` does (uvloop, no access log, the gateway's GC
+    settings). ``http``: ``gateway`` — the gateway's own httptools protocol with its default head/body limits
+    and timeouts (:mod:`qwen_serve.gateway.http_protocol`); ``stock`` — uvicorn's httptools protocol as
+    shipped (no head cap or timeouts), for A/B runs of that protocol's cost."""
     import uvicorn
 
+    from qwen_serve.config import GatewayConfig
     from qwen_serve.gc_tuning import tune_for_serving
+    from qwen_serve.gateway.http_protocol import HttpLimits, gateway_protocol
 
+    protocol: Any = gateway_protocol(HttpLimits.from_config(GatewayConfig())) if http == "gateway" else "httptools"
     server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-        log_level="warning", timeout_keep_alive=75, server_header=False))
+        app, host="127.0.0.1", port=port, loop="uvloop", http=protocol, ws="none", lifespan="on",
+        access_log=False, log_level="warning", timeout_keep_alive=75, server_header=False))
     tune_for_serving()
     server.run()

@@ -6,7 +6,8 @@ Contract:
 * Everything runs on 127.0.0.1: the built-in stub (:func:`qwen_serve.bench.stub.start_stub`, style
   ``vllm``, one SSE event per token and loop turn) and two gateway processes in front of it
   (``_harness.gateway_app`` + ``serve_app``, the settings ``qwen-serve`` serves with): ``gateway`` with
-  auth off, ``gateway-auth`` with auth on and a keys file of one key without limits, made with
+  auth off, ``gateway-stock-http`` the same app on uvicorn's stock httptools protocol (no head cap or
+  timeouts: the A/B of the gateway's HTTP protocol), ``gateway-auth`` with auth on and a keys file of one key without limits, made with
   :func:`qwen_serve.keys.create_key` in a temporary directory (its secret reaches ``bench compare`` on its
   command line only; it is never printed or written to a file).
 * Pinning (``os.sched_setaffinity``): the stub and both gateways on ``--server-cpu`` (default: the last
@@ -43,14 +44,16 @@ from _harness import (MODEL, RESULTS, ROOT, cpu_seconds, free_port, gateway_app,
                       write_section)
 
 TITLE = "Gateway overhead against the fake engine"
-TARGETS = ("direct", "gateway", "gateway-auth")
+TARGETS = ("direct", "gateway", "gateway-stock-http", "gateway-auth")
 ROWS = (("request_throughput", "req/s", 0), ("output_token_throughput", "output tok/s", 0),
         ("ttft_ms.p50", "TTFT p50 ms", 2), ("ttft_ms.p99", "TTFT p99 ms", 2), ("e2el_ms.p50", "E2E p50 ms", 2),
         ("e2el_ms.p99", "E2E p99 ms", 2), ("client.cpu_util", "client CPU util", 2))
 
 
-def start_gateway(port: int, upstream: str, keys_file: Path | None, cpu: int | None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_gateway", str(port), upstream, str(keys_file or "")]
+def start_gateway(port: int, upstream: str, keys_file: Path | None, cpu: int | None,
+                  http: str = "gateway") -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_gateway", str(port), upstream, str(keys_file or ""),
+           http]
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     popen = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, preexec_fn=pin)
     deadline = time.monotonic() + 60
@@ -95,8 +98,8 @@ def markdown(summary: dict[str, Any], cpu_us: dict[str, float], args: argparse.N
              f"{platform.release()}, Python {platform.python_version()}; {pin}. Load average (1 min) before / "
              f"after: {args.load} / {os.getloadavg()[0]:.2f}. Measured {time.strftime('%H:%M UTC', time.gmtime())}.",
              f"Commit: `{git[0] or 'unknown'}`" + (" plus uncommitted changes." if git[1] else "."), "",
-             f"The built-in stub (style `vllm`) direct, behind a gateway with auth off and behind one with auth on "
-             f"(one key, no limits); `bench compare`: streaming chat, {args.input_len} prompt tokens, "
+             f"The built-in stub (style `vllm`) direct, behind a gateway with auth off, the same on uvicorn's stock "
+             f"httptools protocol (`gateway-stock-http`), and behind one with auth on (one key, no limits); `bench compare`: streaming chat, {args.input_len} prompt tokens, "
              f"{args.output_len} output tokens, rate {args.rate}, concurrency {args.concurrency}, {args.rounds} rounds "
              f"of {args.duration:g} s, order rotated every round. Figures: medians over rounds; ratio = target ÷ "
              "direct per round, median [bootstrap 95% interval] (min-max). Failed requests: "
@@ -109,15 +112,16 @@ def markdown(summary: dict[str, Any], cpu_us: dict[str, float], args: argparse.N
             f"{fmt(r['median'], 3)} [{fmt(r['ci_low'], 3)}-{fmt(r['ci_high'], 3)}] "
             f"({fmt(r['min'], 3)}-{fmt(r['max'], 3)})"
             for t in TARGETS[1:] for r in [e["ratio"][t]]])
-    rows.append(["gateway CPU per request, µs", "-", *(fmt(cpu_us[t], 0) for t in TARGETS[1:]), "", ""])
+    rows.append(["gateway CPU per request, µs", "-", *(fmt(cpu_us[t], 0) for t in TARGETS[1:]),
+                 *([""] * len(TARGETS[1:]))])
     return "\n".join(lines + markdown_table(head, rows)) + "\n"
 
 
 def main() -> int:
     if sys.argv[1:2] == ["_gateway"]:
-        port, upstream, keys = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+        port, upstream, keys, http = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
         auth = {"enabled": True, "keys_file": keys} if keys else {"enabled": False}
-        serve_app(gateway_app(port, upstream, auth), port)
+        serve_app(gateway_app(port, upstream, auth), port, http)
         return 0
     cpus = sorted(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,9 +151,12 @@ def main() -> int:
             try:
                 ports = {t: free_port() for t in TARGETS[1:]}
                 gws["gateway"] = start_gateway(ports["gateway"], stub.url, None, args.server_cpu)
+                gws["gateway-stock-http"] = start_gateway(ports["gateway-stock-http"], stub.url, None,
+                                                          args.server_cpu, http="stock")
                 gws["gateway-auth"] = start_gateway(ports["gateway-auth"], stub.url, keys_file, args.server_cpu)
                 cmd = [sys.executable, "-m", "qwen_serve", "bench", "compare", "--target", f"direct={stub.url}",
                        "--target", f"gateway=http://127.0.0.1:{ports['gateway']}",
+                       "--target", f"gateway-stock-http=http://127.0.0.1:{ports['gateway-stock-http']}",
                        "--target", f"gateway-auth=http://127.0.0.1:{ports['gateway-auth']},api_key={secret}",
                        "--model", MODEL, "--workload", "random", "--input-len", str(args.input_len),
                        "--output-len", str(args.output_len), "--rate", args.rate,
