@@ -85,7 +85,7 @@ _KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of 16 tokens
 _MAX_NODE_GPUS = 8  # the most GPUs a node usually has: a refusal suggests a bigger node only up to this
 _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.port, nowhere else
 # The engine keeps idle keep-alive connections this long (vLLM's default is 5 s). The gateway drops its own
-# after gateway.upstream.IDLE_S (4 s), but a gateway stalled between the engine finishing a response and the
+# after qwen_serve.upstream.IDLE_S (4 s), but a gateway stalled between the engine finishing a response and the
 # gateway reading it sees the connection as fresher than the engine does; with 5 s a stall over 1 s let the
 # engine close a connection the gateway was reusing (the likely cause of 502s in two CI runs). Set via
 # VLLM_HTTP_TIMEOUT_KEEP_ALIVE.

@@ -41,7 +41,7 @@ from qwen_serve.engine.supervisor import EngineSupervisor
 from qwen_serve.gc_tuning import tune_for_serving
 from qwen_serve.gateway.app import build_app
 from qwen_serve.gateway.http_protocol import HttpLimits, gateway_protocol
-from qwen_serve.gateway.upstream import create_upstream
+from qwen_serve.upstream import create_upstream
 from qwen_serve.logs import setup_logging
 
 __all__ = ["GatewayServer", "bind_listeners", "check_ports", "gpu_visible", "run_gateway", "run_up", "uvicorn_config"]

@@ -45,7 +45,7 @@ from qwen_serve.engine.supervisor import EngineSupervisor
 from qwen_serve.gateway.limits import SHARED_LIMITS_ENV
 from qwen_serve.gateway.limits_shared import SharedLimiter
 from qwen_serve.gateway.metrics import MULTIPROC_ENV, workers_in_flight
-from qwen_serve.gateway.upstream import Upstream, create_upstream
+from qwen_serve.upstream import Upstream, create_upstream
 from qwen_serve.gateway.workers import EngineStatus, RunDir, WorkerSpec
 
 if TYPE_CHECKING:

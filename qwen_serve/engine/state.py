@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from qwen_serve.errors import UpstreamError, UpstreamTimeout
-from qwen_serve.gateway.upstream import Upstream
+from qwen_serve.upstream import Upstream
 
 __all__ = ["BUSY_LOG_INTERVAL_S", "EngineMonitor", "EngineState", "Probe"]
 

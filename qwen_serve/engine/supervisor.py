@@ -51,7 +51,7 @@ from qwen_serve.engine.group import GROUP_GONE_WITHIN_S, GROUP_TERM_GRACE_S, rea
 from qwen_serve.engine.guard import guarded_command
 from qwen_serve.engine.state import EngineState
 from qwen_serve.errors import QwenServeError, UpstreamError
-from qwen_serve.gateway.upstream import Upstream
+from qwen_serve.upstream import Upstream
 from qwen_serve.logs import ENGINE_LOGGER
 
 __all__ = ["ENGINE_MODULE", "STARTING_STOP_TIMEOUT_S", "UNHEALTHY_STOP_TIMEOUT_S", "EngineStartError",

@@ -53,7 +53,7 @@ from qwen_serve.gateway.middleware import GatewayMiddleware
 from qwen_serve.gateway.pipeline import Pipeline, Stages
 from qwen_serve.errors import UpstreamError
 from qwen_serve.gateway.types import ASGIApp, Receive, Scope, Send
-from qwen_serve.gateway.upstream import Upstream, create_upstream
+from qwen_serve.upstream import Upstream, create_upstream
 
 __all__ = ["PortRouter", "build_app"]
 

@@ -51,7 +51,7 @@ from qwen_serve.gateway.auth import Authenticator, Principal
 from qwen_serve.gateway.limits import KeyLimits, Lease, Limiter, estimate_prompt_tokens
 from qwen_serve.gateway.metrics import GatewayMetrics
 from qwen_serve.gateway.proxy import ProxyCall, deadline_scope
-from qwen_serve.gateway.upstream import Upstream
+from qwen_serve.upstream import Upstream
 
 __all__ = ["GUIDED_OUTPUT_FIELD", "Exchange", "Pipeline", "Stages", "count_token_events", "stream_mode",
            "with_guided_output"]

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from qwen_serve.constants import SSE_DATA_PREFIX, SSE_DONE, SSE_EVENT_SEPARATOR
 from qwen_serve.errors import DeadlineExceeded, QwenServeError, UpstreamError, error_body
 from qwen_serve.gateway.types import Receive, Scope, Send
-from qwen_serve.gateway.upstream import Upstream, UpstreamResponse
+from qwen_serve.upstream import Upstream, UpstreamResponse
 
 __all__ = ["MAX_PENDING_EVENT_BYTES", "ProxyCall", "ProxyHooks", "UpstreamProtocolError", "deadline_scope",
            "normalise_error", "send_error"]

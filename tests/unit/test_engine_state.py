@@ -316,7 +316,7 @@ def test_supervised_gateway_stays_ready_while_the_engine_is_busy_and_goes_down_w
         tmp_path: Path) -> None:
     from qwen_serve.engine.guard import group_members
     from qwen_serve.engine.supervisor import EngineSupervisor
-    from qwen_serve.gateway.upstream import create_upstream
+    from qwen_serve.upstream import create_upstream
 
     fake = fake_engine.install(tmp_path)
     port = free_port()

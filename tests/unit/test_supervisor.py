@@ -18,7 +18,7 @@ import pytest
 
 from qwen_serve.engine.state import EngineState
 from qwen_serve.engine.supervisor import EngineStartError, EngineSupervisor
-from qwen_serve.gateway.upstream import create_upstream
+from qwen_serve.upstream import create_upstream
 from tests import fake_engine
 from tests.conftest import free_port
 

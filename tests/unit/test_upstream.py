@@ -1,4 +1,4 @@
-"""qwen_serve.gateway.upstream: pooled connections are given up before the engine closes them."""
+"""qwen_serve.upstream: pooled connections are given up before the engine closes them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from qwen_serve.gateway import upstream as upstream_mod
+from qwen_serve import upstream as upstream_mod
 
 VLLM_KEEP_ALIVE_S = 5.0  # vLLM 0.32's VLLM_HTTP_TIMEOUT_KEEP_ALIVE default
 

@@ -1,4 +1,5 @@
-"""The upstream hop: one pooled keep-alive HTTP client to the engine.
+"""The upstream hop: one pooled keep-alive HTTP client to the engine (used by the gateway and the engine
+supervisor alike, so neither package imports the other for it).
 
 The gateway's hot path. :class:`Upstream` is the interface the proxy uses; three implementations exist
 because the choice was measured (``benchmarks/RESULTS.md``): :class:`HttptoolsUpstream` (default: the
