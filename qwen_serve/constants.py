@@ -8,7 +8,6 @@ from __future__ import annotations
 REQUEST_ID_HEADER = "x-request-id"
 GUIDED_OUTPUT_HEADER = "x-guided-output"
 API_KEY_HEADER = "x-api-key"
-RETRY_AFTER_HEADER = "retry-after"
 
 SSE_DATA_PREFIX = b"data: "
 SSE_DONE = b"data: [DONE]"

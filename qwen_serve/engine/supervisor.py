@@ -123,7 +123,6 @@ class EngineSupervisor:
         max_restarts: int = 5,
         backoff_s: float = 2.0,
         unhealthy_restart_s: float | None = None,
-        on_restart: Callable[[], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         python: str = sys.executable,
         log_lines: int = 40,
@@ -141,7 +140,6 @@ class EngineSupervisor:
         self._backoff = backoff_s
         self._unhealthy_restart = unhealthy_restart_s
         self._ready_at: float | None = None  # when the running engine became ready (None: not ready yet)
-        self._on_restart = on_restart
         self._on_fatal = on_fatal
         self._group_grace = group_grace_s
         self._group_gone_within = group_gone_within_s
@@ -296,8 +294,6 @@ class EngineSupervisor:
                 return False
             self.state.restarts += 1
             attempt = self.state.restarts
-            if self._on_restart is not None:
-                self._on_restart()
             delay = restart_delay(attempt, self._backoff)
             log.warning("restarting the engine in %.1f s (restart %d of at most %d): %s", delay, attempt,
                         self._max_restarts, reason)

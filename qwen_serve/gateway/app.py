@@ -95,7 +95,7 @@ def build_app(
     (``None`` otherwise); the server must then listen on both ports (``qwen_serve.serve`` does).
     """
     served = (config.model.name,)
-    metrics = GatewayMetrics(served, shared_limiter=config.limits.backend == "redis")
+    metrics = GatewayMetrics(shared_limiter=config.limits.backend == "redis")
     state = state or EngineState()
     url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
     gw = config.gateway

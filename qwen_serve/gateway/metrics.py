@@ -1,10 +1,12 @@
-"""Every Prometheus collector the gateway exports (contract: CONTRACTS.md §5), and the merged scrape.
+"""Every Prometheus collector the gateway exports (the families ``docs/metrics.md`` lists), and the merged
+scrape.
 
 Owned by the app (``build_app`` creates one :class:`GatewayMetrics` with its own registry, so several
 apps can live in one process, e.g. in tests). Stages receive this object and call its collectors;
 metric names exist only in this module.
 
-Labels are bounded: ``model`` is one of the served names or ``"other"`` (see :meth:`model_label`),
+Labels are bounded: ``model`` is one of the served names (the pipeline refuses any other with 404) or
+``"other"`` for requests refused before a model was known,
 ``key_id`` is a configured key id or ``"anonymous"``, never a presented secret.
 
 Several gateway worker processes (``gateway.workers`` > 1) use prometheus-client's multiprocess mode: the
@@ -154,14 +156,13 @@ class GatewayMetrics:
     ``qwen_serve_limiter_backend_errors_total{op}``, which no other setup can move.
     """
 
-    def __init__(self, served_models: Iterable[str] = (), *, shared_limiter: bool = False) -> None:
+    def __init__(self, *, shared_limiter: bool = False) -> None:
         # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
         # process-wide switch of prometheus-client; the gateway process exports only our registry.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._models: set[str] = set(served_models)
         self._restarts_seen = 0
         self._dropped_seen = 0
         self._restarts: _Restarts | None = None
@@ -251,13 +252,6 @@ class GatewayMetrics:
             if dropped > self._dropped_seen:
                 self._log_drops.inc(dropped - self._dropped_seen)
                 self._dropped_seen = dropped
-
-    def set_served_models(self, names: Iterable[str]) -> None:
-        self._models = set(names)
-
-    def model_label(self, name: object) -> str:
-        """Bound the ``model`` label: a served model name, else ``"other"``."""
-        return name if isinstance(name, str) and name in self._models else OTHER_MODEL
 
     def render(self) -> bytes:
         """The gateway's own exposition text (with several workers: all of them, see the module docstring)."""

@@ -200,7 +200,7 @@ async def test_a_dead_process_starts_a_run_of_failures() -> None:
 
 
 def test_gauge_reader_sums_every_label_value() -> None:
-    metrics = GatewayMetrics(("m",))
+    metrics = GatewayMetrics()
     read = gauge_reader(metrics.in_flight.collector)
     assert read() == 0
     metrics.in_flight.labels("m").inc()

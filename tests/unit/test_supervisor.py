@@ -70,15 +70,13 @@ async def test_startup_timeout(fake_engine_path: Path, tmp_path: Path) -> None:
 
 
 async def test_crash_restarts_on_failure(fake_engine_path: Path, tmp_path: Path) -> None:
-    restarts: list[int] = []
-    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "crash", restart="on-failure", max_restarts=1,
-                                on_restart=lambda: restarts.append(1))
+    sup, state, _ = _supervisor(fake_engine_path, tmp_path, "crash", restart="on-failure", max_restarts=1)
     fatal: list[str] = []
     sup._on_fatal = fatal.append
     await sup.start()
     first_pid = sup.proc.pid if sup.proc else None
     await asyncio.wait_for(sup.watch(), 30)  # crash → restart → crash → out of restarts → fatal
-    assert restarts == [1] and state.restarts == 1
+    assert state.restarts == 1
     assert sup.proc is not None and sup.proc.pid != first_pid
     assert fatal and "exited with code" in fatal[0] and state.status == "failed"
     await sup.stop()
@@ -140,15 +138,14 @@ async def _until_answering(sup: EngineSupervisor) -> None:
 
 async def test_restart_that_times_out_is_retried_then_fatal(fake_engine_path: Path, tmp_path: Path) -> None:
     # First launch: healthy, crashes after 1 s. Every restart: /health 503 until startup_timeout_s.
-    restarts: list[int] = []
     fatal: list[str] = []
     sup, state, _ = _supervisor(fake_engine_path, tmp_path, "crash-then-hang", startup_timeout_s=1.5,
                                 restart="on-failure", max_restarts=2, backoff_s=0.2,
-                                on_restart=lambda: restarts.append(1), on_fatal=fatal.append)
+                                on_fatal=fatal.append)
     await sup.start()
     await asyncio.wait_for(sup.watch(), 60)  # crash → restart 1 times out → restart 2 times out → fatal
     pids = fake_engine.launches(tmp_path)
-    assert len(pids) == 3 and restarts == [1, 1] and state.restarts == 2
+    assert len(pids) == 3 and state.restarts == 2
     assert len(fatal) == 1 and "restart" in fatal[0] and "startup_timeout_s=1.5" in fatal[0], fatal
     assert state.status == "failed" and not state.up
     assert _all_gone(pids)
@@ -404,10 +401,9 @@ async def test_an_engine_that_turns_unhealthy_is_restarted_and_the_restart_count
     import re
 
     # Every launch answers /health 200 for 1.5 s, then 503: ready, then unhealthy.
-    restarts: list[int] = []
     fatal: list[str] = []
     sup, state, _ = _supervisor(fake_engine_path, tmp_path, "sicken", restart="on-failure", max_restarts=1,
-                                backoff_s=0.2, unhealthy_restart_s=1.0, on_restart=lambda: restarts.append(1),
+                                backoff_s=0.2, unhealthy_restart_s=1.0,
                                 on_fatal=fatal.append,
                                 env={"FAKE_ENGINE_HEALTHY_S": "1.5", "FAKE_ENGINE_CORE": "1"})
     caplog.set_level(logging.INFO, logger="qwen_serve.engine")
@@ -419,7 +415,7 @@ async def test_an_engine_that_turns_unhealthy_is_restarted_and_the_restart_count
     finally:
         await monitor.aclose()
     pids = fake_engine.launches(tmp_path)
-    assert len(pids) == 2 and restarts == [1] and state.restarts == 1
+    assert len(pids) == 2 and state.restarts == 1
     assert fake_engine.alive_at_launch(tmp_path, pids[1]) == []  # the unhealthy engine's group was gone
     assert len(fatal) == 1, fatal
     assert fatal[0].startswith("engine unhealthy: its /health probes failed for "), fatal
