@@ -246,7 +246,10 @@ def _stream_interval(engine_extra_args: list[str], configured: int) -> int:
 
 
 def detect_gpu() -> bool:
-    """Whether this machine shows an NVIDIA GPU (``/dev/nvidia0``); what ``up`` passes to :func:`build_plan`."""
+    """Whether this process sees an NVIDIA GPU: ``/dev/nvidia0`` exists and ``CUDA_VISIBLE_DEVICES`` does not hide
+    every device (``""`` or ``-1``). What ``up`` passes to :func:`build_plan`."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
     return Path("/dev/nvidia0").exists()
 
 

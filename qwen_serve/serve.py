@@ -26,10 +26,8 @@ With 1 nothing changes: one process, as described above.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -44,16 +42,9 @@ from qwen_serve.gateway.http_protocol import HttpLimits, gateway_protocol
 from qwen_serve.upstream import create_upstream
 from qwen_serve.logs import setup_logging
 
-__all__ = ["GatewayServer", "bind_listeners", "check_ports", "gpu_visible", "run_gateway", "run_up", "uvicorn_config"]
+__all__ = ["GatewayServer", "bind_listeners", "check_ports", "run_gateway", "run_up", "uvicorn_config"]
 
 log = logging.getLogger("qwen_serve")
-
-
-def gpu_visible() -> bool:
-    """True when an NVIDIA GPU device node is present and not hidden by CUDA_VISIBLE_DEVICES."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/dev/nvidia0").exists()
 
 
 class GatewayServer(uvicorn.Server):
@@ -198,10 +189,10 @@ def run_gateway(config: Config, upstream_url: str | None = None) -> int:
 
 def run_up(config: Config) -> int:
     """Plan, start vLLM on 127.0.0.1, serve the gateway; returns the exit code."""
-    from qwen_serve.plan import build_plan
+    from qwen_serve.plan import build_plan, detect_gpu
 
     setup_logging()
-    plan = build_plan(config, gpu_visible=gpu_visible())
+    plan = build_plan(config, gpu_visible=detect_gpu())
     for note in plan.gateway_notes:
         log.warning("plan: %s", note)
     if plan.gateway_workers > 1:

@@ -575,3 +575,16 @@ def test_plan_command_prints_the_gateway_line(capsys: pytest.CaptureFixture[str]
     line = next(ln for ln in out.splitlines() if ln.startswith("gateway: "))
     assert line.startswith("gateway: 3 worker(s) relay about") and "stream_interval 2" in line
     assert "--stream-interval 2" in out
+
+
+def test_detect_gpu_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_serve import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod.Path, "exists", lambda self: str(self) == "/dev/nvidia0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert plan_mod.detect_gpu()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not plan_mod.detect_gpu()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert plan_mod.detect_gpu()
