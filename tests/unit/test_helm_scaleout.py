@@ -5,6 +5,9 @@
   NetworkPolicy rule that lets the picker scrape.
 * ``multinode``: a LeaderWorkerSet instead of the Deployment: a leader running the Ray head and
   ``qwen-serve up`` (vLLM with pipeline parallel over Ray), workers joining it, a Service on the leaders.
+* ``limits`` / ``redis``: the shared rate-limit backend: a Redis URL in the config, from a Secret (added by
+  the ``limits-config`` init container, whose script is run here), or the bundled Redis with its Service
+  and NetworkPolicy; the refusals, and the NOTES' warning that local limits apply per replica.
 
 InferencePool, HTTPRoute and LeaderWorkerSet are validated against the CRDs in tests/data/crds (their
 ``openAPIV3Schema`` converted to JSON Schema; see the README there for what those files are), every other
@@ -663,3 +666,358 @@ def test_leader_script_waits_for_every_worker(tmp_path: Path) -> None:
     assert lines[0] == "ray start --head --port=6379 --node-ip-address=10.1.2.3 --include-dashboard=false --disable-usage-stats"
     assert lines[1:] == ["init auto", "sleep 5", "sleep 5", f"qwen-serve up --config {CONFIG_PATH}"]
     assert "waiting for the Ray workers: 1 of 3 nodes" in proc.stdout and "all 3 Ray nodes joined" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- shared rate limits
+REDIS = f"{FULLNAME}-redis"
+REDIS_SELECTOR = {"app.kubernetes.io/name": "qwen-serve-redis", "app.kubernetes.io/instance": RELEASE}
+BUNDLED_URL = f"redis://{REDIS}:6379/0"
+SECRET_URL = "rediss://qwen-serve:s3cr3t-pa55@redis.infra.example:6380/2"
+REDIS_BACKEND = {"backend": "redis"}
+LIMITS_SCENARIOS: dict[str, dict[str, Any]] = {
+    "bundled": {"limits": REDIS_BACKEND, "redis": {"enabled": True}, "networkPolicy": {"enabled": True},
+                "replicaCount": 2, **RWX},
+    "url": {"limits": {**REDIS_BACKEND, "redisUrl": "rediss://redis.infra.example:6380/1", "onBackendError": "fail_open"},
+            "autoscaling": {"enabled": True, "maxReplicas": 3}, **RWX},
+    "secret": {"limits": {**REDIS_BACKEND, "existingSecret": "qwen-serve-redis"}, "replicaCount": 2, **RWX},
+    "secret-key": {"limits": {**REDIS_BACKEND, "existingSecret": "redis-creds", "existingSecretKey": "url"},
+                   "modelCache": {"predownload": False}},
+    "secret-multinode": {**MULTINODE_72B, "limits": {**REDIS_BACKEND, "existingSecret": "qwen-serve-redis"},
+                         "networkPolicy": {"enabled": True}, "hfToken": {"existingSecret": "hf"}},
+    "bundled-multinode-pool": {**MULTINODE_72B, "limits": REDIS_BACKEND, "inferencePool": {"enabled": True},
+                               "redis": {"enabled": True, "nodeSelector": {"pool": "cpu"}},
+                               "networkPolicy": {"enabled": True}, "commonLabels": {"team": "ml"}},
+    "local-with-redis": {"redis": {"enabled": True}, "replicaCount": 2, **RWX},
+}
+
+
+def notes(values: dict[str, Any]) -> str:
+    return render_raw(values)["qwen-serve/templates/NOTES.txt"]
+
+
+def gateway_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pod template that runs the gateway: the Deployment's, or the LeaderWorkerSet's leader."""
+    if "LeaderWorkerSet" in kinds(objects):
+        found: dict[str, Any] = only(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+        return found
+    found = serving_deployment(objects)["spec"]["template"]
+    return found
+
+
+def gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = gateway_pod(objects)["spec"]["containers"][0]
+    return found
+
+
+def redis_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(objects, "Deployment", REDIS)
+
+
+def run_limits_config(tmp_path: Path, objects: list[dict[str, Any]], url: str | None
+                      ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run the limits-config init container's script for real (this venv's python, the ConfigMap's files,
+    ``url`` as the Secret's value) and return the process and the file the gateway would read."""
+    (init,) = [c for c in gateway_pod(objects)["spec"]["initContainers"] if c["name"] == "limits-config"]
+    assert init["command"][:2] == ["python3", "-c"]
+    data = only(objects, "ConfigMap")["data"]
+    source, rendered = tmp_path / "source", tmp_path / "rendered"
+    source.mkdir()
+    rendered.mkdir()
+    for key, text in data.items():
+        (source / key).write_text(text)
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    args = [a.replace(mounts["config"], str(source)).replace(mounts["config-rendered"], str(rendered))
+            for a in init["args"]]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    if url is not None:
+        env["QWEN_SERVE_REDIS_URL"] = url
+    proc = subprocess.run([sys.executable, "-c", init["command"][2], *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, rendered / "config.yaml"
+
+
+@pytest.mark.parametrize("scenario", sorted(LIMITS_SCENARIOS))
+def test_limits_objects_validate(scenario: str) -> None:
+    objects = render(LIMITS_SCENARIOS[scenario])
+    for obj in objects:
+        validate_scaleout(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), "two objects of one kind share a name"
+
+
+@pytest.mark.parametrize("scenario", ["bundled", "secret-multinode"])
+def test_limits_lint_passes(scenario: str) -> None:
+    report = helm.lint(CHART, LIMITS_SCENARIOS[scenario], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    findings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not findings, report
+
+
+def test_limits_defaults_leave_the_release_as_it_was() -> None:
+    """backend local by default; the config has no limits section (the key's own default is local), so an
+    upgrade to this chart does not change the pod template, and nothing Redis is rendered."""
+    values = _chart().values
+    assert values["limits"] == {"backend": "local", "redisUrl": "", "existingSecret": "",
+                                "existingSecretKey": "redis-url", "onBackendError": "fail_closed"}
+    assert values["redis"]["enabled"] is False
+    objects = render()
+    assert "limits" not in rendered_config(objects)
+    assert parse_config(rendered_config(objects)).limits.backend == "local"
+    assert not [o for o in objects if "redis" in o["metadata"]["name"]]
+    assert [c["name"] for c in gateway_pod(objects)["spec"]["initContainers"]] == ["model-download"]
+    for dotted in ("limits.backend", "limits.redisUrl"):  # the documented top-level keys
+        node: Any = values
+        for part in dotted.split("."):
+            node = node[part]
+
+
+@pytest.mark.parametrize(("scenario", "expected"), [
+    ("bundled", {"backend": "redis", "redis_url": BUNDLED_URL, "on_backend_error": "fail_closed"}),
+    ("bundled-multinode-pool", {"backend": "redis", "redis_url": BUNDLED_URL, "on_backend_error": "fail_closed"}),
+    ("url", {"backend": "redis", "redis_url": "rediss://redis.infra.example:6380/1", "on_backend_error": "fail_open"}),
+])  # fmt: skip
+def test_a_url_without_a_password_goes_into_the_config(scenario: str, expected: dict[str, Any]) -> None:
+    objects = render(LIMITS_SCENARIOS[scenario])
+    data = rendered_config(objects)
+    assert data["limits"] == expected
+    config = parse_config(data)
+    assert (config.limits.backend, config.limits.redis_url, config.limits.on_backend_error) == (
+        expected["backend"], expected["redis_url"], expected["on_backend_error"])
+    c = gateway_container(objects)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == CONFIG_PATH)
+    assert mount["name"] == "config" and mount["subPath"] == "config.yaml"
+    assert "limits-config" not in [i["name"] for i in gateway_pod(objects)["spec"].get("initContainers", [])]
+
+
+@pytest.mark.parametrize("scenario", ["secret", "secret-key", "secret-multinode"])
+def test_a_url_from_a_secret_reaches_only_the_gateways_config(scenario: str, tmp_path: Path) -> None:
+    """The ConfigMap never holds the URL; the init container adds it at pod start, into a memory emptyDir
+    the gateway's container mounts at the usual path; the result loads with qwen-serve's own loader."""
+    values = merged(LIMITS_SCENARIOS[scenario])
+    objects = render(LIMITS_SCENARIOS[scenario])
+    cm = only(objects, "ConfigMap")
+    assert "limits" not in rendered_config(objects), "config.yaml stays complete without the URL"
+    assert yaml.safe_load(cm["data"]["limits.yaml"]) == {"backend": "redis", "on_backend_error": "fail_closed"}
+    assert not any("redis://" in text or "rediss://" in text for text in cm["data"].values())
+
+    pod = gateway_pod(objects)["spec"]
+    inits = [c["name"] for c in pod["initContainers"]]
+    assert inits[0] == "limits-config", "a bad Secret fails before a long download"
+    assert ("model-download" in inits) == values["modelCache"]["predownload"]
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "limits-config"]
+    assert env_of(init)["QWEN_SERVE_REDIS_URL"] == {"secretKeyRef": {
+        "name": values["limits"]["existingSecret"], "key": values["limits"]["existingSecretKey"]}}
+    assert init["securityContext"] == values["securityContext"]
+    rendered = next(v for v in pod["volumes"] if v["name"] == "config-rendered")
+    assert rendered["emptyDir"]["medium"] == "Memory"
+    c = gateway_container(objects)
+    assert "QWEN_SERVE_REDIS_URL" not in env_of(c), "the engine's processes never see the URL"
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == CONFIG_PATH)
+    assert mount == {"name": "config-rendered", "mountPath": CONFIG_PATH, "subPath": "config.yaml", "readOnly": True}
+    for other in pod["initContainers"]:
+        if other["name"] == "model-download":  # reads the model from the ConfigMap's (complete) config
+            assert next(m for m in other["volumeMounts"] if m["mountPath"] == CONFIG_PATH)["name"] == "config"
+
+    proc, written = run_limits_config(tmp_path, objects, SECRET_URL + "\n")  # `echo` adds a newline
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET_URL not in proc.stdout + proc.stderr
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    data = yaml.safe_load(written.read_text())
+    config = parse_config(data)
+    assert (config.limits.backend, config.limits.redis_url, config.limits.on_backend_error) == (
+        "redis", SECRET_URL, "fail_closed")
+    assert {k: v for k, v in data.items() if k != "limits"} == rendered_config(objects)
+    if "LeaderWorkerSet" in kinds(objects):
+        assert config.engine.nodes == values["multinode"]["nodes"]
+        build_plan(config, gpu_visible=True)
+
+
+def test_workers_of_a_group_never_get_the_url() -> None:
+    objects = render(LIMITS_SCENARIOS["secret-multinode"])
+    spec = only(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["model-download"]
+    assert "config-rendered" not in [v["name"] for v in spec["volumes"]]
+    assert "QWEN_SERVE_REDIS_URL" not in yaml.safe_dump(spec)
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("http://qwen:hunter2@redis:6379", "limits.existingSecret: limits.redis_url: must be a redis://, rediss:// or unix://"),
+    ("", "limits.redis_url: the Secret's key is empty"),
+    ("  \n", "limits.redis_url: the Secret's key is empty"),
+    (None, "limits.redis_url: the Secret's key is empty"),
+])  # fmt: skip
+def test_a_bad_secret_stops_the_pod_in_the_init_container(tmp_path: Path, url: str | None, needle: str) -> None:
+    proc, written = run_limits_config(tmp_path, render(LIMITS_SCENARIOS["secret"]), url)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr, "the URL may hold a password: never logged"
+    assert not written.exists() or url, "nothing written without a URL"
+
+
+def test_secret_limits_changes_roll_the_pods() -> None:
+    """checksum/config covers the limits section the init container adds and the Secret it reads."""
+    def checksum(values: dict[str, Any]) -> str:
+        found: str = gateway_pod(render(values))["metadata"]["annotations"]["checksum/config"]
+        return found
+
+    base = LIMITS_SCENARIOS["secret"]
+    sums = {checksum(base),
+            checksum({**base, "limits": {**base["limits"], "onBackendError": "fail_open"}}),
+            checksum({**base, "limits": {**base["limits"], "existingSecretKey": "other"}}),
+            checksum({**base, "limits": {**base["limits"], "existingSecret": "other"}})}
+    assert len(sums) == 4
+    assert checksum({**RWX, "replicaCount": 2}) != checksum(LIMITS_SCENARIOS["url"])
+
+
+def test_bundled_redis() -> None:
+    objects = render(LIMITS_SCENARIOS["bundled"])
+    deployment = redis_deployment(objects)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["selector"]["matchLabels"] == REDIS_SELECTOR
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    repository, tag = c["image"].rsplit(":", 1)
+    assert repository == "docker.io/library/redis" and re.match(r"^7\.4", tag), "a pinned official image"
+    assert c["command"] == ["redis-server"]
+    args = c["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no", "no persistence"
+    assert args[args.index("--maxmemory") + 1] == "192mb"
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert "nvidia.com/gpu" not in yaml.safe_dump(pod) and "tolerations" not in pod, "no GPU node needed"
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data"}
+
+    service = named(objects, "Service", REDIS)
+    assert service["spec"]["selector"] == REDIS_SELECTOR
+    assert service["spec"]["ports"] == [{"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}]
+    # The config's URL names that Service.
+    assert rendered_config(objects)["limits"]["redis_url"] == f"redis://{service['metadata']['name']}:6379/0"
+    # The chart's own selectors (traffic Service, PDB, gateway NetworkPolicy) never pick the Redis pod.
+    redis_labels = spec["template"]["metadata"]["labels"]
+    checked = set()
+    for obj in objects:
+        spec_of = obj.get("spec") or {}
+        selector = spec_of.get("selector") or spec_of.get("podSelector") or {}
+        selector = selector.get("matchLabels", selector)
+        if obj["metadata"]["name"] == REDIS or not selector:
+            continue
+        checked.add(obj["kind"])
+        assert not all(redis_labels.get(k) == v for k, v in selector.items()), obj["kind"]
+    assert {"Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy"} <= checked
+    # Any value of redis.* reaches the pod.
+    digest = "7.4.2-alpine@sha256:" + "0" * 64
+    custom = render({**LIMITS_SCENARIOS["bundled"], "redis": {"enabled": True, "maxMemory": "64mb",
+                     "image": {"tag": digest}, "tolerations": [{"key": "x", "operator": "Exists"}]}})
+    for obj in custom:
+        validate_scaleout(obj)
+    pod = redis_deployment(custom)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == f"docker.io/library/redis:{digest}"
+    assert redis_deployment(custom)["metadata"]["labels"]["app.kubernetes.io/version"] == "7.4.2-alpine"
+    assert pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
+    assert "64mb" in pod["containers"][0]["args"]
+
+
+@pytest.mark.parametrize(("scenario", "gateway_selector"), [
+    ("bundled", SELECTOR),
+    ("bundled-multinode-pool", {**SELECTOR, **LEADER}),  # only the leaders run a gateway
+])  # fmt: skip
+def test_network_policy_admits_only_the_gateways_to_redis(scenario: str, gateway_selector: dict[str, str]) -> None:
+    objects = render(LIMITS_SCENARIOS[scenario])
+    policy = named(objects, "NetworkPolicy", REDIS)["spec"]
+    assert policy["podSelector"] == {"matchLabels": REDIS_SELECTOR}
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy, "Redis needs no egress"
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    assert rule["from"] == [{"podSelector": {"matchLabels": gateway_selector}}]
+    gateway_labels = {**gateway_pod(objects)["metadata"]["labels"]}
+    if "LeaderWorkerSet" in kinds(objects):
+        gateway_labels |= LEADER  # set by the LWS controller
+    assert all(gateway_labels.get(k) == v for k, v in gateway_selector.items())
+    # The gateways' own policy leaves egress open, so they can connect.
+    gateway_policy = named(objects, "NetworkPolicy", FULLNAME)["spec"]
+    assert "Egress" not in gateway_policy["policyTypes"]
+    # Without networkPolicy.enabled there is no policy at all.
+    off = render({**LIMITS_SCENARIOS[scenario], "networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(off)
+
+
+def test_local_backend_ignores_the_redis_values() -> None:
+    """A quick fallback (`--set limits.backend=local` on a release that has Redis values) renders: the config
+    has no limits section, the NOTES say the Redis values are unused."""
+    objects = render({**LIMITS_SCENARIOS["url"], "limits": {"backend": "local", "redisUrl": "redis://r:6379/0"}})
+    assert "limits" not in rendered_config(objects)
+    objects = render(LIMITS_SCENARIOS["local-with-redis"])
+    assert "limits" not in rendered_config(objects)
+    assert redis_deployment(objects)
+    text = notes(LIMITS_SCENARIOS["local-with-redis"])
+    assert "limits.backend is local, so the gateways use no Redis (the Redis of redis.enabled runs unused)" in text
+
+
+@pytest.mark.parametrize(("values", "replicas"), [
+    ({"replicaCount": 2, **RWX}, "runs 2 replicas"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}, **RWX}, "runs up to 4 replicas (autoscaling)"),
+    ({**MULTINODE_72B, "replicaCount": 3}, "runs 3 replicas"),
+])  # fmt: skip
+def test_notes_warn_that_local_limits_apply_per_replica(values: dict[str, Any], replicas: str) -> None:
+    text = notes(values)
+    assert f"WARNING: limits.backend is local and this release {replicas}" in text
+    assert "limits apply per replica" in text and "limits.backend=redis" in text
+    assert "limits apply per replica" not in notes({}), "one replica: nothing to warn about"
+    for scenario in ("bundled", "url", "secret"):
+        assert "limits apply per replica" not in notes(LIMITS_SCENARIOS[scenario])
+
+
+@pytest.mark.parametrize(("scenario", "says"), [
+    ("bundled", [f"the chart's own\nDeployment and Service {REDIS}", "only this release's gateway pods may connect",
+                 "answer 503 (limits.onBackendError=fail_closed)"]),
+    ("url", ["through Redis at\nrediss://redis.infra.example:6380/1", "admit requests unmetered"]),
+    ("secret", ["Secret qwen-serve-redis (key \"redis-url\")", f"rollout restart deploy/{FULLNAME}"]),
+    ("secret-multinode", [f"rollout restart lws/{FULLNAME}"]),
+])  # fmt: skip
+def test_notes_say_where_the_limits_are_shared(scenario: str, says: list[str]) -> None:
+    text = notes(LIMITS_SCENARIOS[scenario])
+    assert "shared by every replica through Redis" in text
+    for phrase in says:
+        assert phrase in text, phrase
+    open_redis = notes({**LIMITS_SCENARIOS["bundled"], "networkPolicy": {"enabled": False}})
+    assert "set networkPolicy.enabled=true" in open_redis
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"limits": REDIS_BACKEND}, "limits.backend=redis needs a Redis: set limits.existingSecret"),
+    ({"limits": {**REDIS_BACKEND, "existingSecret": "s", "redisUrl": "redis://r:6379"}},
+     "limits.existingSecret and limits.redisUrl each name the Redis to use; set only one"),
+    ({"limits": {**REDIS_BACKEND, "redisUrl": "redis://r:6379"}, "redis": {"enabled": True}},
+     "limits.redisUrl and redis.enabled each name the Redis"),
+    ({"limits": {**REDIS_BACKEND, "redisUrl": "redis://:hunter2@r:6379/0"}}, "limits.redisUrl holds a password"),
+    ({"limits": {**REDIS_BACKEND, "redisUrl": "rediss://qwen:hunter2@r:6379/0"}}, "limits.redisUrl holds a password"),
+    ({"limits": {**REDIS_BACKEND, "redisUrl": "redis://r:6379/0?password=hunter2"}}, "limits.redisUrl holds a password"),
+    ({"limits": {"redisUrl": "unix://u:hunter2@/run/redis.sock"}}, "limits.redisUrl holds a password"),
+    ({"extraConfig": {"limits": {"backend": "redis", "redis_url": "redis://r:6379"}}},
+     "extraConfig.limits: set limits.backend, limits.redisUrl (or limits.existingSecret)"),
+])  # fmt: skip
+def test_render_refuses_a_redis_backend_it_cannot_wire(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)) as exc:
+        render(values)
+    assert "hunter2" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("values", "where"), [
+    ({"limits": {"backend": "memcached"}}, "/limits/backend"),
+    ({"limits": {"redisUrl": "http://redis:6379"}}, "/limits/redisUrl"),
+    ({"limits": {"onBackendError": "retry"}}, "/limits/onBackendError"),
+    ({"limits": {"existingSecretKey": ""}}, "/limits/existingSecretKey"),
+    ({"limits": {"redis_url": "redis://r"}}, "/limits"),
+    ({"redis": {"enabled": "yes"}}, "/redis/enabled"),
+    ({"redis": {"maxMemory": "lots"}}, "/redis/maxMemory"),
+])  # fmt: skip
+def test_schema_refuses_bad_limits_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=f"at '{where}'"):
+        _chart().render(values, name=RELEASE, namespace=NAMESPACE)

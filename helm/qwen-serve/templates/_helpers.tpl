@@ -344,6 +344,12 @@ hand it stale queue and KV-cache figures, so the cache is capped at that interva
 {{- $_ := set $auth "keys_file" (printf "%s/%s" (include "qwen-serve.keysDir" .) $v.auth.secretKey) }}
 {{- end }}
 {{- $config := dict "model" $model "engine" $engine "gateway" $gateway "auth" $auth }}
+{{- /* limits: only with limits.backend redis; with limits.existingSecret the init container limits-config adds
+it (and the URL) at pod start, so this file stays a complete config without it (see _limits.tpl). */}}
+{{- $limits := include "qwen-serve.limitsSection" . | fromJson }}
+{{- if and $limits (not (include "qwen-serve.limitsFromSecret" .)) }}
+{{- $_ := set $config "limits" $limits }}
+{{- end }}
 {{- $config = mustMergeOverwrite $config (deepCopy (default dict $v.extraConfig)) }}
 {{- toYaml $config }}
 {{- end }}
@@ -382,6 +388,7 @@ Usage: {{ include "qwen-serve.validate" . }}
 {{- fail "extraConfig.engine.nodes: set multinode.enabled and multinode.nodes instead (they also render the LeaderWorkerSet whose pods are those nodes)" }}
 {{- end }}
 {{- include "qwen-serve.validateScaleOut" . }}
+{{- include "qwen-serve.validateLimits" . }}
 {{- if or (hasKey (default dict $extra.gateway) "port") (hasKey (default dict $extra.gateway) "host") }}
 {{- fail "extraConfig.gateway.port/host: the chart fixes the gateway at 0.0.0.0:8080 (container port, probes, Service)" }}
 {{- end }}

@@ -217,12 +217,20 @@ securityContext:
 
 {{/*
 The model download init container (the Deployment's), for every pod of a group: each pod loads its own
-pipeline stage from the cache.
-Usage: {{ include "qwen-serve.scaleout.initContainers" . | nindent 10 }}
+pipeline stage from the cache. The leader, which runs the gateway, first gets the limits-config init
+container with limits.existingSecret (the workers never read the Redis URL).
+Usage: {{ include "qwen-serve.scaleout.initContainers" (dict "ctx" . "leader" true) | nindent 10 }}
 */}}
 {{- define "qwen-serve.scaleout.initContainers" -}}
-{{- if include "qwen-serve.predownload" . -}}
+{{- $limits := and .leader (include "qwen-serve.limitsFromSecret" .ctx) }}
+{{- with .ctx }}
+{{- if or $limits (include "qwen-serve.predownload" .) -}}
 initContainers:
+{{- end }}
+{{- if $limits }}
+  {{- include "qwen-serve.limitsConfigInit" . | nindent 2 }}
+{{- end }}
+{{- if include "qwen-serve.predownload" . }}
   - name: model-download
     image: {{ include "qwen-serve.image" . | quote }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -275,16 +283,23 @@ initContainers:
         mountPath: {{ include "qwen-serve.modelDir" . }}
 {{- end }}
 {{- end }}
+{{- end }}
 
 {{/*
-Volumes and scheduling shared by the leader and worker templates (as in the Deployment).
-Usage: {{ include "qwen-serve.scaleout.podTail" . | nindent 10 }}
+Volumes and scheduling shared by the leader and worker templates (as in the Deployment); the leader's also
+hold the completed config with limits.existingSecret.
+Usage: {{ include "qwen-serve.scaleout.podTail" (dict "ctx" . "leader" true) | nindent 10 }}
 */}}
 {{- define "qwen-serve.scaleout.podTail" -}}
+{{- $limits := and .leader (include "qwen-serve.limitsFromSecret" .ctx) }}
+{{- with .ctx -}}
 volumes:
   - name: config
     configMap:
       name: {{ include "qwen-serve.fullname" . }}
+  {{- if $limits }}
+  {{- include "qwen-serve.limitsConfigVolume" . | nindent 2 }}
+  {{- end }}
   {{- if .Values.auth.enabled }}
   - name: keys
     secret:
@@ -325,5 +340,6 @@ affinity:
 {{- with .Values.topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- end }}
