@@ -2,7 +2,7 @@
 
 :class:`BenchExporter` serves a private registry over HTTP (prometheus-client's
 ``start_http_server``), so Prometheus can put the client's view of a run next to the gateway's
-``qwen_serve_*`` and the engine's ``vllm:*`` series (``deploy/grafana/qwen-serve-bench.json``).
+``qwen_serve_*`` and the engine's ``vllm:*`` series (``helm/qwen-serve/files/dashboards/qwen-serve-bench.json``).
 :class:`NullExporter` does nothing and is the default when no port is given. Both satisfy
 :class:`Exporter`, the interface the load generator calls.
 

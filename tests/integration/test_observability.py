@@ -2,13 +2,14 @@
 
 A real Prometheus (the Debian ``prometheus`` binary, started here on a loopback port with a generated
 config) scrapes the real gateway in front of the real vLLM-CPU engine every second, with the static labels
-``namespace``/``pod`` a Kubernetes ServiceMonitor would add, and loads ``deploy/prometheus/rules.yaml``.
+``namespace``/``pod`` a Kubernetes ServiceMonitor would add, and loads ``helm/qwen-serve/files/prometheus/rules.yaml``.
 The module drives traffic through the gateway (plain, streaming, guided, refused, aborted requests) in two
 rounds, so that every series exists before it increments, then evaluates every PromQL expression of
-``deploy/grafana/qwen-serve.json`` (with the template variables set to *All* and to the concrete
+``helm/qwen-serve/files/dashboards/qwen-serve.json`` (with the template variables set to *All* and to the concrete
 namespace/pod/model a user would pick) and of the rules through Prometheus' HTTP API. Each must parse and
 each panel query must return a finite value, except the panels in :data:`MAY_BE_EMPTY` with their reason.
-It also checks the gateway's ``/metrics`` exposition against the contract (CONTRACTS.md §5).
+It also checks the gateway's ``/metrics`` exposition: every documented family (docs/metrics.md) with its
+labels, each HELP/TYPE once.
 
 Fixtures (``tests/conftest.py``): session ``gateway`` with ``.url``, ``.model`` (served name), ``.api_key``
 (a valid key, or ``None`` when auth is off) and optionally ``.limited_api_key`` (a key with a small
@@ -41,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.engine
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "deploy" / "grafana" / "qwen-serve.json"
+DASHBOARD = REPO / "helm" / "qwen-serve" / "files" / "dashboards" / "qwen-serve.json"
 ENGINE_METRICS = REPO / "deploy" / "grafana" / "engine-metrics.txt"
 RULES = REPO / "deploy" / "prometheus" / "rules.yaml"
 
@@ -52,7 +53,7 @@ SCRAPE_INTERVAL_S = 1
 # Grafana's interval macros, as the dashboard would get them (wide enough to span both traffic rounds).
 MACROS = {"__rate_interval": "5m", "__range": "5m", "__interval": "15s", "__range_s": "300"}
 
-# The contract (CONTRACTS.md §5): family → label names (histograms add `le` to their buckets).
+# The documented families (docs/metrics.md): family → label names (histograms add `le` to their buckets).
 CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "qwen_serve_requests_total": ("counter", frozenset({"route", "model", "key_id", "code"})),
     "qwen_serve_request_duration_seconds": ("histogram", frozenset({"route", "model"})),

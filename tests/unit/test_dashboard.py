@@ -1,11 +1,11 @@
-"""Lint for the observability files in ``deploy/``: the Grafana dashboards (every ``deploy/grafana/*.json``),
+"""Lint for the observability files: the Grafana dashboards (every ``helm/qwen-serve/files/dashboards/*.json``),
 the Prometheus rules, the local compose profile and its provisioning.
 
 Every metric name used by a PromQL expression must be a gateway metric (read from
 :class:`qwen_serve.gateway.metrics.GatewayMetrics`, never copied here), a ``vllm:*`` name listed in
 ``deploy/grafana/engine-metrics.txt`` (taken from a real engine scrape; the integration test
 ``tests/integration/test_observability.py`` proves that list against the live engine), or a recording
-rule of ``deploy/prometheus/rules.yaml``. Dashboards may also use the load generator's ``qwen_bench_*``
+rule of ``helm/qwen-serve/files/prometheus/rules.yaml``. Dashboards may also use the load generator's ``qwen_bench_*``
 metrics (read from :class:`qwen_serve.bench.exporter.BenchExporter`); rules may not. These tests need no
 engine; ``promtool`` (Debian package ``prometheus``) is required, and its absence fails the run.
 """
@@ -30,13 +30,14 @@ from qwen_serve.gateway.metrics import GatewayMetrics, Labelled
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-DASHBOARD = DEPLOY / "grafana" / "qwen-serve.json"
-DASHBOARDS = sorted((DEPLOY / "grafana").glob("*.json"))
-BENCH_DASHBOARD = DEPLOY / "grafana" / "qwen-serve-bench.json"
+CHART_FILES = REPO / "helm" / "qwen-serve" / "files"
+DASHBOARD = CHART_FILES / "dashboards" / "qwen-serve.json"
+DASHBOARDS = sorted((CHART_FILES / "dashboards").glob("*.json"))
+BENCH_DASHBOARD = CHART_FILES / "dashboards" / "qwen-serve-bench.json"
 BENCH_PREFIX = "qwen_bench_"
 DASHBOARD_README = DEPLOY / "grafana" / "README.md"
 ENGINE_METRICS = DEPLOY / "grafana" / "engine-metrics.txt"
-RULES = DEPLOY / "prometheus" / "rules.yaml"
+RULES = CHART_FILES / "prometheus" / "rules.yaml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 
@@ -501,9 +502,9 @@ def test_grafana_provisioning_matches_compose() -> None:
     (db_file,) = sorted((provisioning / "dashboards").glob("*.yaml"))
     (provider,) = yaml.safe_load(db_file.read_text())["providers"]
     assert provider["type"] == "file"
-    dashboards = [t for t, s in mounts.items() if s == DASHBOARD.resolve()]
-    assert dashboards, "the dashboard JSON is not mounted into grafana"
-    assert all(str(Path(t).parent) == provider["options"]["path"].rstrip("/") for t in dashboards)
+    dashboards = [t for t, s in mounts.items() if s == DASHBOARD.parent.resolve()]
+    assert dashboards == [provider["options"]["path"].rstrip("/")], "the chart's dashboards are not mounted into grafana"
+    assert _mounts(services["prometheus"])["/etc/prometheus/rules.yaml"] == RULES.resolve()
 
 
 @pytest.mark.parametrize("path", [COMPOSE, PROM_CONFIG, RULES, *sorted((DEPLOY / "grafana" / "provisioning").rglob("*.yaml"))],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import http.server
-import importlib.util
 import inspect
 import json
 import re
@@ -715,20 +714,6 @@ def test_schema_accepts_defaults_and_examples() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _sync_module() -> Any:
-    spec = importlib.util.spec_from_file_location("helm_sync_files", ROOT / "helm" / "sync_files.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_embedded_files_match_deploy_originals() -> None:
-    """Helm cannot read deploy/, so the chart keeps copies; they must be byte-identical."""
-    problems = _sync_module().stale()
-    assert not problems, "stale chart copies (run `python helm/sync_files.py`):\n" + "\n".join(problems)
-
-
 def test_prometheus_rule_embeds_the_rules_file() -> None:
     rules_file = CHART / "files" / "prometheus" / "rules.yaml"
     rule = only(render(SCENARIOS["observability"]), "PrometheusRule")
