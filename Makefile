@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BROKEN := torchvision torchaudio torchcodec
 
-.PHONY: demo test sysdeps clean
+.PHONY: demo test docs sysdeps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest
+
+# Regenerate the reference docs that are made from the code: docs/configuration.md (from qwen_serve/config.py)
+# and the values table in docs/deploy.md (from helm/qwen-serve/values.yaml). tests/unit/test_docs.py fails while
+# either is stale.
+docs:
+	$(BIN)/python -m qwen_serve.docgen
 
 clean:
 	rm -rf $(VENV) .pytest_cache

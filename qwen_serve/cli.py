@@ -1,7 +1,17 @@
-"""The ``qwen-serve`` command line: plan, up, gateway, keys, demo and bench.
+"""The ``qwen-serve`` command line: plan, up, gateway, keys, demo and bench (``qwen-serve --version``).
 
-``main(argv)`` returns the exit code. Config and plan problems exit 2 with one line on stderr naming
-the key path (``qwen-serve: engine.gpus: must be a positive integer``); nothing else is printed.
+``main(argv)`` returns the exit code. Config, plan and keys-file problems exit 2 with one line on stderr
+naming the key path (``qwen-serve: engine.gpus: must be a positive integer``); nothing else is printed.
+
+* ``plan (--config F | --model M) [overrides] [--json]``: the launch plan as a table (:mod:`qwen_serve.render`)
+  followed by the vLLM command, or one JSON object (:meth:`~qwen_serve.plan.Plan.to_json_dict`).
+* ``up --config F``: plan, start vLLM on 127.0.0.1, serve the gateway; SIGTERM drains.
+* ``gateway --config F [--upstream URL]``: only the gateway, in front of a vLLM that is already running (default
+  ``http://127.0.0.1:<engine.port>``); the ``engine`` section is not planned and no process is supervised.
+* ``keys create|rotate|revoke|list --file KEYS``: the keys file (:mod:`qwen_serve.keys`). ``create`` and
+  ``rotate`` print the new secret on stdout, once; everything else goes to stderr. ``list`` never shows a
+  secret or a hash.
+* ``demo``, ``bench ...``: the CPU demo stack and the load-testing suite.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from qwen_serve import __version__
 from qwen_serve.config import Config, apply_overrides, load_config, parse_config
 from qwen_serve.errors import ConfigError
 
@@ -49,39 +60,24 @@ def _tp(value: str) -> int | str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from qwen_serve.plan import GATEWAY_WORKER_BUSY, build_plan, chart_values, helm_set_args
+    from qwen_serve.render import print_plan
 
     plan = build_plan(_config_for_plan(args))
     if args.json:
         print(json.dumps(plan.to_json_dict(), indent=2))
         return 0
-    d = plan.to_json_dict()
-    width = max(len(k) for k in d)
-    for key, value in d.items():
-        if key in ("vllm_args", "warnings", "env", "gateway_notes"):
-            continue
-        print(f"{key:<{width}}  {value}")
-    print("vllm_args:\n  python -m vllm.entrypoints.openai.api_server " + " ".join(_quote(a) for a in plan.vllm_args))
-    print(f"gateway: {plan.gateway_workers} worker(s) relay about {plan.gateway_capacity_events_per_s:,} SSE events/s "
-          f"({plan.gateway_event_cpu_us:g} µs of CPU per event, each worker at most "
-          f"{GATEWAY_WORKER_BUSY:.0%} busy); the engine makes an estimated {plan.engine_tokens_per_s:,} tokens/s = "
-          f"{plan.gateway_events_per_s:,} events/s at stream_interval {plan.stream_interval}; "
-          f"{plan.cpus_available} CPU(s) available here")
+    notes = [f"gateway: {plan.gateway_workers} worker(s) relay about {plan.gateway_capacity_events_per_s:,} SSE "
+             f"events/s ({plan.gateway_event_cpu_us:g} µs of CPU per event, each worker at most "
+             f"{GATEWAY_WORKER_BUSY:.0%} busy); the engine makes an estimated {plan.engine_tokens_per_s:,} tokens/s "
+             f"= {plan.gateway_events_per_s:,} events/s at stream_interval {plan.stream_interval}; "
+             f"{plan.cpus_available} CPU(s) available here"]
     if plan.nodes > 1:
-        print(f"layout: {plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor_parallel_size "
-              f"{plan.tensor_parallel_size} inside each node x pipeline_parallel_size "
-              f"{plan.pipeline_parallel_size} across the nodes, over Ray (leader = Ray head + gateway)")
-        print(f"chart values: {helm_set_args(chart_values(plan.nodes, plan.gpus_per_node))}")
-    for w in plan.warnings:
-        print(f"warning: {w}")
-    for note in plan.gateway_notes:
-        print(f"note: {note}")
+        notes += [f"layout: {plan.nodes} nodes x {plan.gpus_per_node} GPUs: tensor_parallel_size "
+                  f"{plan.tensor_parallel_size} inside each node x pipeline_parallel_size "
+                  f"{plan.pipeline_parallel_size} across the nodes, over Ray (leader = Ray head + gateway)",
+                  f"chart values: {helm_set_args(chart_values(plan.nodes, plan.gpus_per_node))}"]
+    print_plan(plan, notes=notes)
     return 0
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def _workers(value: str) -> int | str:
@@ -101,17 +97,37 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return run_gateway(load_config(args.config, {"gateway.workers": args.workers}), upstream_url=args.upstream)
 
 
+def _expires(value: str | None) -> datetime | None:
+    """``--expires``: ISO 8601 (``2026-12-31``, ``2026-12-31T18:00:00+02:00``; no offset means UTC)."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--expires: {value!r} is not an ISO 8601 date or date-time") from None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from qwen_serve import keys
 
     path = Path(args.file)
     if args.keys_cmd == "create":
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-        expires = datetime.fromisoformat(args.expires) if args.expires else None
         secret = keys.create_key(path, args.id, models=models, rpm=args.rpm, tpm=args.tpm,
-                                 max_concurrent=args.max_concurrent, expires=expires)
+                                 max_concurrent=args.max_concurrent, expires=_expires(args.expires))
         print(secret)
         print(f"key '{args.id}' added to {path}; the secret above is shown only once", file=sys.stderr)
+    elif args.keys_cmd == "rotate":
+        secret = keys.rotate_key(path, args.id, grace_s=args.grace, expires=_expires(args.expires))
+        print(secret)
+        entry = keys.load_keys_file(path).get(args.id)
+        until = entry.previous_valid_until() if entry is not None else None
+        old = f"the old secret works until {until:%Y-%m-%d %H:%M:%SZ}" if until else "the old secret no longer works"
+        print(f"key '{args.id}' has a new secret in {path}, shown above only once; {old}", file=sys.stderr)
+    elif args.keys_cmd == "list":
+        from qwen_serve.render import print_keys
+
+        print_keys(keys.load_keys_file(path))
     else:
         keys.revoke_key(path, args.id)
         print(f"key '{args.id}' disabled in {path}", file=sys.stderr)
@@ -127,6 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-serve", description="Serve Qwen2.5 with vLLM behind an OpenAI-compatible gateway.")
+    p.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     plan = sub.add_parser("plan", help="print the launch plan")
@@ -150,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=_workers, help="gateway processes: auto or a number (overrides gateway.workers)")
     up.set_defaults(func=cmd_up)
 
-    gw = sub.add_parser("gateway", help="serve the gateway in front of a running vLLM")
+    gw = sub.add_parser("gateway", help="serve the gateway in front of a running vLLM",
+                        description="Serve only the gateway (auth, limits, guided decoding, metrics, chat page) in "
+                        "front of a vLLM OpenAI server that is already running; nothing is planned or supervised. "
+                        "The config's gateway, auth, guided and limits sections apply; of engine, only port.")
     gw.add_argument("--config", required=True)
     gw.add_argument("--upstream", help="engine base URL (default http://127.0.0.1:<engine.port>)")
     gw.add_argument("--workers", type=_workers, help="gateway processes: auto (1 here) or a number "
@@ -166,10 +186,18 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=int)
     create.add_argument("--tpm", type=int)
     create.add_argument("--max-concurrent", type=int)
-    create.add_argument("--expires", help="ISO 8601 timestamp")
+    create.add_argument("--expires", help="ISO 8601 date or time (no offset: UTC)")
+    rotate = ksub.add_parser("rotate", help="give a key a new secret (printed once); also re-enables a revoked key")
+    rotate.add_argument("--file", required=True)
+    rotate.add_argument("--id", required=True)
+    rotate.add_argument("--grace", type=float, default=0, metavar="SECONDS",
+                        help="keep the old secret valid this many seconds (default 0: it stops at once)")
+    rotate.add_argument("--expires", help="new expiry, ISO 8601 (default: keep the key's)")
     revoke = ksub.add_parser("revoke", help="disable a key")
     revoke.add_argument("--file", required=True)
     revoke.add_argument("--id", required=True)
+    listing = ksub.add_parser("list", help="show every key: id, models, limits, dates, state (never secrets)")
+    listing.add_argument("--file", required=True)
     keys.set_defaults(func=cmd_keys)
 
     demo = sub.add_parser("demo", help="build the demo model and show a streamed and a guided-JSON answer")
@@ -197,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `qwen-serve plan | head`: the reader left; not an error worth a traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ __all__ = [
     "GuidedConfig",
     "LimitsConfig",
     "ModelConfig",
+    "MultimodalConfig",
     "apply_overrides",
     "load_config",
     "parse_config",
@@ -42,14 +43,22 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    source: str = Field(min_length=1, description="Hugging Face id, bundled preset or local directory")
-    served_name: str | None = None
-    max_model_len: PositiveInt | None = None
-    tool_calling: bool = True
+    """The model to serve and the name clients use for it. ``source`` is the only required key."""
+
+    source: str = Field(min_length=1, examples=["Qwen/Qwen2.5-7B-Instruct"], description=(
+        "Hugging Face id, bundled preset (qwen2.5-0.5b-instruct ... qwen2.5-72b-instruct, qwen2.5-vl-*) or "
+        "local directory holding config.json (relative paths resolve next to the config file)"))
+    served_name: str | None = Field(None, examples=["qwen2.5-7b-instruct"], description=(
+        "The model name clients send and /v1/models lists (vLLM's --served-model-name); null: the source"))
+    max_model_len: PositiveInt | None = Field(None, examples=[131072], description=(
+        "Context length in tokens (prompt + answer). Above the model's native context (32768 for Qwen2.5) "
+        "the plan adds YaRN rope scaling, factor max_model_len / native, at most 4. null: the native context"))
+    tool_calling: bool = Field(True, description=(
+        "Tool calling with Qwen's hermes parser (--enable-auto-tool-choice --tool-call-parser hermes)"))
     # Hugging Face revision (branch, tag or commit hash) of a hub model, passed to vLLM as --revision (and
     # --tokenizer-revision); a commit hash keeps every replica and restart on the same weights. null: the
     # repository's default branch at download time. Ignored for a local directory.
-    revision: str | None = None
+    revision: str | None = Field(None, examples=["a09a35458c702b33eeacc393d103063234e8bc28"])
 
     @property
     def name(self) -> str:
@@ -58,23 +67,43 @@ class ModelConfig(_Section):
 
 
 class EngineConfig(_Section):
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    gpus: PositiveInt = 4
+    """The vLLM engine ``qwen-serve up`` plans and supervises on 127.0.0.1 (``qwen-serve plan`` shows the
+    launch; ``qwen-serve gateway`` uses only ``port`` of this section)."""
+
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", examples=["cpu"], description=(
+        "Where vLLM runs; auto: cuda when a GPU is visible (/dev/nvidia0, CUDA_VISIBLE_DEVICES not empty "
+        "or -1), else cpu"))
+    gpus: PositiveInt = Field(4, examples=[8], description="GPUs per node the engine may use; ignored on cpu")
     # GPU nodes one engine spans (each with `gpus` GPUs). Above 1: tensor parallel inside a node, pipeline
     # parallel across nodes, over Ray (the chart's multinode.nodes).
     nodes: PositiveInt = 1
-    gpu_memory_gib: PositiveFloat | None = None  # per GPU; detected or assumed 80 when unset
-    cpu_kv_cache_gib: PositiveFloat = 2
-    tensor_parallel_size: Union[Auto, PositiveInt] = "auto"
-    data_parallel_size: Union[Auto, PositiveInt] = "auto"
-    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
-    enable_prefix_caching: bool = True
-    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "lm-format-enforcer", "auto"] = "guidance"
-    port: Port = Field(DEFAULT_ENGINE_PORT, ge=1, le=65535)
-    startup_timeout_s: PositiveFloat = 1800
-    restart: Literal["on-failure", "never"] = "on-failure"
-    max_restarts: int = Field(5, ge=0)
+    gpu_memory_gib: PositiveFloat | None = Field(None, examples=[80])  # per GPU; detected or assumed 80 when unset
+    cpu_kv_cache_gib: PositiveFloat = Field(2, examples=[4], description=(
+        "KV-cache size on cpu, in whole GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); must hold one max_model_len sequence"))
+    tensor_parallel_size: Union[Auto, PositiveInt] = Field("auto", examples=[4], description=(
+        "GPUs one replica spans; must divide the attention heads. auto: the smallest that fits the weights and "
+        "one max_model_len sequence. An impossible explicit value is an error, never changed silently"))
+    data_parallel_size: Union[Auto, PositiveInt] = Field("auto", examples=[2], description=(
+        "Engine replicas; auto: gpus // tensor_parallel_size. TP x DP must not exceed gpus"))
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1, examples=[0.85], description=(
+        "Share of each GPU's memory vLLM may use for weights, activations and KV cache"))
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field("auto", examples=["fp8"], description=(
+        "KV-cache element type; fp8 halves the cache per token (twice the tokens) at some accuracy cost. "
+        "auto: the model's dtype"))
+    enable_prefix_caching: bool = Field(True, description=(
+        "vLLM's automatic prefix caching (shared prompt prefixes are computed once)"))
+    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "lm-format-enforcer", "auto"] = Field(
+        "guidance", examples=["xgrammar"], description="vLLM's guided-decoding backend; auto: vLLM chooses")
+    port: Port = Field(DEFAULT_ENGINE_PORT, ge=1, le=65535, description=(
+        "Engine port, always bound to 127.0.0.1 (never reachable from outside but through the gateway)"))
+    startup_timeout_s: PositiveFloat = Field(1800, examples=[3600], description=(
+        "Seconds the engine may take to answer /health after a (re)start (download, load, compile); "
+        "past it the start fails"))
+    restart: Literal["on-failure", "never"] = Field("on-failure", examples=["never"], description=(
+        "on-failure: restart a crashed or hung engine with back-off (2, 4, 8, 16, then 30 s); never: "
+        "qwen-serve up exits 1"))
+    max_restarts: int = Field(5, ge=0, examples=[10], description=(
+        "Restarts over the process's whole life (failed attempts count); then qwen-serve up exits 1"))
     # After the engine was ready once: an engine whose /health has failed (not merely slow while busy) for
     # this many seconds is restarted (counted toward max_restarts). null: never.
     unhealthy_restart_s: PositiveFloat | None = 120
@@ -83,30 +112,35 @@ class EngineConfig(_Section):
     # CPU per stream falls about N-fold), at the price of tokens reaching clients in bursts, N x the time per
     # token apart. 1: every token its own event (vLLM's default).
     stream_interval: PositiveInt = 1
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list, examples=[["--max-num-seqs", "128"]], description=(
+        "Further vLLM arguments, appended to the planned ones (--host and --port are refused)"))
+    env: dict[str, str] = Field(default_factory=dict, examples=[{"VLLM_LOGGING_LEVEL": "DEBUG"}], description=(
+        "Extra environment variables for the engine process (they win over the planned ones)"))
 
 
 class GatewayConfig(_Section):
-    host: str = "0.0.0.0"
-    port: Port = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)
+    """The OpenAI-compatible HTTP gateway in front of the engine."""
+
+    host: str = Field("0.0.0.0", examples=["127.0.0.1"], description="Address the gateway listens on")
+    port: Port = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535, description="The gateway's HTTP port")
+    # Largest request body accepted; a larger one is answered 413 request_too_large before it is read.
     max_request_bytes: PositiveInt = 8 * 1024 * 1024
     # Idle read timeout, not a total: the longest the engine may stay silent (before the response headers,
     # or between two reads of a stream) before the request fails with 504 (or a stream's error event).
     request_timeout_s: PositiveFloat = 600
     # Total deadline from the request's arrival (null: none): 504 before the response headers, else the
     # stream ends with an error event (code deadline_exceeded) and the engine's request is aborted.
-    request_deadline_s: PositiveFloat | None = None
-    connect_timeout_s: PositiveFloat = 5
+    request_deadline_s: PositiveFloat | None = Field(None, examples=[900])
+    connect_timeout_s: PositiveFloat = 5  # connecting to the engine; past it the request fails with 502
     drain_timeout_s: float = Field(600, ge=0)  # SIGTERM: how long in-flight streams may finish
-    ui: bool = True
+    ui: bool = True  # serve the streaming chat page at /
     # The HTTP client to the engine. httptools (plain http:// only; other schemes use aiohttp): the least CPU
     # per streamed event; aiohttp, httpx: the earlier clients (benchmarks/RESULTS.md).
     upstream_client: Literal["httptools", "aiohttp", "httpx"] = "httptools"
     log_requests: bool = False  # never logs prompts or keys, only method/path/status
     # A second listener on ``host`` serving only /metrics and /metrics/engine; the main port then answers
     # 404 there. null: both are served on the main port.
-    metrics_port: StrictInt | None = Field(None, ge=1, le=65535)  # strict: `true` is not a port
+    metrics_port: StrictInt | None = Field(None, ge=1, le=65535, examples=[9090])  # strict: `true` is not a port
     # The engine's /metrics text is fetched at most once per this many seconds (concurrent scrapes share
     # one fetch); 0: every scrape fetches it.
     engine_metrics_cache_s: float = Field(1.0, ge=0)
@@ -124,6 +158,11 @@ class GatewayConfig(_Section):
     # engine's token rate, at least 1, at most the CPUs this process may use (1 for `qwen-serve gateway`,
     # whose engine is not planned). 1: one process, as before workers existed.
     workers: Union[Auto, PositiveInt] = "auto"
+    responses_store: bool = Field(False, examples=[True], description=(
+        "Stored responses of the Responses API (store, previous_response_id, GET/DELETE /v1/responses/{id}). vLLM "
+        "keeps them in one engine's memory: single replica only (the plan then starts the engine "
+        "with VLLM_ENABLE_RESPONSES_API_STORE=1). false: store is forced off, previous_response_id is "
+        "refused with 400 and those routes answer 404"))
 
     @field_validator("metrics_port")
     @classmethod
@@ -135,9 +174,15 @@ class GatewayConfig(_Section):
 
 
 class AuthConfig(_Section):
-    enabled: bool = True
-    keys_file: str = "keys.yaml"
-    reload_interval_s: PositiveFloat = 2
+    """API keys: who may call the gateway, which models they may use, their rate limits."""
+
+    enabled: bool = Field(True, examples=[False], description=(
+        "Require an API key on /v1/* and /tokenize, /detokenize; false: every caller is 'anonymous', unlimited"))
+    keys_file: str = Field("keys.yaml", examples=["/etc/qwen-serve/keys/keys.yaml"], description=(
+        "The keys file (qwen-serve keys create|rotate|revoke|list), relative to the config file; it must exist "
+        "and be valid at start-up"))
+    reload_interval_s: PositiveFloat = Field(2, examples=[5], description=(
+        "Seconds between checks of the keys file; a changed file is re-read, a broken one keeps the last good keys"))
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -152,9 +197,12 @@ class LimitsConfig(_Section):
     refuses the request (503), ``fail_open`` admits it unmetered. ``local`` never fails.
     """
 
-    backend: Literal["local", "redis"] = "local"
-    redis_url: str | None = Field(None, validate_default=True)
-    on_backend_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    backend: Literal["local", "redis"] = Field("local", examples=["redis"], description=(
+        "local: counters in each gateway process (N replicas admit up to N x a key's limits); redis: shared"))
+    redis_url: str | None = Field(None, validate_default=True, examples=["redis://redis:6379/0"], description=(
+        "redis://, rediss:// or unix:// URL of the shared store; required with backend: redis"))
+    on_backend_error: Literal["fail_closed", "fail_open"] = Field("fail_closed", examples=["fail_open"], description=(
+        "When the shared store cannot be reached: fail_closed answers 503, fail_open admits the request unmetered"))
 
     @field_validator("redis_url")
     @classmethod
@@ -173,8 +221,10 @@ class GuidedConfig(_Section):
     """Guided decoding: translation of the request fields, checks of the answers, and the bounds a
     request's constraint must stay within (checked before any other work; past one: 400 naming the field)."""
 
-    validate_output: bool = True
-    legacy_fields: Literal["translate", "reject"] = "translate"
+    validate_output: bool = Field(True, examples=[False], description=(
+        "Check a finished guided JSON answer against its schema; the verdict is the X-Guided-Output header"))
+    legacy_fields: Literal["translate", "reject"] = Field("translate", examples=["reject"], description=(
+        "guided_json, guided_regex, guided_choice, guided_grammar: translate to structured_outputs, or reject (400)"))
     max_schema_bytes: PositiveInt = 256 * 1024  # a JSON schema, as compact JSON
     max_schema_depth: PositiveInt = 64  # nesting of objects/arrays in a schema
     max_schema_properties: PositiveInt = 4096  # property names across the whole schema
@@ -184,6 +234,40 @@ class GuidedConfig(_Section):
     max_grammar_bytes: PositiveInt = 64 * 1024  # a guided grammar
 
 
+class MultimodalConfig(_Section):
+    """Image inputs of a vision-language model (``gateway.multimodal`` checks requests against it; the plan
+    passes the per-request count and the pixel cap to vLLM). Ignored for a text-only model, which refuses
+    image parts whatever this says."""
+
+    max_images_per_request: PositiveInt = Field(4, examples=[8], description=(
+        "Most image parts one request may carry (vLLM's --limit-mm-per-prompt); more: 400"))
+    max_image_bytes: PositiveInt = Field(10 * 1024 * 1024, examples=[5242880], description=(
+        "Largest decoded size of one image (a data: URL, or a fetched remote image); larger: 400"))
+    url_allowlist: list[str] = Field(default_factory=list, examples=[["images.example.com", "*.cdn.example.com"]],
+                                     description=(
+        "Hosts remote http(s) image URLs may name (exact host, or *.suffix for its subdomains); the gateway "
+        "fetches them itself, never from private, loopback or link-local addresses. Empty: data: URLs only"))
+    max_image_pixels: int = Field(1280 * 28 * 28, ge=56 * 56, examples=[602112], description=(
+        "Images are downscaled to at most this many pixels before the vision tower (vLLM's "
+        "--mm-processor-kwargs max_pixels); 28 x 28 pixels make one image token, so the default caps an image "
+        "at 1280 tokens"))
+    fetch_timeout_s: PositiveFloat = Field(10, examples=[5], description=(
+        "Total time allowed to fetch one remote image (connect, redirects refused, body)"))
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _allowlist(cls, value: list[str]) -> list[str]:
+        """Lower-case host names or ``*.suffix`` patterns; no schemes, paths, ports or bare ``*``."""
+        out = []
+        for entry in value:
+            host = entry.strip().lower().rstrip(".")
+            bare = host.removeprefix("*.")
+            if not bare or "*" in bare or any(c in bare for c in "/:@ ?#[]"):
+                raise PydanticCustomError("host_pattern", "entries must be host names or *.suffix patterns")
+            out.append(host)
+        return out
+
+
 class Config(_Section):
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
@@ -191,6 +275,7 @@ class Config(_Section):
     auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     guided: GuidedConfig = Field(default_factory=lambda: GuidedConfig())
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
+    multimodal: MultimodalConfig = Field(default_factory=lambda: MultimodalConfig())
     base_dir: Path | None = Field(default=None, exclude=True, description="directory relative paths resolve in")
 
     def resolve_path(self, value: str) -> Path:

@@ -1,4 +1,4 @@
-"""Stage 1 of the gateway pipeline: request headers → :class:`Principal` (contract: CONTRACTS.md §2–3, §5).
+"""Stage 1 of the gateway pipeline: request headers → :class:`Principal`.
 
 The pipeline calls ``authenticator.authenticate(headers)`` first, once per request, with the raw ASGI
 headers (``scope["headers"]``: ``(name, value)`` byte pairs, names lower-case as ASGI servers send them;
@@ -17,6 +17,10 @@ Implementations (:func:`build_authenticator` picks one from :class:`~qwen_serve.
   even in memory). Secrets and hashes are never logged. The hot path stays in bytes: no header object, no
   text decoding, raw 32-byte digests, CPython's compact SHA-256 (about 1 µs per request in a tight loop,
   3 µs in the serving gateway, where its code and data are cold each time).
+  A key rotated with a grace period (``qwen-serve keys rotate --grace S``) has two digests in the lookup
+  table, the new secret's and the previous one's, both giving the same :class:`Principal`; the previous one
+  carries its own expiry (``previous_expires``, or the key's ``expires`` if sooner), checked like any other,
+  so a request costs the same whichever secret it presents and no reload is needed when the grace ends.
 
 Reload: the app's lifespan owns the authenticator — ``await auth.start()`` after construction,
 ``await auth.aclose()`` on exit. :class:`KeyFileAuth` then checks the file every ``reload_interval_s``
@@ -150,6 +154,7 @@ class _Record:
     digest: bytes  # the raw SHA-256 of the secret (the file stores it as hex)
     expires: datetime | None
     disabled: bool
+    previous: bool = False  # the secret before a rotation, accepted until ``expires`` (its grace period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +169,12 @@ class _KeySet:
         records = {}
         for k in keys.keys:
             digest = bytes.fromhex(k.sha256)
-            records[digest] = _Record(Principal(k.id, k.models, k.rpm, k.tpm, k.max_concurrent), digest, k.expires,
-                                      k.disabled)
+            principal = Principal(k.id, k.models, k.rpm, k.tpm, k.max_concurrent)
+            records[digest] = _Record(principal, digest, k.expires, k.disabled)
+            if k.previous_sha256 is not None and k.previous_expires is not None:
+                old = bytes.fromhex(k.previous_sha256)
+                until = k.previous_expires if k.expires is None else min(k.previous_expires, k.expires)
+                records[old] = _Record(principal, old, until, k.disabled, previous=True)
         return cls(records, frozenset(k.id for k in keys.keys))
 
 
@@ -217,6 +226,9 @@ class KeyFileAuth:
         if record.disabled:
             raise AuthError(f"The API key '{key_id}' has been revoked.", reason="disabled")
         if record.expires is not None and record.expires <= datetime.now(timezone.utc):
+            if record.previous:
+                raise AuthError(f"The API key '{key_id}' was rotated; its previous secret stopped working at "
+                                f"{record.expires.isoformat()}.", reason="expired")
             raise AuthError(f"The API key '{key_id}' expired at {record.expires.isoformat()}.", reason="expired")
         return record.principal
 

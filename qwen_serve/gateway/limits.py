@@ -1,4 +1,5 @@
-"""Stage 2 of the gateway pipeline: per-key rpm, tpm and concurrency limits (contract: CONTRACTS.md §3, §5).
+"""Stage 2 of the gateway pipeline: per-key rpm, tpm and concurrency limits (429 ``rate_limit_exceeded`` with
+``Retry-After``, counted in ``qwen_serve_rate_limited_total{key_id,limit}``).
 
 The pipeline calls, after auth and before the upstream hop::
 

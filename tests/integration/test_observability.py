@@ -44,7 +44,7 @@ pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "helm" / "qwen-serve" / "files" / "dashboards" / "qwen-serve.json"
 ENGINE_METRICS = REPO / "deploy" / "grafana" / "engine-metrics.txt"
-RULES = REPO / "deploy" / "prometheus" / "rules.yaml"
+RULES = REPO / "helm" / "qwen-serve" / "files" / "prometheus" / "rules.yaml"
 
 APT_HINT = "install the Debian package: apt-get install -y --no-install-recommends prometheus"
 NAMESPACE = "qwen-serve-test"

@@ -1,4 +1,4 @@
-"""Issue 3, tool calling through the gateway: ``tools`` + ``tool_choice`` on the real stack.
+"""Tool calling through the gateway: ``tools`` + ``tool_choice`` on the real stack.
 
 The stack launches vLLM with ``--enable-auto-tool-choice --tool-call-parser hermes`` (``model.tool_calling``).
 The random-weight model never decides to call a tool by itself, so ``tool_choice: "auto"`` can only be

@@ -20,7 +20,7 @@ from qwen_serve.gateway.auth import (
     Principal,
     build_authenticator,
 )
-from qwen_serve.keys import create_key, hash_secret, revoke_key
+from qwen_serve.keys import create_key, hash_secret, revoke_key, rotate_key
 
 NO_LIMITS: dict[str, object] = {"models": None, "rpm": None, "tpm": None, "max_concurrent": None, "expires": None}
 
@@ -337,3 +337,55 @@ async def test_aclose_without_start_and_double_start(keys_path: Path, secret: st
     await auth.start()
     assert auth._task is task
     await auth.aclose()
+
+
+# --- rotation with a grace period -------------------------------------------------------------------------
+
+
+def test_previous_secret_works_as_the_same_key_until_its_grace_ends(keys_path: Path, secret: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    new = rotate_key(keys_path, "team-a", grace_s=60)
+    auth = KeyFileAuth(keys_path, 1)
+    assert auth.authenticate(bearer(new)) == auth.authenticate(bearer(secret))
+    assert auth.authenticate(bearer(secret)).key_id == "team-a" and auth.key_ids == frozenset({"team-a"})
+
+    from qwen_serve.gateway import auth as auth_module
+
+    later = datetime.now(timezone.utc) + timedelta(seconds=61)
+
+    class _Later(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return later
+
+    monkeypatch.setattr(auth_module, "datetime", _Later)
+    with pytest.raises(AuthError, match="'team-a' was rotated; its previous secret stopped working") as info:
+        auth.authenticate(bearer(secret))
+    assert info.value.reason == "expired" and secret not in info.value.message
+    assert works(auth, new)  # no reload needed for the grace to end
+
+
+def test_revoke_ends_the_grace_too(keys_path: Path, secret: str) -> None:
+    new = rotate_key(keys_path, "team-a", grace_s=600)
+    revoke_key(keys_path, "team-a")
+    auth = KeyFileAuth(keys_path, 1)
+    assert reason_of(auth, bearer(secret)) == "disabled" and reason_of(auth, bearer(new)) == "disabled"
+
+
+def test_rotation_without_grace_refuses_the_old_secret(keys_path: Path, secret: str) -> None:
+    new = rotate_key(keys_path, "team-a")
+    auth = KeyFileAuth(keys_path, 1)
+    assert works(auth, new) and reason_of(auth, bearer(secret)) == "invalid"
+
+
+async def test_a_rotation_reaches_the_running_gateway(keys_path: Path, secret: str) -> None:
+    auth = KeyFileAuth(keys_path, 0.02)
+    await auth.start()
+    try:
+        new = rotate_key(keys_path, "team-a", grace_s=60)
+        await eventually(lambda: works(auth, new))
+        assert works(auth, secret)  # still inside its grace period
+        rotate_key(keys_path, "team-a")
+        await eventually(lambda: not works(auth, secret) and not works(auth, new))
+    finally:
+        await auth.aclose()

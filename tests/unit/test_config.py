@@ -1,4 +1,4 @@
-"""Config loading: every problem is one ``key.path: problem`` line (CONTRACTS.md §2)."""
+"""Config loading: every problem is one ``key.path: problem`` line (the command exits 2 with it)."""
 
 from __future__ import annotations
 

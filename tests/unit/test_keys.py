@@ -1,4 +1,4 @@
-"""qwen_serve.keys: the keys file format, create and revoke."""
+"""qwen_serve.keys: the keys file format, create, rotate, revoke and each key's state."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from qwen_serve.keys import (
     load_keys_file,
     parse_keys,
     revoke_key,
+    rotate_key,
 )
 
 SECRET_RE = re.compile(r"^qs-[A-Za-z0-9_-]{43}$")
@@ -255,3 +256,89 @@ def test_revoke_unknown_id(tmp_path: Path) -> None:
 def test_revoke_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         revoke_key(tmp_path / "keys.yaml", "a")
+
+
+# --- rotate -----------------------------------------------------------------------------------------------
+
+NONE: dict[str, object] = {"models": None, "rpm": None, "tpm": None, "max_concurrent": None, "expires": None}
+
+
+def test_rotate_replaces_the_hash_and_keeps_the_old_one_for_the_grace(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    old = create_key(path, "a", models=["qwen2.5-*"], rpm=5, tpm=None, max_concurrent=2, expires=None)
+    before = load_keys_file(path).keys[0]
+    t0 = datetime.now(timezone.utc)
+    new = rotate_key(path, "a", grace_s=90)
+    assert SECRET_RE.match(new) and new != old
+    text = path.read_text()
+    assert old not in text and new not in text  # only hashes are stored
+    key = load_keys_file(path).keys[0]
+    assert (key.sha256, key.previous_sha256) == (hash_secret(new), hash_secret(old))
+    assert key.previous_expires is not None
+    assert t0 + timedelta(seconds=88) <= key.previous_expires <= t0 + timedelta(seconds=92)
+    assert (key.models, key.rpm, key.max_concurrent, key.created) == (before.models, 5, 2, before.created)
+    assert key.state().startswith("active, previous secret until ")
+
+
+def test_rotate_without_grace_and_twice(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "a", **NONE)  # type: ignore[arg-type]
+    rotate_key(path, "a")
+    assert load_keys_file(path).keys[0].previous_sha256 is None
+    second = rotate_key(path, "a", grace_s=60)
+    third = rotate_key(path, "a", grace_s=60)
+    key = load_keys_file(path).keys[0]
+    assert (key.sha256, key.previous_sha256) == (hash_secret(third), hash_secret(second))  # one previous at most
+
+
+def test_rotate_re_enables_a_revoked_key_without_reviving_its_secret(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "a", **NONE)  # type: ignore[arg-type]
+    revoke_key(path, "a")
+    rotate_key(path, "a", grace_s=600)
+    key = load_keys_file(path).keys[0]
+    assert not key.disabled and key.previous_sha256 is None and key.state() == "active"
+
+
+def test_rotate_an_expired_key_needs_a_new_expiry(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    past = datetime.now(timezone.utc) - timedelta(days=1)
+    create_key(path, "a", **{**NONE, "expires": past})  # type: ignore[arg-type]
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="pass --expires"):
+        rotate_key(path, "a", grace_s=60)
+    assert path.read_bytes() == before
+    later = datetime.now(timezone.utc) + timedelta(days=30)
+    rotate_key(path, "a", grace_s=60, expires=later)
+    key = load_keys_file(path).keys[0]
+    assert key.state() == "active" and key.previous_sha256 is None  # the expired secret stays dead
+
+
+def test_rotate_refuses_unknown_ids_and_negative_grace(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "a", **NONE)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no key with id 'b'"):
+        rotate_key(path, "b")
+    with pytest.raises(ConfigError, match="--grace"):
+        rotate_key(path, "a", grace_s=-1)
+
+
+def test_previous_hash_fields_are_validated() -> None:
+    other = "b" * 64
+    assert "go together" in error_of({"keys": [entry(previous_sha256=other)]})
+    assert "keys[0].previous_sha256: must be" in error_of(
+        {"keys": [entry(previous_sha256="x", previous_expires="2030-01-01")]})
+    message = error_of({"keys": [entry("a"), entry("b", other, previous_sha256=HASH, previous_expires="2030-01-01")]})
+    assert "keys[1].previous_sha256: same secret as keys[0]" in message
+
+
+def test_state_of_a_key() -> None:
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    key = parse_keys({"keys": [entry(previous_sha256="b" * 64, previous_expires="2030-01-01T00:10:00Z",
+                                     expires="2030-01-01T00:05:00Z")]}).keys[0]
+    assert key.state(now) == "active, previous secret until 2030-01-01T00:05:00Z"  # capped by the key's expiry
+    assert key.previous_valid_until(now + timedelta(minutes=5)) is None
+    assert key.state(now + timedelta(minutes=5)) == "expired"
+    revoked = parse_keys({"keys": [entry(disabled=True, previous_sha256="b" * 64,
+                                         previous_expires="2030-01-01T00:10:00Z")]}).keys[0]
+    assert revoked.state(now) == "revoked" and revoked.previous_valid_until(now) is None
