@@ -23,6 +23,7 @@ ANONYMOUS_KEY_ID = "anonymous"
 PROXIED_ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/models",
     "/tokenize",
     "/detokenize",

@@ -51,6 +51,8 @@ def _load_flags(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     if target:
         g.add_argument("--url", default=S, help="server or gateway base URL (http://host:port)")
     g.add_argument("--model", default=S, help="model name to request")
+    g.add_argument("--api", choices=["chat", "responses"], default=S,
+                   help="OpenAI API to call: chat (/v1/chat/completions, default) or responses (/v1/responses)")
     g.add_argument("--api-key", default=S, help="Bearer key (qwen-serve gateway keys: qs-...)")
     g.add_argument("--api-key-file", default=S, metavar="PATH",
                    help="file holding the Bearer key (~ expanded, content stripped); --api-key wins")
@@ -111,7 +113,7 @@ def add_parser(sub: Any) -> None:
     cmp_ = bsub.add_parser("compare", help="two or more targets, alternated in rounds; ratios with intervals")
     _load_flags(cmp_, target=False)
     cmp_.add_argument("--target", dest="targets", action="append",
-                      help="NAME=URL[,api_key=K][,model=M]; give two or more")
+                      help="NAME=URL[,api_key=K][,model=M][,api=chat|responses]; give two or more")
     cmp_.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
     cmp_.add_argument("--out")
 

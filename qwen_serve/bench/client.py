@@ -1,9 +1,10 @@
 """One async HTTP client that sends a request when it is due and timestamps every SSE event.
 
 :class:`Client` owns one ``aiohttp.ClientSession`` (unbounded connector: the run, not the pool, decides
-concurrency) for its ``async with`` block. :meth:`Client.send` posts one streamed chat completion and
-fills a :class:`~qwen_serve.bench.records.RequestRecord`; it never raises for a failed request (the
-failure is recorded as ``status``/``error``), only for cancellation.
+concurrency) for its ``async with`` block. :meth:`Client.send` posts one streamed request (a chat completion,
+or with ``api="responses"`` a Responses API call: :mod:`qwen_serve.bench.apis`) and fills a
+:class:`~qwen_serve.bench.records.RequestRecord`; it never raises for a failed request (the failure is
+recorded as ``status``/``error``), only for cancellation.
 
 The hot path is kept to what timing needs: per network read one ``perf_counter()`` and one list append.
 SSE framing and JSON decoding happen when the response has ended, all events of a response in one
@@ -14,7 +15,7 @@ Token accounting: the client asks for ``stream_options: {include_usage, continuo
 ``output_tokens``/``input_tokens`` come from the final ``usage``. A server that ignores
 ``continuous_usage_stats`` gets its ``usage`` tokens spread evenly over the events that carried text.
 ``client_output_tokens`` (events with text, one token each) is what a client without ``usage`` would
-report; the run shows the mismatch.
+report; the run shows the mismatch. Responses API streams: :func:`qwen_serve.bench.apis.fill_responses`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from qwen_serve.bench.apis import API_PATHS, Api, fill_responses, responses_body
 from qwen_serve.bench.exporter import Exporter, NullExporter
 from qwen_serve.bench.records import RequestRecord, RequestSpec
 
@@ -39,19 +41,26 @@ __all__ = ["Client", "encode_body", "parse_stream"]
 _perf = time.perf_counter
 
 
-def encode_body(spec: RequestSpec, model: str, *, continuous_usage: bool = True) -> bytes:
-    """The JSON bytes sent for ``spec`` (encoded once, before the run)."""
-    body = {"model": model, **spec.body, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": continuous_usage}}
+def encode_body(spec: RequestSpec, model: str, *, continuous_usage: bool = True, api: Api = "chat") -> bytes:
+    """The JSON bytes sent for ``spec`` (encoded once, before the run): the chat body with streamed usage, or
+    for ``api="responses"`` its Responses API translation (streamed, ``store: false``)."""
+    body: dict[str, Any]
+    if api == "responses":
+        body = {"model": model, **responses_body(spec.body), "stream": True, "store": False}
+    else:
+        body = {"model": model, **spec.body, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": continuous_usage}}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 class Client:
-    """Streams chat completions to ``url`` (``/v1/chat/completions`` of a server or gateway)."""
+    """Streams chat completions (or Responses API calls, ``api="responses"``) to ``url`` (a server or
+    gateway: ``/v1/chat/completions`` or ``/v1/responses`` is appended)."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-                 exporter: Exporter | None = None) -> None:
-        self.url = url.rstrip("/") + "/v1/chat/completions"
+                 exporter: Exporter | None = None, api: Api = "chat") -> None:
+        self.api: Api = api
+        self.url = url.rstrip("/") + API_PATHS[api]
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -95,7 +104,7 @@ class Client:
             rec.error, rec.error_message = "connection_error", f"{type(exc).__name__}: {exc}"
         rec.end = _perf() - t0
         if rec.error is None and rec.status == 200:
-            parse_stream(rec, times, reads, t0)
+            parse_stream(rec, times, reads, t0, api=self.api)
         self.exporter.request_done(rec)
 
 
@@ -116,8 +125,10 @@ def _record_http_error(rec: RequestRecord, status: int, raw: bytes) -> None:
     rec.error_message = message
 
 
-def parse_stream(rec: RequestRecord, times: Sequence[float], reads: Sequence[bytes], t0: float) -> None:
-    """Frame the SSE ``reads`` (stamped ``times``) into events and fill ``rec``'s tokens and event times.
+def parse_stream(rec: RequestRecord, times: Sequence[float], reads: Sequence[bytes], t0: float,
+                 *, api: Api = "chat") -> None:
+    """Frame the SSE ``reads`` (stamped ``times``) into events and fill ``rec``'s tokens and event times
+    (chat chunks, or Responses API events with ``api="responses"``).
 
     An event is stamped with the time of the read that holds the last byte of its blank-line separator.
     Each ``data:`` line is one payload; all payloads are decoded in one ``json.loads`` call.
@@ -146,6 +157,9 @@ def parse_stream(rec: RequestRecord, times: Sequence[float], reads: Sequence[byt
                 if payload and payload != b"[DONE]":
                     payloads.append(payload)
                     ev_times.append(times[bisect_right(ends, offset)])
+    if api == "responses":
+        fill_responses(rec, ev_times, payloads, t0, _tokens_per_event)
+        return
     if not payloads:
         _fill(rec, ev_times, [], t0)
         return

@@ -42,23 +42,27 @@ class Target:
     url: str
     api_key: str | None = None
     model: str | None = None
+    api: str | None = None  # chat | responses; None: the run's --api
 
 
 def parse_target(text: str) -> Target:
-    """``NAME=URL[,api_key=K][,model=M]`` → :class:`Target`; ValueError names the malformed part."""
+    """``NAME=URL[,api_key=K][,model=M][,api=chat|responses]`` → :class:`Target`; ValueError names the
+    malformed part. ``api`` lets one compare the two APIs of the same server."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"target: '{text}' is not NAME=URL[,api_key=K][,model=M]")
+        raise ValueError(f"target: '{text}' is not NAME=URL[,api_key=K][,model=M][,api=chat|responses]")
     url, *opts = rest.split(",")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"target: {name}: URL must start with http:// or https://, got '{url}'")
     extra: dict[str, str] = {}
     for opt in opts:
         k, s, v = opt.partition("=")
-        if not s or k not in ("api_key", "model"):
-            raise ValueError(f"target: {name}: unknown option '{opt}' (api_key=K, model=M)")
+        if not s or k not in ("api_key", "model", "api"):
+            raise ValueError(f"target: {name}: unknown option '{opt}' (api_key=K, model=M, api=chat|responses)")
+        if k == "api" and v not in ("chat", "responses"):
+            raise ValueError(f"target: {name}: api must be chat or responses, got '{v}'")
         extra[k] = v
-    return Target(name=name, url=url, api_key=extra.get("api_key"), model=extra.get("model"))
+    return Target(name=name, url=url, api_key=extra.get("api_key"), model=extra.get("model"), api=extra.get("api"))
 
 
 def _get(result: dict[str, Any], path: Sequence[str]) -> float | None:
@@ -95,7 +99,8 @@ async def compare(base: RunConfig, targets: Sequence[Target], out: str | Path,
         raise ValueError("target: names must be unique")
     out = Path(out)
     cfgs = {t.name: base.model_copy(update={"url": t.url, "api_key": t.api_key or base.api_key,
-                                            "model": t.model or base.model, "label": t.name}) for t in targets}
+                                            "model": t.model or base.model, "label": t.name,
+                                            "api": t.api or base.api}) for t in targets}
     first = cfgs[targets[0].name]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=first.timeout)) as session:
         pool: tuple[list[RequestSpec], bool] = await build_specs(first, session, pool_size(first))

@@ -45,6 +45,7 @@ class RunConfig(BaseModel):
     api_key: str | None = None
     api_key_file: str | None = None
     workload: str = "random"
+    api: Literal["chat", "responses"] = "chat"  # the OpenAI API the requests use (bench.apis)
     input_len: int | None = Field(default=None, ge=1)
     output_len: int = Field(default=128, ge=1)
     rate: float = math.inf

@@ -122,10 +122,10 @@ async def execute(cfg: RunConfig, *, progress: Progress | None = None,
     pool, exact = specs
     if not pool:
         raise ValueError(f"workload: {cfg.workload} produced no requests")
-    bodies = [encode_body(s, cfg.model) for s in pool]
+    bodies = [encode_body(s, cfg.model, api=cfg.api) for s in pool]
     watch = EngineWatch(cfg.metrics_url or cfg.url.rstrip("/") + "/metrics") if cfg.engine_metrics else None
     notes: list[str] = []
-    async with Client(cfg.url, api_key=cfg.api_key, timeout_s=cfg.timeout, exporter=exporter) as client:
+    async with Client(cfg.url, api_key=cfg.api_key, timeout_s=cfg.timeout, exporter=exporter, api=cfg.api) as client:
         warm: list[RequestRecord] = []
         if watch is not None:
             await watch.open()

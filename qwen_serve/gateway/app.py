@@ -1,6 +1,8 @@
 """``build_app(config)``: the gateway's ASGI app (FastAPI), importable without vLLM.
 
-Wiring only: routes are thin and call :class:`~qwen_serve.gateway.pipeline.Pipeline`; one exception
+Wiring only: routes are thin and call :class:`~qwen_serve.gateway.pipeline.Pipeline` (``/v1/responses``
+too; ``GET``/``DELETE /v1/responses/{id}`` answer 404 like an unknown route unless
+``gateway.responses_store``); one exception
 handler turns every :class:`~qwen_serve.errors.QwenServeError` (and anything unexpected) into the
 OpenAI error shape; :class:`~qwen_serve.gateway.middleware.GatewayMiddleware` wraps everything (and logs
 what is unexpected). Paths match exactly: ``/health/`` is an unknown route (404), never a redirect.
@@ -50,6 +52,7 @@ from qwen_serve.gateway.http_protocol import TIMED_OUT
 from qwen_serve.gateway.limits import build_limiter
 from qwen_serve.gateway.metrics import EngineScrapeCache, GatewayMetrics, merge_engine_metrics
 from qwen_serve.gateway.middleware import GatewayMiddleware
+from qwen_serve.gateway.multimodal import ImageGuard, model_accepts_images
 from qwen_serve.gateway.pipeline import Pipeline, Stages
 from qwen_serve.errors import UpstreamError
 from qwen_serve.gateway.types import ASGIApp, Receive, Scope, Send
@@ -95,7 +98,8 @@ def build_app(
     (``None`` otherwise); the server must then listen on both ports (``qwen_serve.serve`` does).
     """
     served = (config.model.name,)
-    metrics = GatewayMetrics(shared_limiter=config.limits.backend == "redis")
+    accepts_images = model_accepts_images(config)
+    metrics = GatewayMetrics(shared_limiter=config.limits.backend == "redis", images=accepts_images)
     state = state or EngineState()
     url = upstream_url or f"http://{ENGINE_HOST}:{config.engine.port}"
     gw = config.gateway
@@ -110,7 +114,9 @@ def build_app(
                             process_alive=engine_alive)
     pipeline = Pipeline(Stages(auth=auth, limiter=limiter, guided=config.guided, upstream=upstream,
                                metrics=metrics, engine=state, served_models=served,
-                               request_deadline_s=gw.request_deadline_s))
+                               request_deadline_s=gw.request_deadline_s, responses_store=gw.responses_store,
+                               images=ImageGuard(config.multimodal, accepts_images=accepts_images,
+                                                 metrics=metrics.image_counters)))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,6 +150,13 @@ def build_app(
 
     async def completions(request: Request) -> Any:
         return await pipeline.generate(request, "/v1/completions")
+
+    async def responses(request: Request) -> Any:
+        return await pipeline.responses(request)
+
+    async def stored_response(request: Request) -> Response:
+        status, body = await pipeline.stored_response(request, request.path_params["response_id"])
+        return Response(body, status_code=status, media_type="application/json")
 
     async def tokenize(request: Request) -> Any:
         return await pipeline.passthrough(request, "/tokenize")
@@ -213,6 +226,8 @@ def build_app(
     for path, endpoint, methods in (
         ("/v1/chat/completions", chat_completions, ["POST"]),
         ("/v1/completions", completions, ["POST"]),
+        ("/v1/responses", responses, ["POST"]),
+        ("/v1/responses/{response_id}", stored_response, ["GET", "DELETE"]),
         ("/v1/models", models, ["GET"]),
         ("/v1/models/{model_id:path}", model, ["GET"]),
         ("/tokenize", tokenize, ["POST"]),

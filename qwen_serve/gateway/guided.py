@@ -1,8 +1,8 @@
 """Guided-decoding stage: normalise, pre-check and validate structured output.
 
-Called by the gateway pipeline, never by other stages. For each ``/v1/chat/completions`` or
-``/v1/completions`` body the pipeline awaits :func:`prepare_async` (:func:`prepare` is the same, all on the
-calling thread) *before* forwarding; it
+Called by the gateway pipeline, never by other stages. For each ``/v1/chat/completions``,
+``/v1/completions`` or ``/v1/responses`` body the pipeline awaits :func:`prepare_async` (:func:`prepare` is the
+same, all on the calling thread) *before* forwarding; it
 
 * returns ``None`` (after a few dict lookups) when the request asks for no guidance;
 * enforces the request-time bounds (:mod:`qwen_serve.gateway.guided_bounds`: ``guided.max_*``) before any
@@ -19,6 +19,10 @@ vLLM 0.32                                      here
 =============================================  ==============================================
 ``response_format`` json_schema / json_object  kept as is (both routes enforce it)
 / structural_tag / text
+``text.format`` json_schema / json_object /    (``/v1/responses``) kept as is; checked as
+text                                           ``response_format`` (``param`` ``text.format.schema``,
+                                               ``text.format.name``...). ``response_format`` there is
+                                               ignored upstream → 400 naming it
 ``structured_outputs`` {json, regex, choice,   kept; shape checked (exactly one constraint,
 grammar, json_object, structural_tag} + opts   known keys only: vLLM drops unknown keys silently)
 ``guided_json|regex|choice|grammar``           silently ignored upstream (HTTP 200, unconstrained)
@@ -47,13 +51,17 @@ After the answer, :meth:`GuidedRequest.check_response` (non-streaming) or a :cla
 (streaming; fed each parsed chunk as it is relayed) gives the outcome, a ``qwen_serve_guided_requests_total``
 label and the verdict sent to the client: the ``X-Guided-Output`` header of a whole answer, or the top-level
 ``"guided_output"`` field the gateway adds to the stream's chunk that carries the last choice's
-``finish_reason`` (that one chunk waits for the check): ``valid`` | ``invalid`` | ``truncated``
-(``finish_reason: "length"``) | ``incomplete`` (the stream ended without a ``finish_reason``) |
+``finish_reason`` (that one chunk waits for the check). A Responses API answer (``"object": "response"``,
+whole or the ``response`` of the stream's final ``response.completed`` event) is checked by
+:meth:`GuidedRequest.check_response` too: the text of its ``output_text`` parts, ``status`` ``completed`` as
+a finished answer, ``incomplete`` for ``max_output_tokens`` as ``truncated``. Outcomes: ``valid`` |
+``invalid`` | ``truncated`` (``finish_reason: "length"``) | ``incomplete`` (the stream ended without a
+``finish_reason``) |
 ``unverified`` (the answer could not be checked within bounds: longer than
 :data:`~qwen_serve.gateway.guided_budget.MAX_ANSWER_CHARS`, more work than the check's
 :class:`~qwen_serve.gateway.guided_budget.Budget`, nested too deeply to parse, or reaching a regex RE2
-cannot evaluate) | ``unchecked`` (``validate_output`` off, ``echo`` on completions, or a
-grammar/structural-tag constraint). With ``n > 1`` the worst choice wins: invalid > incomplete > truncated >
+cannot evaluate) | ``unchecked`` (``validate_output`` off, ``echo`` on completions, a
+grammar/structural-tag constraint, or a Responses answer that is only function calls). With ``n > 1`` the worst choice wins: invalid > incomplete > truncated >
 unverified > unchecked > valid. JSON is parsed strictly (raw control characters inside strings, ``NaN`` and
 ``Infinity`` are invalid). Checks that need schema or regex work run in a worker thread when awaited
 (:meth:`GuidedRequest.check_response_async`, :meth:`StreamChecker.outcome_async`) with the worker budget; the
@@ -84,6 +92,7 @@ from qwen_serve.gateway.regex_check import Regex
 __all__ = [
     "CHAT_ROUTE",
     "COMPLETIONS_ROUTE",
+    "RESPONSES_ROUTE",
     "GuidedRequest",
     "KINDS",
     "OUTCOMES",
@@ -94,6 +103,7 @@ __all__ = [
 
 CHAT_ROUTE: Final = "/v1/chat/completions"
 COMPLETIONS_ROUTE: Final = "/v1/completions"
+RESPONSES_ROUTE: Final = "/v1/responses"
 
 KINDS: Final = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED = (
@@ -115,6 +125,7 @@ _LEGACY_CONSTRAINTS: Final = {  # legacy field → structured_outputs key
 _LEGACY: Final = (*_LEGACY_CONSTRAINTS, "guided_whitespace_pattern", "guided_decoding_backend")
 _TRIGGERS: Final = ("response_format", "structured_outputs", *_LEGACY)
 _RF_TYPES: Final = ("text", "json_object", "json_schema", "structural_tag")
+_TEXT_FORMAT_TYPES: Final = ("text", "json_object", "json_schema")  # the Responses API's text.format
 _RE_NOTE: Final = "RE2 syntax, the engine's grammar backends' family: no look-around, no backreferences"
 _UNVERIFIABLE: Final = (OverBudget, Unverifiable, RecursionError, referencing.exceptions.Unresolvable)
 
@@ -161,19 +172,51 @@ class GuidedRequest:
         return self.validate and (self._schema_check is not None or self.pattern is not None)
 
     def check_response(self, response: Mapping[str, Any], budget: Budget | None = None) -> str:
-        """Outcome for a non-streaming chat or completions response body, within ``budget`` (shared by its
-        choices; default: :meth:`Budget.inline`)."""
+        """Outcome for a non-streaming chat, completions or Responses API response body, within ``budget``
+        (shared by its choices; default: :meth:`Budget.inline`)."""
         if not self.validate:
             return UNCHECKED
+        budget = budget or Budget.inline()
+        if response.get("object") == "response":
+            return self._check_responses_answer(response, budget)
         choices = response.get("choices")
         if not isinstance(choices, list) or not choices:
             return INCOMPLETE
-        budget = budget or Budget.inline()
         outcomes = [
             self.check_text(_choice_text(c), c.get("finish_reason"), budget) if isinstance(c, Mapping) else INVALID
             for c in choices
         ]
         return max(outcomes, key=_RANK.__getitem__)
+
+    def _check_responses_answer(self, response: Mapping[str, Any], budget: Budget) -> str:
+        """Outcome for a Responses API ``response`` object: the text of its messages' ``output_text`` parts;
+        ``status`` ``completed`` is a finished answer, ``incomplete`` for ``max_output_tokens`` a truncated one,
+        anything else (failed, cancelled, in progress) incomplete. Only function calls: unchecked."""
+        texts: list[str] = []
+        messages = calls = 0
+        output = response.get("output")
+        for item in output if isinstance(output, list) else ():
+            if not isinstance(item, Mapping):
+                continue
+            if item.get("type") == "message":
+                messages += 1
+                content = item.get("content")
+                for part in content if isinstance(content, list) else ():
+                    if isinstance(part, Mapping) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                        texts.append(part["text"])
+            elif item.get("type") == "function_call":
+                calls += 1
+        status = response.get("status")
+        finish: str | None = None
+        if status == "completed":
+            finish = "stop"
+        elif status == "incomplete":
+            details = response.get("incomplete_details")
+            if isinstance(details, Mapping) and details.get("reason") == "max_output_tokens":
+                finish = "length"
+        if calls and not messages and finish == "stop":
+            return UNCHECKED
+        return self.check_text("".join(texts), finish, budget)
 
     async def check_response_async(self, response: Mapping[str, Any]) -> str:
         """:meth:`check_response`, in a worker thread with :meth:`Budget.worker` when it needs schema or
@@ -354,7 +397,8 @@ async def prepare_async(body: dict[str, Any], *, route: str, config: GuidedConfi
 
 
 def _prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> GuidedRequest | None:
-    if not any(k in body for k in _TRIGGERS):
+    responses = route == RESPONSES_ROUTE
+    if not any(k in body for k in _TRIGGERS) and not (responses and body.get("text") is not None):
         return None
     legacy = [k for k in _LEGACY if k in body]
     if legacy and config.legacy_fields == "reject":
@@ -362,7 +406,13 @@ def _prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> Guide
 
     found: list[tuple[str, str, Any]] = []  # (param, structured_outputs key, value)
     rf = body.get("response_format")
-    if rf is not None:
+    if responses:
+        if rf is not None:  # not a Responses API field: vLLM would ignore it and answer unconstrained
+            raise InvalidRequest("response_format is not a field of the Responses API (it would be ignored); "
+                                 'send text: {"format": {"type": "json_schema", "name", "schema"}} instead',
+                                 param="response_format")
+        found.extend(_from_text_format(body.get("text")))
+    elif rf is not None:
         found.extend(_from_response_format(rf))
     so = body.get("structured_outputs")
     so_found = [] if so is None else _from_structured_outputs(so)
@@ -394,6 +444,8 @@ def _prepare(body: dict[str, Any], *, route: str, config: GuidedConfig) -> Guide
         body["structured_outputs"] = merged
     elif key == "json" and param.startswith("structured_outputs"):
         body["structured_outputs"][key] = value  # a JSON string becomes the parsed schema
+    elif param == "text.format.schema":
+        body["text"]["format"]["schema"] = value  # likewise
     return guided
 
 
@@ -424,6 +476,30 @@ def _from_response_format(rf: object) -> list[tuple[str, str, Any]]:
         param = "response_format.json_schema.name"
         raise InvalidRequest(f"{param} must be a string", param=param)
     return [("response_format.json_schema.schema", "json", js.get("schema"))]
+
+
+def _from_text_format(text: object) -> list[tuple[str, str, Any]]:
+    """The constraint of a Responses API ``text`` object (``text.format``); its JSON type was checked."""
+    if not isinstance(text, dict):
+        return []
+    fmt = text.get("format")
+    if fmt is None:
+        return []
+    if not isinstance(fmt, dict):
+        raise InvalidRequest("text.format must be an object", param="text.format")
+    fmt_type = fmt.get("type")
+    if fmt_type not in _TEXT_FORMAT_TYPES:
+        raise InvalidRequest(f"text.format.type must be one of {', '.join(_TEXT_FORMAT_TYPES)}",
+                             param="text.format.type")
+    if fmt_type == "text":
+        return []
+    if fmt_type == "json_object":
+        return [("text.format", "json_object", True)]
+    if not isinstance(fmt.get("name"), str):
+        raise InvalidRequest("text.format.name must be a string", param="text.format.name")
+    if fmt.get("schema") is None:  # vLLM 0.32 would answer unconstrained
+        raise GuidedSchemaError("text.format.schema is required with type json_schema", param="text.format.schema")
+    return [("text.format.schema", "json", fmt["schema"])]
 
 
 def _from_structured_outputs(so: object) -> list[tuple[str, str, Any]]:

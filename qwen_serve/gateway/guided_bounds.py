@@ -12,6 +12,7 @@ and never quote the constraint's content.
 bound                                  setting (default)               applies to
 =====================================  ==============================  ===========================================
 schema size, as compact UTF-8 JSON     ``max_schema_bytes`` (256 KiB)  ``response_format.json_schema.schema``,
+                                                                       ``text.format.schema`` (Responses API),
                                                                        ``structured_outputs.json``, ``guided_json``
 schema nesting (objects and arrays)    ``max_schema_depth`` (64)       the same
 property names in the schema           ``max_schema_properties``       keys of every ``properties`` and

@@ -18,11 +18,19 @@ Token accounting of a generate request (the lease's release and ``qwen_serve_tok
 
 ``/tokenize``, ``/detokenize`` and ``/v1/models`` take a lease too: they count toward the key's rpm and
 concurrency, never its tpm.
+
+``/v1/responses`` (the Responses API, :mod:`qwen_serve.gateway.responses` for its protocol) goes through the
+same stages with :class:`ResponsesExchange`: usage is the final ``response.completed`` event's (or the whole
+body's) ``response.usage``, generated-token events are its ``*.delta`` events, TTFT is taken at the first of
+them, the guided verdict rides on the final event, and a failure after the first byte is the Responses
+API's ``error`` event. ``GET``/``DELETE /v1/responses/{id}`` (:meth:`Pipeline.stored_response`) exist only with
+``gateway.responses_store``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,16 +55,19 @@ from qwen_serve.errors import (
     invalid_type,
 )
 from qwen_serve.gateway import guided
+from qwen_serve.gateway import responses as responses_api
 from qwen_serve.gateway.auth import Authenticator, Principal
 from qwen_serve.gateway.limits import KeyLimits, Lease, Limiter, estimate_prompt_tokens
 from qwen_serve.gateway.metrics import GatewayMetrics
-from qwen_serve.gateway.proxy import ProxyCall, deadline_scope
+from qwen_serve.gateway.multimodal import ImageGuard, ImageRequest
+from qwen_serve.gateway.proxy import ProxyCall, deadline_scope, normalise_error
 from qwen_serve.upstream import Upstream
 
-__all__ = ["GUIDED_OUTPUT_FIELD", "Exchange", "Pipeline", "Stages", "count_token_events", "stream_mode",
-           "with_guided_output"]
+__all__ = ["GUIDED_OUTPUT_FIELD", "Exchange", "Pipeline", "ResponsesExchange", "Stages", "count_token_events",
+           "stream_mode", "with_guided_output"]
 
 _JSON = {"content-type": "application/json"}
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # vLLM's resp_<hex>; nothing that could leave the route
 
 
 @dataclass
@@ -69,6 +80,8 @@ class Stages:
     engine: EngineState
     served_models: tuple[str, ...]
     request_deadline_s: float | None = None  # gateway.request_deadline_s
+    responses_store: bool = False  # gateway.responses_store
+    images: ImageGuard | None = None  # image parts: checked, remote ones fetched and inlined (None: not checked)
 
 
 # --------------------------------------------------------------------------------------- request fields
@@ -164,7 +177,7 @@ class Exchange:
         self._stream_check = self._guided.stream_checker() if self._guided is not None else None
         self.inspect_all = self._stream_check is not None
         self._client_wants_usage = client_wants_usage
-        self._usage: Mapping[str, Any] | None = None
+        self._usage: tuple[int, int] | None = None  # (prompt, completion) as the engine reported them
         self._outcome: str | None = None
         self._sent_tokens = 0  # generated-token events sent to the client (see count_token_events)
         self._choices = choices  # the request's n: a stream's verdict goes out when this many have finished
@@ -183,7 +196,7 @@ class Exchange:
                 self._stream_outcome = verdict = await check.outcome_async()  # schema/regex work: off the loop
         usage = event.get("usage")
         if usage:
-            self._usage = usage
+            self._usage = _chat_usage(usage)
             if not self._client_wants_usage and not event.get("choices"):
                 return False
         if verdict is not None:
@@ -201,7 +214,7 @@ class Exchange:
         except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse; passed on as is
             return body, []
         if isinstance(obj, dict):
-            self._usage = obj.get("usage") or None
+            self._usage = self._read_usage(obj)
             if self._guided is not None:
                 self._outcome = await self._guided.check_response_async(obj)  # schema/regex work: off the loop
                 return body, [(GUIDED_OUTPUT_HEADER.encode(), self._outcome.encode())]
@@ -226,23 +239,100 @@ class Exchange:
             self._lease.release(self._estimate if status == 200 else 0)
         if self._kind is not None:
             outcome = self._outcome
-            if (self._stream_check is not None and self._outcome is None and status == 200
-                    and not disconnected and error is None):  # streamed: on_response() never ran
-                outcome = self._stream_outcome or self._stream_check.outcome()
+            streamed = None
+            if self._outcome is None and status == 200 and not disconnected and error is None:
+                streamed = self._streamed_outcome()  # streamed: on_response() never ran
+            if streamed is not None:
+                outcome = streamed
             elif disconnected:
                 outcome = "aborted"
             elif status != 200 or error is not None:
                 outcome = "rejected" if 400 <= status < 500 else "error"
             m.guided_requests.labels(self._model, self._kind, outcome or "unchecked").inc()
 
+    def _read_usage(self, body: Mapping[str, Any]) -> tuple[int, int] | None:
+        """``(prompt, completion)`` of a whole answer's usage."""
+        return _chat_usage(body.get("usage"))
+
+    def _streamed_outcome(self) -> str | None:
+        """The guided outcome of a stream that ended normally; None when nothing was checked."""
+        if self._stream_check is None:
+            return None
+        return self._stream_outcome or self._stream_check.outcome()
+
     def _tokens(self) -> tuple[int, int] | None:
         """``(prompt, completion)`` to charge: the engine's usage, else (the answer was cut short) the prompt
         estimate and the generated tokens sent; None when neither is known."""
-        if self._usage:
-            return int(self._usage.get("prompt_tokens") or 0), int(self._usage.get("completion_tokens") or 0)
+        if self._usage is not None:
+            return self._usage
         if self._sent_tokens > 0:
             return self._estimate, self._sent_tokens
         return None
+
+
+def _chat_usage(usage: object) -> tuple[int, int] | None:
+    """``(prompt_tokens, completion_tokens)`` of a chat or completions ``usage`` object (missing counts: 0)."""
+    if not isinstance(usage, Mapping) or not usage:
+        return None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+class ResponsesExchange(Exchange):
+    """The :class:`~qwen_serve.gateway.proxy.ProxyHooks` of one ``/v1/responses`` request.
+
+    Only the events carrying ``"usage"`` are parsed (the final ``response.completed`` among them): its
+    ``response.usage`` is charged, and with a guided constraint its ``response`` is checked and the event
+    relayed with a top-level ``"guided_output"`` field. A whole answer gets the ``X-Guided-Output`` header.
+    TTFT is observed at the first generated-token (``*.delta``) event; :meth:`error_frame` is the stream's
+    ``error`` event, numbered after the events already sent."""
+
+    def __init__(self, m: GatewayMetrics, model: str, key_id: str, t0: float, lease: Lease,
+                 estimate: int, check: guided.GuidedRequest | None, validate: bool, stream: bool) -> None:
+        super().__init__(m, model, key_id, t0, lease, estimate, check, validate, client_wants_usage=True)
+        self._stream_check = None
+        self.inspect_all = False
+        self._stream = stream
+        self._events_sent = 0
+        self._first_token = False
+
+    def on_first_chunk(self) -> None:
+        pass  # response.created comes before any token: TTFT waits for the first delta (on_sent)
+
+    async def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
+        if event.get("type") not in responses_api.FINAL_EVENTS:
+            return True
+        response = event.get("response")
+        if not isinstance(response, Mapping):
+            return True
+        self._usage = responses_api.usage_tokens(response.get("usage"))
+        if self._guided is None:
+            return True
+        self._stream_outcome = await self._guided.check_response_async(response)
+        return responses_api.event_bytes({**event, GUIDED_OUTPUT_FIELD: self._stream_outcome})
+
+    def on_sent(self, data: bytes) -> None:
+        tokens = responses_api.count_token_events(data)
+        if tokens and not self._first_token:
+            self._first_token = True
+            self._m.ttft.labels(self._model).observe(time.perf_counter() - self._t0)
+        self._sent_tokens += tokens
+        self._events_sent += data.count(b"\n\n")
+
+    def error_frame(self, exc: QwenServeError) -> bytes:
+        return responses_api.error_event(exc, self._events_sent)
+
+    async def on_response(self, status: int, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if status >= 400:
+            return responses_api.rename_error_param(body), []
+        return await super().on_response(status, body)
+
+    def _read_usage(self, body: Mapping[str, Any]) -> tuple[int, int] | None:
+        return responses_api.usage_tokens(body.get("usage"))
+
+    def _streamed_outcome(self) -> str | None:
+        if self._guided is None or not self._stream:
+            return None
+        return self._stream_outcome or guided.INCOMPLETE
 
 
 class _PassThrough:
@@ -324,6 +414,10 @@ class Pipeline:
             return None
         return float(request.scope["state"]["t0"]) + self.s.request_deadline_s
 
+    def _inspect_images(self, body: Mapping[str, Any], model: str) -> ImageRequest | None:
+        """The image parts of ``body`` checked (:meth:`ImageGuard.inspect`); None without image checks."""
+        return self.s.images.inspect(body, model=model) if self.s.images is not None else None
+
     # ------------------------------------------------------------------ routes
     async def generate(self, request: Request, route: str) -> ProxyCall:
         """``/v1/chat/completions`` and ``/v1/completions``."""
@@ -333,11 +427,13 @@ class Pipeline:
         body = _parse_object(raw)
         stream, client_usage = stream_mode(body)
         model = self._check_model(request, principal, body)
-        estimate = estimate_prompt_tokens(body)
+        images = self._inspect_images(body, model)  # 400 for a bad image part, before any I/O
+        estimate = estimate_prompt_tokens(body) + (images.tokens if images is not None else 0)
         lease = await self._acquire(principal, estimate)
         try:
+            inlined = await images.fetch() if images is not None else False  # remote images → data: URLs, SSRF-checked
             check = await guided.prepare_async(body, route=route, config=self.s.guided)  # compiles off the loop
-            modified = check is not None  # prepare() may have rewritten the guidance fields
+            modified = check is not None or inlined  # prepare() may have rewritten the guidance fields
             if stream and not client_usage:  # ask the engine for usage; the client will not see it
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                 modified = True
@@ -354,6 +450,75 @@ class Pipeline:
         return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
                          defer_headers=check is not None, deadline=self._deadline(request))
 
+    async def responses(self, request: Request) -> ProxyCall:
+        """``POST /v1/responses``: the stages of :meth:`generate` for the Responses API (its fields checked and
+        ``store`` set by :func:`~qwen_serve.gateway.responses.check_request`, ``text.format`` by the guided
+        stage), answered through :class:`ResponsesExchange`."""
+        route = responses_api.RESPONSES_ROUTE
+        principal = self.authenticate(request)
+        self._check_engine()
+        raw = await _read_body(request)
+        body = _parse_object(raw)
+        stream = responses_api.check_request(body, store_enabled=self.s.responses_store)
+        model = self._check_model(request, principal, body)
+        images = self._inspect_images(body, model)  # 400 for a bad image part, before any I/O
+        estimate = responses_api.estimate_input_tokens(body) + (images.tokens if images is not None else 0)
+        lease = await self._acquire(principal, estimate)
+        try:
+            if images is not None:
+                await images.fetch()  # remote images → data: URLs, SSRF-checked (the body is re-serialised below)
+            check = await guided.prepare_async(body, route=route, config=self.s.guided)  # compiles off the loop
+            payload = json.dumps(body).encode()  # check_request set "store"
+        except RecursionError:  # a schema (or body) nested deeper than the gateway can walk: the client's doing
+            lease.release(0)
+            raise InvalidRequest("request body is nested too deeply") from None
+        except BaseException:
+            lease.release(0)
+            raise
+        hooks = ResponsesExchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
+                                  estimate, check, self.s.guided.validate_output, stream)
+        return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
+                         defer_headers=check is not None, deadline=self._deadline(request),
+                         error_frame=hooks.error_frame, ends_stream=responses_api.ends_stream)
+
+    async def stored_response(self, request: Request, response_id: str) -> tuple[int, bytes]:
+        """``GET``/``DELETE /v1/responses/{id}``: the engine's answer ``(status, JSON body)``, errors in the
+        contract's shape. Only with ``gateway.responses_store`` (else 404 as an unknown route, before
+        authentication); an id that is not vLLM's shape, or a stored response of a model the key may not use,
+        is 404 like an unknown id. Counted toward the key's rpm and concurrency."""
+        if not self.s.responses_store:
+            raise NotFound("Unknown route (stored responses are off: gateway.responses_store: false)")
+        principal = self.authenticate(request)
+        if not _RESPONSE_ID.fullmatch(response_id):
+            raise NotFound(f"Response with id '{response_id[:64]}' not found.", param="response_id")
+        self._check_engine()
+        lease = await self._acquire(_RequestLimits(principal), 0)
+        path = f"{responses_api.RESPONSES_ROUTE}/{response_id}"
+        try:
+            async with deadline_scope(self._deadline(request)):
+                resp = await self.s.upstream.request(request.method, path, None, self._headers(request))
+                try:
+                    status, raw = resp.status, await resp.read()
+                finally:
+                    await resp.aclose()
+        except UpstreamError as exc:
+            self.s.metrics.upstream_errors.labels(exc.kind).inc()
+            raise
+        finally:
+            lease.release(0)
+        if status >= 400:
+            return status, normalise_error(status, raw)
+        try:
+            stored_model = json.loads(raw).get("model")
+        except (ValueError, AttributeError, RecursionError):
+            stored_model = None
+        if isinstance(stored_model, str):
+            if stored_model in self.s.served_models:
+                request.scope["state"]["model"] = stored_model
+            if not principal.allows(stored_model):
+                raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+        return status, raw
+
     async def passthrough(self, request: Request, route: str) -> ProxyCall:
         """``/tokenize`` and ``/detokenize``: authenticated, model-checked, counted toward the key's rpm and
         concurrency (not its tpm)."""
@@ -361,7 +526,8 @@ class Pipeline:
         self._check_engine()
         raw = await _read_body(request)
         body = _parse_object(raw)
-        self._check_model(request, principal, body)
+        model = self._check_model(request, principal, body)
+        self._inspect_images(body, model)  # the same image checks as generation (remote URLs are not fetched here)
         lease = await self._acquire(_RequestLimits(principal), 0)
         return ProxyCall(self.s.upstream, "POST", route, raw, self._headers(request), stream=False,
                          hooks=_PassThrough(self.s.metrics, lease), deadline=self._deadline(request))

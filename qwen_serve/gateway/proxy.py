@@ -6,7 +6,8 @@ server calls it, it sends the prepared request to the engine and relays the answ
 * **SSE** (the client asked ``stream: true`` and the engine answered ``text/event-stream``): bytes go
   out as they arrive, one ``send`` per complete event group, never re-serialised. Only events that
   the hooks must see are parsed (by default only those containing ``"usage"``; every event when the
-  hooks set ``inspect_all``, e.g. to validate guided output). A hook may drop an event (the usage
+  hooks set ``inspect_all``, e.g. to validate guided output); an event's data is its ``data:`` line, after
+  an optional ``event:`` line (the Responses API names every event). A hook may drop an event (the usage
   chunk the gateway injected) or replace it (the guided verdict added to the last chunk). Partial events
   are held until their ``\\n\\n`` arrives, at most :data:`MAX_PENDING_EVENT_BYTES`: an engine that sends
   more without an event separator ends the call with :class:`UpstreamProtocolError` (code
@@ -32,8 +33,10 @@ Errors before the response started become an OpenAI-shaped JSON error with the r
 error bodies are normalised to the contract's shape; an SSE stream whose first event is an error, as
 vLLM sends for a grammar it cannot compile, becomes that HTTP error when the call was built with
 ``defer_headers``: guided streams send their headers with the first event); after the first byte they
-end the stream with exactly one ``data: {"error": ...}`` event.
-Whatever happens, ``hooks.on_finish`` runs exactly once.
+end the stream with exactly one error event: ``data: {"error": ...}``, or what the call's ``error_frame``
+makes of the error (the Responses API's ``error`` event). A stream is complete when the engine sends
+``data: [DONE]`` or, with ``ends_stream``, an event it recognises as the last (``response.completed``);
+the response then ends at once. Whatever happens, ``hooks.on_finish`` runs exactly once.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from qwen_serve.constants import SSE_DATA_PREFIX, SSE_DONE, SSE_EVENT_SEPARATOR
@@ -61,6 +64,7 @@ MAX_PENDING_EVENT_BYTES = 1 << 20  # an incomplete SSE event held for its separa
 _USAGE_MARK = b'"usage"'
 _DONE_EVENT = SSE_DONE + SSE_EVENT_SEPARATOR
 _ERROR_EVENT = SSE_DATA_PREFIX + b'{"error"'
+_EVENT_FIELD = b"event:"
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -88,7 +92,8 @@ class ProxyHooks(Protocol):
 
     async def on_event(self, event: Mapping[str, Any]) -> bool | bytes:
         """A parsed SSE data event: return True to relay it unchanged, False to drop it from the client's
-        stream, or bytes to relay instead (a whole ``data: ...`` line, without the event separator)."""
+        stream, or bytes to relay instead (a whole event, e.g. a ``data: ...`` line, without the event
+        separator)."""
         ...
 
     def on_sent(self, data: bytes) -> None:
@@ -114,7 +119,12 @@ async def send_error(send: Send, exc: QwenServeError, extra_headers: list[tuple[
 
 
 def _error_frame(exc: QwenServeError) -> bytes:
+    """Chat's and completions' mid-stream error event: ``data: {"error": {...}}``."""
     return b"data: " + exc.to_json() + SSE_EVENT_SEPARATOR
+
+
+def _ends_with_done(data: bytes) -> bool:
+    return data.endswith(_DONE_EVENT)
 
 
 @contextlib.asynccontextmanager
@@ -141,7 +151,9 @@ class ProxyCall:
 
     def __init__(self, upstream: Upstream, method: str, path: str, body: bytes | None,
                  headers: Mapping[str, str], *, stream: bool, hooks: ProxyHooks,
-                 defer_headers: bool = False, deadline: float | None = None) -> None:
+                 defer_headers: bool = False, deadline: float | None = None,
+                 error_frame: Callable[[QwenServeError], bytes] = _error_frame,
+                 ends_stream: Callable[[bytes], bool] = _ends_with_done) -> None:
         self._upstream = upstream
         self._method = method
         self._path = path
@@ -153,6 +165,8 @@ class ProxyCall:
         # grammar it cannot compile as the first event, which then becomes a real HTTP error).
         self._defer_headers = defer_headers
         self._deadline = deadline  # time.perf_counter() by which the call must be over; None: no limit
+        self._error_frame = error_frame  # a failure after the first byte, as the stream's last event
+        self._ends_stream = ends_stream  # whether relayed bytes end with the stream's last event
         self._started = False
         self._complete = False  # the client has the whole response (an SSE stream up to data: [DONE])
         self._status = 0
@@ -210,7 +224,7 @@ class ProxyCall:
             await send_error(send, exc)
         else:
             log.warning("stream failed after start: %s", exc.message)
-            await send({"type": "http.response.body", "body": _error_frame(exc), "more_body": True})
+            await send({"type": "http.response.body", "body": self._error_frame(exc), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _run(self, send: Send) -> None:
@@ -267,7 +281,7 @@ class ProxyCall:
                 if not ready:
                     continue
             hooks.on_sent(ready)
-            if ready.endswith(_DONE_EVENT):  # end the response now: clients may hang up right at [DONE]
+            if self._ends_stream(ready):  # end the response now: clients may hang up right at [DONE]
                 self._complete = True
                 await send({"type": "http.response.body", "body": ready, "more_body": False})
                 with contextlib.suppress(QwenServeError):  # drain (normally nothing) to reuse the connection
@@ -317,10 +331,10 @@ async def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> b
         if not event:
             continue
         keep: bool | bytes = True
-        if (event.startswith(SSE_DATA_PREFIX) and event[6:7] == b"{"
-                and (inspect_all or _USAGE_MARK in event)):
+        start = _data_start(event)
+        if start > 0 and event[start:start + 1] == b"{" and (inspect_all or _USAGE_MARK in event):
             try:
-                obj = json.loads(event[6:])
+                obj = json.loads(event[start:])
             except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse: relayed as is
                 obj = None
             if isinstance(obj, dict):
@@ -330,6 +344,18 @@ async def _filter_events(data: bytes, hooks: ProxyHooks, inspect_all: bool) -> b
         out.append(keep if isinstance(keep, bytes) else event)
         out.append(SSE_EVENT_SEPARATOR)
     return b"".join(out)
+
+
+def _data_start(event: bytes) -> int:
+    """Where the data of one SSE event starts: after ``data: `` on its first line, or on the line after an
+    ``event:`` line; -1 for anything else (comments, other fields: relayed unparsed)."""
+    if event.startswith(SSE_DATA_PREFIX):
+        return len(SSE_DATA_PREFIX)
+    if event.startswith(_EVENT_FIELD):
+        at = event.find(b"\n" + SSE_DATA_PREFIX)
+        if at >= 0:
+            return at + 1 + len(SSE_DATA_PREFIX)
+    return -1
 
 
 _PARAM_IN_MESSAGE = re.compile(r"\(parameter=([A-Za-z_][\w.\[\]]*)")

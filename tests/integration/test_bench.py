@@ -116,3 +116,23 @@ def test_bench_sweep_three_points(stack: Stack, tmp_path: Path) -> None:
     # Re-rendering an overlay of two saved runs works from the files alone.
     bench("report", str(dirs[0]), str(dirs[2]), "--out", str(tmp_path / "overlay"))
     assert_self_contained(tmp_path / "overlay" / "report.html")
+
+
+def test_bench_run_against_the_responses_api(stack: Stack, tmp_path: Path) -> None:
+    """``--api responses``: the same load through ``/v1/responses``; tokens from each ``response.completed``
+    event's ``usage`` (the engine agrees), TTFT at the first ``response.output_text.delta``."""
+    out = tmp_path / "responses"
+    n, in_len, out_len = 4, 64, 6
+    bench("run", "--url", stack.url, "--api-key", stack.api_key, "--model", stack.model, "--api", "responses",
+          "--workload", "random", "--input-len", str(in_len), "--output-len", str(out_len),
+          "--rate", "inf", "--concurrency", "2", "--num-requests", str(n), "--out", str(out), "--no-progress")
+    result = assert_result(out)
+    assert result["config"]["api"] == "responses"
+    assert result["requests_completed"] == n and result["requests_failed"] == 0
+    tokens = result["tokens"]
+    assert tokens["source"] == "usage" and tokens["output_total"] == n * out_len
+    assert tokens["input_total"] == n * in_len  # the same chat template as /tokenize counted
+    assert result["engine"]["generation_tokens"] == n * out_len
+    rows = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert all(r["finish_reason"] == "length" and r["output_tokens"] == out_len for r in rows)
+    assert all(0 < r["ttft_ms"] <= r["e2el_ms"] for r in rows)

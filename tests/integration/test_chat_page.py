@@ -87,6 +87,7 @@ class PageProbe:
     console: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     chat_bodies: list[dict[str, Any]] = field(default_factory=list)
+    responses_bodies: list[dict[str, Any]] = field(default_factory=list)
 
     def csp_violations(self) -> list[str]:
         return list(self.page.evaluate("window.__cspViolations || []"))
@@ -153,6 +154,8 @@ def open_page(browser: Any, url: str, *, width: int = 1280, height: int = 900,
     def record(request: Any) -> None:
         if request.method == "POST" and request.url.endswith("/v1/chat/completions"):
             probe.chat_bodies.append(json.loads(request.post_data or "{}"))
+        elif request.method == "POST" and request.url.endswith("/v1/responses"):
+            probe.responses_bodies.append(json.loads(request.post_data or "{}"))
 
     page.on("request", record)
     try:
@@ -613,6 +616,42 @@ def test_json_mode_answers_match_the_schema(browser: Any, gateway: Endpoint) -> 
             sent = p.chat_bodies[-1]
             assert sent["stream"] is streamed
             assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        p.assert_clean()
+
+
+@pytest.mark.engine
+def test_responses_api_in_json_mode(browser: Any, gateway: Endpoint) -> None:
+    """With "API" set to Responses the page calls /v1/responses (the history as ``input``, the system prompt
+    as ``instructions``, JSON mode as ``text.format``) and shows the answer and the gateway's verdict, streamed
+    (``guided_output`` on ``response.completed``) and whole (the ``X-Guided-Output`` header)."""
+    from playwright.sync_api import expect
+
+    with open_page(browser, gateway.url) as p:
+        assert gateway.api_key
+        p.sign_in(gateway.api_key)
+        api = p.page.get_by_role("combobox", name="API", exact=True)
+        expect(api).to_have_value("chat")
+        api.select_option(label="Responses")
+        p.textbox("System prompt").fill("Answer in JSON.")
+        p.checkbox("JSON mode").check()
+        schema = json.loads(p.textbox("JSON schema").input_value())
+        for streamed in (True, False):
+            p.checkbox("Stream the answer").set_checked(streamed)
+            p.textbox("Message").fill("Describe a cat.")
+            p.button("Send").click()
+            answer = p.last_answer()
+            badge = answer.locator(".badge")
+            expect(badge).to_have_text(re.compile(r"JSON: \w+"), timeout=ENGINE_WAIT_MS)
+            assert badge.inner_text() == "JSON: valid", answer.inner_text()
+            jsonschema.validate(json.loads(answer.locator("pre.json").text_content() or ""), schema)
+            expect(answer.locator(".meta")).to_contain_text("tokens")
+            sent = p.responses_bodies[-1]
+            assert sent["stream"] is streamed and sent["store"] is False
+            assert sent["instructions"] == "Answer in JSON."
+            assert sent["input"][-1] == {"role": "user", "content": "Describe a cat."}
+            assert sent["text"] == {"format": {"type": "json_schema", "name": "answer", "schema": schema}}
+        assert len(p.responses_bodies) == 2 and not p.chat_bodies
+        assert p.responses_bodies[1]["input"][1]["role"] == "assistant"  # the first answer is history
         p.assert_clean()
 
 

@@ -1,5 +1,6 @@
-// The gateway's HTTP API as the page uses it: the model list, chat completions (streamed as server-sent
-// events or whole), the readiness probe and the OpenAI-shaped errors. No DOM access here.
+// The gateway's HTTP API as the page uses it: the model list, chat completions and the Responses API
+// (streamed as server-sent events or whole), the readiness probe and the OpenAI-shaped errors. No DOM
+// access here.
 
 /** An error answer of the gateway: its HTTP status, the message of its {"error": {...}} body and the
  * Retry-After delay in seconds (null when absent). */
@@ -60,9 +61,13 @@ export async function listModels(key, signal) {
   return (Array.isArray(body.data) ? body.data : []).map((m) => String(m.id));
 }
 
-/** POST /v1/chat/completions; resolves to the response once its headers are in (throws GatewayError). */
-export async function postChat(key, body, signal) {
-  const resp = await fetch("/v1/chat/completions", {
+/** The route of each API the page can use. */
+export const API_PATHS = { chat: "/v1/chat/completions", responses: "/v1/responses" };
+
+/** POST /v1/chat/completions (or, with api "responses", /v1/responses); resolves to the response once its
+ * headers are in (throws GatewayError). */
+export async function postChat(key, body, signal, api = "chat") {
+  const resp = await fetch(API_PATHS[api] || API_PATHS.chat, {
     method: "POST",
     headers: { ...authHeaders(key), "content-type": "application/json" },
     body: JSON.stringify(body),

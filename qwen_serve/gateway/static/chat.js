@@ -3,6 +3,9 @@
 // The API key lives in the "API key" input and is read from it for each request: it is never logged,
 // never put in a URL, a cookie or localStorage. Only when "Remember in this tab" is checked is it kept in
 // sessionStorage (this tab only, gone when the tab closes); unchecking removes it.
+//
+// The "API" setting picks chat completions or the Responses API; the page keeps one history of
+// {role, content} turns and sends it whole to either (the Responses API without stored state: store false).
 import { GatewayError, StreamError, isEventStream, isReady, listModels, postChat, readEvents } from "./api.js";
 import {
   addMessage, addNotice, addUserMessage, clearTranscript, renderAnswer, setMeta, statsText, updating,
@@ -42,6 +45,7 @@ const ui = {
   copy: $("copy"),
   file: $("file"),
   status: $("status"),
+  api: $("api"),
   system: $("system"),
   temperature: $("temperature"),
   maxTokens: $("max-tokens"),
@@ -141,7 +145,11 @@ async function loadModels() {
 
 /** The request options from the settings; throws an Error naming what is wrong. */
 function readOptions() {
-  const options = { stream: ui.stream.checked, json: ui.jsonMode.checked };
+  const options = {
+    api: ui.api.value === "responses" ? "responses" : "chat",
+    stream: ui.stream.checked,
+    json: ui.jsonMode.checked,
+  };
   const temperature = ui.temperature.value.trim();
   if (temperature) {
     const t = Number(temperature);
@@ -169,10 +177,25 @@ function readOptions() {
   return options;
 }
 
-/** The chat completion request body for the current history. */
+/** The name of a JSON-mode schema: its `title` when that is a valid name, else "answer". */
+function schemaName(schema) {
+  const title = typeof schema.title === "string" ? schema.title : "";
+  return /^[A-Za-z0-9_-]{1,64}$/.test(title) ? title : "answer";
+}
+
+/** The request body for the current history: a chat completion, or a Responses API call. */
 function requestBody(options) {
-  const messages = [];
   const system = ui.system.value.trim();
+  if (options.api === "responses") {
+    const body = { model: ui.model.value, input: state.history.map((t) => ({ role: t.role, content: t.content })),
+                   stream: options.stream, store: false };
+    if (system) body.instructions = system;
+    if (options.temperature !== undefined) body.temperature = options.temperature;
+    if (options.maxTokens !== undefined) body.max_output_tokens = options.maxTokens;
+    if (options.json) body.text = { format: { type: "json_schema", name: schemaName(options.schema), schema: options.schema } };
+    return body;
+  }
+  const messages = [];
   if (system) messages.push({ role: "system", content: system });
   messages.push(...state.history);
   const body = { model: ui.model.value, messages, stream: options.stream };
@@ -180,9 +203,7 @@ function requestBody(options) {
   if (options.temperature !== undefined) body.temperature = options.temperature;
   if (options.maxTokens !== undefined) body.max_tokens = options.maxTokens;
   if (options.json) {
-    const title = typeof options.schema.title === "string" ? options.schema.title : "";
-    const name = /^[A-Za-z0-9_-]{1,64}$/.test(title) ? title : "answer";
-    body.response_format = { type: "json_schema", json_schema: { name, schema: options.schema } };
+    body.response_format = { type: "json_schema", json_schema: { name: schemaName(options.schema), schema: options.schema } };
   }
   return body;
 }
@@ -211,6 +232,84 @@ function applyChunk(answer, chunk) {
     if (choice.finish_reason) answer.finish = choice.finish_reason;
   }
   return output;
+}
+
+/** The finish of a Responses API `response`: "length" when cut at max_output_tokens, else its status. */
+function responseFinish(response) {
+  if (response.status === "incomplete") {
+    const reason = response.incomplete_details?.reason;
+    return !reason || reason === "max_output_tokens" ? "length" : reason;
+  }
+  return response.status || null;
+}
+
+/** Fold one Responses API stream event into `answer`; returns whether it carried generated output.
+ * Function calls are kept by output index: opened by response.output_item.added, their arguments grown
+ * by response.function_call_arguments.delta. The final event brings usage, finish and the verdict. */
+function applyEvent(answer, event) {
+  switch (event.type) {
+    case "response.output_text.delta":
+      if (typeof event.delta === "string" && event.delta) {
+        answer.text += event.delta;
+        return true;
+      }
+      return false;
+    case "response.output_item.added":
+      if (event.item?.type === "function_call") {
+        answer.calls[event.output_index ?? 0] = answer.toolCalls.length;
+        answer.toolCalls.push({ id: event.item.call_id || "", type: "function",
+                                function: { name: event.item.name || "", arguments: event.item.arguments || "" } });
+      }
+      return false;
+    case "response.function_call_arguments.delta": {
+      const slot = answer.toolCalls[answer.calls[event.output_index ?? 0]];
+      if (slot && typeof event.delta === "string") slot.function.arguments += event.delta;
+      return Boolean(slot);
+    }
+    case "response.completed":
+    case "response.incomplete":
+    case "response.failed":
+      if (event.response) {
+        answer.usage = event.response.usage || null;
+        answer.finish = responseFinish(event.response);
+      }
+      if (typeof event.guided_output === "string") answer.verdict = event.guided_output;
+      return false;
+    default:
+      return false;
+  }
+}
+
+/** Fold a whole Responses API answer into `answer`. */
+function applyWholeResponse(answer, body, resp) {
+  answer.text = "";
+  answer.toolCalls = [];
+  for (const item of body.output || []) {
+    if (item.type === "message") {
+      for (const part of item.content || []) if (part.type === "output_text") answer.text += part.text || "";
+    } else if (item.type === "function_call") {
+      answer.toolCalls.push({ id: item.call_id || "", type: "function",
+                              function: { name: item.name || "", arguments: item.arguments || "" } });
+    }
+  }
+  answer.finish = responseFinish(body);
+  answer.usage = body.usage || null;
+  answer.verdict = resp.headers.get("x-guided-output");
+}
+
+/** The generated tokens of an answer's usage (chat: completion_tokens, Responses API: output_tokens). */
+function usageTokens(usage) {
+  if (!usage) return null;
+  const n = usage.completion_tokens ?? usage.output_tokens;
+  return Number.isInteger(n) ? n : null;
+}
+
+/** A stream's error event (chat's {"error": {...}}, or the Responses API's {"type": "error", ...}) as a
+ * StreamError; null for any other event. */
+function streamError(event) {
+  if (event.error) return new StreamError(event.error.message || "unknown error", event.error.code);
+  if (event.type === "error") return new StreamError(event.message || "unknown error", event.code ?? null);
+  return null;
 }
 
 /** Fold a whole (non-streamed) answer into `answer`. */
@@ -253,7 +352,9 @@ function frameDrawer(draw) {
 async function runTurn(options) {
   const view = addMessage(ui.log, "assistant");
   view.article.setAttribute("aria-busy", "true");
-  const answer = { text: "", toolCalls: [], json: options.json, verdict: null, finish: null, usage: null, done: false };
+  const answer = { text: "", toolCalls: [], calls: {}, json: options.json, verdict: null, finish: null, usage: null,
+                   done: false };
+  const responses = options.api === "responses";
   const drawer = frameDrawer(() => updating(ui.log, () => renderAnswer(view.body, answer)));
   const controller = new AbortController();
   state.controller = controller;
@@ -265,18 +366,19 @@ async function runTurn(options) {
   let output = false;
   const labels = [];
   try {
-    const resp = await postChat(currentKey(), requestBody(options), controller.signal);
+    const resp = await postChat(currentKey(), requestBody(options), controller.signal, options.api);
     if (isEventStream(resp)) {
       for await (const chunk of readEvents(resp.body)) {
-        if (chunk.error) throw new StreamError(chunk.error.message || "unknown error", chunk.error.code);
-        if (applyChunk(answer, chunk)) {
+        const failure = streamError(chunk);
+        if (failure) throw failure;
+        if (responses ? applyEvent(answer, chunk) : applyChunk(answer, chunk)) {
           output = true;
           if (firstMs === null) firstMs = performance.now() - t0;
           drawer.schedule();
         }
       }
     } else {
-      applyWhole(answer, await resp.json(), resp);
+      (responses ? applyWholeResponse : applyWhole)(answer, await resp.json(), resp);
       firstMs = performance.now() - t0;
       output = true;
     }
@@ -303,7 +405,7 @@ async function runTurn(options) {
     drawer.flush();
     view.article.removeAttribute("aria-busy");
     if (view.article.isConnected) {
-      const tokens = answer.usage && Number.isInteger(answer.usage.completion_tokens) ? answer.usage.completion_tokens : null;
+      const tokens = usageTokens(answer.usage);
       const stats = output ? statsText({ firstMs, totalMs: performance.now() - t0, tokens }) : "";
       const badge = options.json && (answer.text || answer.verdict) ? verdictBadge(answer.verdict, answer.text) : null;
       setMeta(view.meta, stats, labels, badge);
