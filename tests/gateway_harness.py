@@ -38,7 +38,9 @@ def config(**gateway: Any) -> Config:
 
 
 def http_response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
-    return (b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+    # connection: close — the fake engine answers one request per connection, and says so, as HTTP/1.1
+    # requires of a server that closes (a client would otherwise reuse the closed connection).
+    return (b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, content_type.encode(), len(body), body))
 
 

