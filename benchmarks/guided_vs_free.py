@@ -2,7 +2,7 @@
 """Guided JSON vs unconstrained decoding: output tokens/s on the same engine at the same concurrency.
 
 Target: guided / free >= 0.8. It starts nothing: point it at a running gateway
-(``qwen-serve up``, or the development stack) or at a vLLM engine directly. Each round runs both arms
+(``qwen-serve up``) or at a vLLM engine directly. Each round runs both arms
 back to back, alternating which goes first (A/B, B/A, ...) so that drift in machine load hits both:
 
 * ``free``: chat completions with no constraint;
@@ -21,11 +21,8 @@ figure is the sum of ``usage.completion_tokens`` over the wall time of the round
 
 Guided answers of the ``schemas`` workload are also checked (strict ``json.loads`` + ``jsonschema``).
 
-Run (the development stack; a ``qwen-serve up`` gateway is the same with its URL and an API key)::
+Run against a ``qwen-serve up`` gateway (its URL and an API key) or an engine's URL::
 
-    .venv/bin/python benchmarks/guided_vs_free.py --url http://127.0.0.1:18080 \\
-        --api-key "$(python -c 'import json;print(json.load(open("/tmp/dev/stack.json"))["keys"]["admin"])')"
-    .venv/bin/python benchmarks/guided_vs_free.py --stack /tmp/dev/stack.json        # same, read from the file
     .venv/bin/python benchmarks/guided_vs_free.py --url http://127.0.0.1:8080 --api-key qs-... --rounds 3
 
 ``--write`` replaces the section "## Guided JSON vs unconstrained throughput" of benchmarks/RESULTS.md.
@@ -280,7 +277,6 @@ def main() -> None:
     p.add_argument("--url", default="http://127.0.0.1:8080", help="gateway (or engine) base URL")
     p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--stack", default=None, help="a dev-stack JSON file (url + admin key), instead of --url/--api-key")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=32, help="requests per arm and round")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -295,10 +291,6 @@ def main() -> None:
     p.add_argument("--server-pid", type=int, default=None,
                    help="local pid whose process tree serves (e.g. qwen-serve up): also report tokens per CPU-second")
     args = p.parse_args()
-    if args.stack:
-        d = json.loads(Path(args.stack).read_text())
-        args.url, args.api_key = d["url"], next(iter(d["keys"].values()))
-        args.server_pid = args.server_pid or d.get("pid")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if args.model is None:
         import urllib.request

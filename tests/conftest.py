@@ -35,9 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ENGINE = os.environ.get("QWEN_SERVE_REQUIRE_ENGINE") == "1"
 ENGINE_STARTUP_TIMEOUT_S = float(os.environ.get("QWEN_SERVE_TEST_STARTUP_TIMEOUT", "420"))
 MODEL_NAME = "qwen2-random"
-# Development only: reuse a running stack described by this JSON file (see ``_existing_stack``) so a
-# test can be iterated on in seconds. Never set in CI (``.ci/run`` starts from nothing).
-DEV_STACK = os.environ.get("QWEN_SERVE_DEV_STACK")
 
 
 _TIMINGS: dict[str, float] = {}
@@ -126,23 +123,9 @@ def stack_config(model_path: Path, engine_port: int, gateway_port: int, **sectio
     return cfg
 
 
-def _existing_stack(path: str) -> Stack:
-    import json
-
-    d = json.loads(Path(path).read_text())
-    return Stack(url=d["url"], engine_url=d["engine_url"], model=MODEL_NAME, model_path=Path(d["model_path"]),
-                 workdir=Path(d["workdir"]), keys_file=Path(d["keys_file"]),
-                 keys={k: Key(k, v) for k, v in d["keys"].items()}, proc=None,  # type: ignore[arg-type]
-                 log_path=Path(d["workdir"]) / "stack.log", ready_history=[503, 200])
-
-
 @pytest.fixture(scope="session")
 def stack(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from qwen_serve import keys as keys_mod
-
-    if DEV_STACK and not REQUIRE_ENGINE:
-        yield _existing_stack(DEV_STACK)
-        return
 
     work = tmp_path_factory.mktemp("stack")
     keys_file = work / "keys.yaml"
