@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -29,7 +28,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_ready
+from tests.conftest import free_port
+from tests.processes import gateway_process, spawned
 
 MODEL = "qwen2-random"
 REDOS = "(a?){28}a{28}c"  # backtracking: seconds against 30 "a"s
@@ -136,22 +136,6 @@ class Target:
     log: Path
 
 
-@contextlib.contextmanager
-def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """A ``qwen-serve gateway`` process (auth on, output validation on, short header/body timeouts) in
@@ -169,12 +153,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
            "guided": {"validate_output": True}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     (work / "standin.py").write_text(_STANDIN)
-    with _process([sys.executable, str(work / "standin.py"), str(engine_port), MODEL], work / "standin.log"), \
-            _process([sys.executable, "-m", "qwen_serve", "gateway", "--config", str(work / "config.yaml"),
-                      "--upstream", f"http://127.0.0.1:{engine_port}"], work / "gateway.log"):
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=60)
-        yield Target(url, port, key, work / "gateway.log")
+    with spawned([sys.executable, str(work / "standin.py"), str(engine_port), MODEL], work / "standin.log"), \
+            gateway_process(work / "config.yaml", f"http://127.0.0.1:{engine_port}", port, work / "gateway.log"):
+        yield Target(f"http://127.0.0.1:{port}", port, key, work / "gateway.log")
 
 
 def _probed(target: Target, attack: Callable[[], None], limit_s: float = 60) -> Probe:

@@ -10,9 +10,6 @@ requests are admitted again.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +19,11 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_ready
+from tests.conftest import free_port
 from tests.gateway_harness import MODEL, FakeEngine, json_response
+from tests.processes import gateway_process
 from tests.redis_server import RedisServer, require_redis_server
 
-ROOT = Path(__file__).resolve().parents[2]
 RPM = 8
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": MODEL,
@@ -44,21 +41,8 @@ def _gateway(work: Path, name: str, engine_url: str, redis_url: str, keys_file: 
            "limits": {"backend": "redis", "redis_url": redis_url, "on_backend_error": "fail_closed"}}
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    with open(work / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "qwen_serve", "gateway", "--config", str(config),
-                                 "--upstream", engine_url], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=60)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with gateway_process(config, engine_url, port, work / f"{name}.log"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def _chat(url: str, key: str) -> httpx.Response:
