@@ -8,6 +8,14 @@ only when ``engine.device`` is ``auto`` and ``gpu_visible`` is ``None``, checks 
 exists to add a warning. It returns a :class:`Plan` or raises :class:`~qwen_serve.errors.PlanError` whose
 one-line message starts with the config key at fault (``engine.tensor_parallel_size: 3 does not ...``).
 
+``build_plan`` is a composition of steps, run in this order, each a small function with its contract in its
+docstring: the model's geometry (:func:`_resolve_model`), the device (:func:`_choose_device`), the context
+and YaRN (:func:`_plan_context`), the explicit TP/DP checks (:func:`_explicit_parallelism`), parallelism with
+the memory fit (:func:`_cpu_layout` with :func:`_cpu_memory`; :func:`_gpu_layout` on the budget of
+:func:`_gpu_memory`), the vLLM argv (:func:`_vllm_args`), the engine's environment (:func:`_engine_env`) and
+gateway sizing (:func:`_size_gateway`). The first step that raises decides the error; the plan's warnings are
+the steps' warnings in that order.
+
 Rules:
 
 * Device: ``engine.device`` when ``cuda``/``cpu``. For ``auto``: ``cpu`` when ``gpu_visible is False``,
@@ -71,12 +79,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from qwen_serve.config import Config
+from qwen_serve.config import Config, EngineConfig, ModelConfig, MultimodalConfig
 from qwen_serve.constants import ENGINE_HOST
 from qwen_serve.errors import PlanError
 from qwen_serve.presets import ModelGeometry, resolve_geometry
@@ -410,33 +419,70 @@ def _check_extra_args(extra_args: list[str], planned: list[str]) -> list[str]:
     return warnings
 
 
-def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | None = None) -> Plan:
-    """Plan the engine launch for ``config``; raises :class:`PlanError` when the request is impossible.
-    ``cpus``: the CPUs the gateway may use (default :func:`available_cpus`)."""
-    model, engine = config.model, config.engine
-    warnings: list[str] = []
+# --- the planning steps -------------------------------------------------------------------------------------
+# build_plan runs these in order. Each returns its result and the warnings it adds (build_plan joins them in
+# step order) or raises PlanError; an earlier step's error wins over a later one's.
 
-    local = config.resolve_path(model.source)
+_Device = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class _ModelSource:
+    """What :func:`_resolve_model` found: the geometry, whether ``model.source`` is a local directory, and
+    the ``--model`` value vLLM gets."""
+
+    geometry: ModelGeometry
+    is_local: bool
+    vllm_model: str
+
+
+def _resolve_model(config: Config) -> _ModelSource:
+    """Geometry step: ``model.source`` as a local directory (relative to the config file) when one exists,
+    whose ``config.json`` gives the geometry, else a preset name or Hugging Face id. vLLM gets the directory,
+    or the preset's hub id, or the source as written. Raises :class:`PlanError` (from
+    :func:`resolve_geometry`) for an unknown source or an unreadable ``config.json``."""
+    local = config.resolve_path(config.model.source)
     is_local = local.is_dir()
-    geometry = resolve_geometry(str(local) if is_local else model.source)
-    vllm_model = str(local) if is_local else (geometry.hf_id or model.source)
+    geometry = resolve_geometry(str(local) if is_local else config.model.source)
+    vllm_model = str(local) if is_local else (geometry.hf_id or config.model.source)
+    return _ModelSource(geometry, is_local, vllm_model)
 
-    # --- device -------------------------------------------------------------------------------------------
-    device: Literal["cuda", "cpu"] = "cpu" if engine.device == "cpu" else "cuda"
+
+def _choose_device(engine: EngineConfig, gpu_visible: bool | None) -> tuple[_Device, list[str]]:
+    """Device step (module docstring, "Device"): the device and its warnings. ``auto`` with ``gpu_visible``
+    ``None`` checks :func:`detect_gpu` only to warn. Raises :class:`PlanError` for ``engine.nodes`` > 1 on cpu."""
+    warnings: list[str] = []
+    device: _Device = "cpu" if engine.device == "cpu" else "cuda"
     if engine.device == "auto":
         device = "cpu" if gpu_visible is False else "cuda"
         if gpu_visible is None and not detect_gpu():
             warnings.append("engine.device auto: no GPU visible here; planned for cuda (`up` would run on cpu)")
     if engine.nodes > 1 and device == "cpu":
         raise PlanError(f"engine.nodes: {engine.nodes} nodes need GPUs; the engine runs on cpu here (engine.device)")
+    return device, warnings
 
-    # --- context and YaRN -----------------------------------------------------------------------------------
-    native = geometry.native_context
+
+@dataclass(frozen=True)
+class _Context:
+    """What :func:`_plan_context` chose: the context length and the YaRN rope scaling (``None``: native RoPE)."""
+
+    max_len: int
+    rope_scaling: dict[str, Any] | None
+    warnings: list[str]
+
+
+def _plan_context(g: ModelGeometry, model: ModelConfig, mm: MultimodalConfig) -> _Context:
+    """Context step (module docstring, "YaRN" and "Vision-language models"): ``model.max_model_len`` or the
+    native context; YaRN above the native context with its warnings, a warning beyond the validated context,
+    and for a vision-language model a warning when the context cannot hold the most images a request may
+    carry. Raises :class:`PlanError` for YaRN on a vision-language model or beyond :data:`MAX_YARN_FACTOR`."""
+    warnings: list[str] = []
+    native = g.native_context
     max_len = model.max_model_len or native
     rope_scaling: dict[str, Any] | None = None
-    if max_len > native and geometry.vision is not None:
+    if max_len > native and g.vision is not None:
         raise PlanError(
-            f"model.max_model_len: {max_len} is above the {native} tokens {geometry.name} serves without YaRN; "
+            f"model.max_model_len: {max_len} is above the {native} tokens {g.name} serves without YaRN; "
             f"Qwen does not recommend YaRN for its vision-language models (it harms temporal and spatial "
             f"localization), so it is not planned: use at most {native}"
         )
@@ -444,7 +490,7 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         factor = max_len / native
         if factor > MAX_YARN_FACTOR:
             raise PlanError(
-                f"model.max_model_len: {max_len} is {factor:.3g}x the native context {native} of {geometry.name}; "
+                f"model.max_model_len: {max_len} is {factor:.3g}x the native context {native} of {g.name}; "
                 f"YaRN goes up to {MAX_YARN_FACTOR:g}x ({int(native * MAX_YARN_FACTOR)})"
             )
         rope_scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": native}
@@ -453,160 +499,262 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
             f"{factor:g}) scales every prompt, short ones too, which can lower quality on short texts; "
             f"use {native} unless prompts need more"
         )
-    if max_len > geometry.max_validated_context:
+    if max_len > g.max_validated_context:
         warnings.append(
-            f"model.max_model_len: {max_len} is beyond the {geometry.max_validated_context} tokens "
-            f"{geometry.name} is officially validated for (YaRN factor {max_len / native:g}); quality may degrade"
+            f"model.max_model_len: {max_len} is beyond the {g.max_validated_context} tokens "
+            f"{g.name} is officially validated for (YaRN factor {max_len / native:g}); quality may degrade"
         )
-
-    # --- images (vision-language models) --------------------------------------------------------------------
-    mm = config.multimodal
-    image_pixels = mm.max_images_per_request * mm.max_image_pixels if geometry.vision is not None else 0
-    if geometry.vision is not None:
-        image_tokens = mm.max_images_per_request * geometry.vision.tokens_per_image(mm.max_image_pixels)
+    if g.vision is not None:
+        image_tokens = mm.max_images_per_request * g.vision.tokens_per_image(mm.max_image_pixels)
         if image_tokens >= max_len:
             warnings.append(
                 f"model.max_model_len: {max_len} tokens cannot hold multimodal.max_images_per_request "
                 f"{mm.max_images_per_request} images of multimodal.max_image_pixels {mm.max_image_pixels} "
                 f"({image_tokens} image tokens); such requests will be refused by the engine")
+    return _Context(max_len, rope_scaling, warnings)
 
-    kv_dtype_bytes = 1 if engine.kv_cache_dtype.startswith("fp8") else geometry.dtype_bytes
-    kv_per_token = _kv_bytes_per_token(geometry, kv_dtype_bytes)
-    env: dict[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(ENGINE_KEEP_ALIVE_S)}
-    if config.gateway.responses_store:  # vLLM ignores the Responses API's `store` without it
-        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
 
-    # --- parallelism and memory -----------------------------------------------------------------------------
+def _kv_dtype_bytes(engine: EngineConfig, g: ModelGeometry) -> int:
+    """Bytes per KV-cache element: 1 for an fp8 ``engine.kv_cache_dtype``, else the model's dtype."""
+    return 1 if engine.kv_cache_dtype.startswith("fp8") else g.dtype_bytes
+
+
+def _image_pixels(g: ModelGeometry, mm: MultimodalConfig) -> int:
+    """The pixels of the most images one prompt may carry (for the vision reserve); 0 for a text-only model."""
+    return mm.max_images_per_request * mm.max_image_pixels if g.vision is not None else 0
+
+
+@dataclass(frozen=True)
+class _GpuMemory:
+    """Memory-fit step on GPUs: the per-GPU budget and the :class:`_Fit` of a layout against it."""
+
+    geometry: ModelGeometry
+    gpu_gib: float  # per GPU, engine.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
+    budget: float  # bytes per GPU vLLM may use (gpu_gib x engine.gpu_memory_utilization)
+    kv_dtype_bytes: int
+    max_len: int
+    image_pixels: int
+    warnings: list[str]
+
+    def fit(self, tp: int, pp: int = 1) -> _Fit:
+        """Weights, reserve and KV cache per GPU of the largest stage at ``tp`` x ``pp``."""
+        return _Fit(self.geometry, tp, self.budget, self.kv_dtype_bytes, self.max_len, pp, self.image_pixels)
+
+    def min_nodes(self, tp: int) -> int | None:
+        """The fewest nodes (pipeline stages, at most one per layer) holding one sequence at ``tp``."""
+        return next((n for n in range(2, self.geometry.num_hidden_layers + 1) if self.fit(tp, n).sequences >= 1),
+                    None)
+
+
+def _gpu_memory(engine: EngineConfig, g: ModelGeometry, max_len: int, image_pixels: int) -> _GpuMemory:
+    """Memory-fit step on GPUs (module docstring, "Reserve" and "Vision-language models"): the budget per GPU,
+    with a warning when ``engine.gpu_memory_gib`` is unset (:data:`DEFAULT_GPU_MEMORY_GIB` assumed). Never
+    raises."""
+    warnings: list[str] = []
+    if engine.gpu_memory_gib is None:
+        warnings.append(f"engine.gpu_memory_gib not set: assuming {DEFAULT_GPU_MEMORY_GIB:g} GiB per GPU")
+    gpu_gib = engine.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
+    budget = gpu_gib * GIB * engine.gpu_memory_utilization
+    return _GpuMemory(g, gpu_gib, budget, _kv_dtype_bytes(engine, g), max_len, image_pixels, warnings)
+
+
+@dataclass(frozen=True)
+class _CpuMemory:
+    """Memory-fit step on cpu: the KV cache in whole GiB (``VLLM_CPU_KVCACHE_SPACE``), weights, KV tokens."""
+
+    kv_gib: int
+    weights: int
+    tokens: int
+    warnings: list[str]
+
+
+def _cpu_memory(engine: EngineConfig, g: ModelGeometry, max_len: int) -> _CpuMemory:
+    """Memory-fit step on cpu: ``engine.cpu_kv_cache_gib`` rounded to whole GiB (at least 1, a warning when
+    rounded), the whole model's weights, and the KV-cache tokens it holds (whole blocks). Raises
+    :class:`PlanError` when they are fewer than one ``max_len`` sequence."""
+    warnings: list[str] = []
+    kv_gib = max(1, int(engine.cpu_kv_cache_gib))
+    if kv_gib != engine.cpu_kv_cache_gib:
+        warnings.append(f"engine.cpu_kv_cache_gib: {engine.cpu_kv_cache_gib:g} rounded to {kv_gib} (whole GiB)")
+    kv_per_token = _kv_bytes_per_token(g, _kv_dtype_bytes(engine, g))
+    tokens = kv_gib * GIB // kv_per_token // _KV_BLOCK_TOKENS * _KV_BLOCK_TOKENS
+    if tokens < max_len:
+        raise PlanError(
+            f"engine.cpu_kv_cache_gib: {kv_gib} GiB holds {tokens} KV-cache tokens, less than one "
+            f"model.max_model_len sequence ({max_len}); raise it or lower model.max_model_len"
+        )
+    return _CpuMemory(kv_gib, g.param_count * g.dtype_bytes, tokens, warnings)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the parallelism step chose, with the memory figures of that layout (per GPU of the largest stage
+    on cuda; the whole model on cpu)."""
+
+    tp: int
+    dp: int
+    pp: int  # pipeline stages = nodes
+    weights: int  # bytes per GPU
+    tokens: int  # KV-cache tokens per replica
+    cpu_kv_cache_gib: int | None  # VLLM_CPU_KVCACHE_SPACE on cpu; None on cuda
+    warnings: list[str]
+
+
+def _explicit_parallelism(engine: EngineConfig, g: ModelGeometry) -> tuple[int | None, int | None]:
+    """Parallelism step, first part (any device): the explicit TP and DP (``None`` for ``auto``). Raises
+    :class:`PlanError` for a TP the model's heads do not allow (:func:`valid_tensor_parallel_sizes`)."""
     explicit_tp = engine.tensor_parallel_size if isinstance(engine.tensor_parallel_size, int) else None
     explicit_dp = engine.data_parallel_size if isinstance(engine.data_parallel_size, int) else None
-    if explicit_tp is not None and explicit_tp not in valid_tensor_parallel_sizes(geometry):
-        heads, kv_heads = geometry.num_attention_heads, geometry.num_key_value_heads
+    if explicit_tp is not None and explicit_tp not in valid_tensor_parallel_sizes(g):
+        heads, kv_heads = g.num_attention_heads, g.num_key_value_heads
         why = (
             f"does not divide the {heads} attention heads"
             if heads % explicit_tp
             else f"neither divides nor is a multiple of the {kv_heads} KV heads"
         )
         raise PlanError(
-            f"engine.tensor_parallel_size: {explicit_tp} {why} of {geometry.name} "
-            f"(valid: {', '.join(map(str, valid_tensor_parallel_sizes(geometry)))})"
+            f"engine.tensor_parallel_size: {explicit_tp} {why} of {g.name} "
+            f"(valid: {', '.join(map(str, valid_tensor_parallel_sizes(g)))})"
         )
+    return explicit_tp, explicit_dp
 
-    if device == "cpu":
-        for key, value in (("tensor_parallel_size", explicit_tp), ("data_parallel_size", explicit_dp)):
-            if value is not None and value > 1:
-                warnings.append(f"engine.{key}: {value} ignored on cpu (runs 1)")
-        tp = dp = 1
-        kv_gib = max(1, int(engine.cpu_kv_cache_gib))
-        if kv_gib != engine.cpu_kv_cache_gib:
-            warnings.append(f"engine.cpu_kv_cache_gib: {engine.cpu_kv_cache_gib:g} rounded to {kv_gib} (whole GiB)")
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
-        weights = geometry.param_count * geometry.dtype_bytes
-        tokens = kv_gib * GIB // kv_per_token // _KV_BLOCK_TOKENS * _KV_BLOCK_TOKENS
-        if tokens < max_len:
-            raise PlanError(
-                f"engine.cpu_kv_cache_gib: {kv_gib} GiB holds {tokens} KV-cache tokens, less than one "
-                f"model.max_model_len sequence ({max_len}); raise it or lower model.max_model_len"
-            )
+
+def _cpu_layout(engine: EngineConfig, g: ModelGeometry, explicit_tp: int | None, explicit_dp: int | None,
+                max_len: int) -> _Layout:  # fmt: skip
+    """Parallelism step on cpu: TP = DP = 1 (a warning for an explicit value above 1 that is ignored), then the
+    cpu memory fit (:func:`_cpu_memory`, which may raise)."""
+    warnings: list[str] = []
+    for key, value in (("tensor_parallel_size", explicit_tp), ("data_parallel_size", explicit_dp)):
+        if value is not None and value > 1:
+            warnings.append(f"engine.{key}: {value} ignored on cpu (runs 1)")
+    memory = _cpu_memory(engine, g, max_len)
+    return _Layout(1, 1, 1, memory.weights, memory.tokens, memory.kv_gib, warnings + memory.warnings)
+
+
+def _check_gpu_counts(gpus: int, explicit_tp: int | None, explicit_dp: int | None) -> None:
+    """Raises :class:`PlanError` when an explicit TP x DP, TP or DP needs more than ``engine.gpus``."""
+    if explicit_tp is not None and explicit_dp is not None and explicit_tp * explicit_dp > gpus:
+        raise PlanError(
+            f"engine.data_parallel_size: tensor_parallel_size {explicit_tp} x data_parallel_size "
+            f"{explicit_dp} = {explicit_tp * explicit_dp} GPUs, more than engine.gpus ({gpus})"
+        )
+    if explicit_tp is not None and explicit_tp > gpus:
+        raise PlanError(f"engine.tensor_parallel_size: {explicit_tp} is more than engine.gpus ({gpus})")
+    if explicit_dp is not None and explicit_dp > gpus:
+        raise PlanError(f"engine.data_parallel_size: {explicit_dp} is more than engine.gpus ({gpus})")
+
+
+def _multi_node_fit(engine: EngineConfig, memory: _GpuMemory, explicit_tp: int | None,
+                    explicit_dp: int | None) -> tuple[_Fit, list[str]]:  # fmt: skip
+    """Layout over ``engine.nodes`` > 1 (module docstring, "Multi-node"): TP inside a node (``auto``: the largest
+    valid one), one pipeline stage per node, one replica. Warns when fewer nodes would hold the model. Raises
+    :class:`PlanError` for DP above 1, more stages than layers, or a layout that holds no sequence."""
+    g, gpus, nodes, max_len = memory.geometry, engine.gpus, engine.nodes, memory.max_len
+    if explicit_dp is not None and explicit_dp > 1:
+        raise PlanError(
+            f"engine.data_parallel_size: {explicit_dp} with engine.nodes {nodes}: a multi-node engine is "
+            f"one replica (pipeline parallel across the nodes); add replicas with more engines instead"
+        )
+    if nodes > g.num_hidden_layers:
+        raise PlanError(
+            f"engine.nodes: {nodes} pipeline stages for the {g.num_hidden_layers} layers of "
+            f"{g.name}; at most one stage per layer"
+        )
+    tp = explicit_tp if explicit_tp is not None else _node_tp(g, gpus)
+    chosen = memory.fit(tp, nodes)
+    if chosen.sequences < 1:
+        raise _fit_error("engine.nodes", f"{nodes} does not fit", chosen, memory.budget, max_len)
+    warnings: list[str] = []
+    fewest = next((n for n in range(1, nodes) if memory.fit(tp, n).sequences >= 1), None)
+    if fewest is not None:
+        warnings.append(
+            f"engine.nodes: {nodes}, but {fewest} node(s) hold {g.name} at {max_len} tokens "
+            f"({_layout(tp, fewest)}); every extra pipeline stage adds an inter-node hop per token"
+        )
+    return chosen, warnings
+
+
+def _auto_tp_fit(engine: EngineConfig, memory: _GpuMemory, explicit_dp: int | None) -> _Fit:
+    """One node, ``auto`` TP (module docstring, "auto TP"): the smallest valid TP on the GPUs of one replica that
+    holds one sequence. When none does, raises :class:`PlanError`: with ``auto`` DP and a node count that would
+    hold it, naming that count, its chart values and any bigger node that would do; otherwise why the largest TP
+    falls short."""
+    g, gpus, max_len, budget = memory.geometry, engine.gpus, memory.max_len, memory.budget
+    per_replica = gpus // (explicit_dp or 1)
+    candidates = [memory.fit(tp) for tp in valid_tensor_parallel_sizes(g, limit=per_replica)]
+    fitting = [c for c in candidates if c.sequences >= 1]
+    if fitting:
+        return fitting[0]
+    key = "engine.gpus" if not candidates[-1].weights_fit else "model.max_model_len"
+    what = f"{g.name} at {max_len} tokens does not fit on {per_replica} GPU(s) per replica"
+    node_tp = _node_tp(g, gpus)
+    needed = memory.min_nodes(node_tp) if (explicit_dp or 1) == 1 else None
+    if needed is None:
+        raise _fit_error(key, what, candidates[-1], budget, max_len)
+    bigger = next((tp for tp in valid_tensor_parallel_sizes(g, limit=_MAX_NODE_GPUS)
+                   if tp > gpus and memory.fit(tp).sequences >= 1), None)
+    raise PlanError(
+        f"engine.nodes: {g.name} at {max_len} tokens does not fit on one node of {gpus} "
+        f"GPU(s) of {memory.gpu_gib:g} GiB "
+        f"({_fit_reason(candidates[-1], budget, max_len)}); it needs {needed} nodes "
+        f"({_layout(node_tp, needed)} over Ray): set engine.nodes: {needed} "
+        f"(chart: {helm_set_args(chart_values(needed, gpus))})"
+        + (f", or give one node {bigger} GPUs (engine.gpus: {bigger})" if bigger else "")
+    )
+
+
+def _gpu_layout(engine: EngineConfig, memory: _GpuMemory, explicit_tp: int | None,
+                explicit_dp: int | None) -> _Layout:  # fmt: skip
+    """Parallelism step on cuda: checks the explicit counts against ``engine.gpus`` (:func:`_check_gpu_counts`),
+    then TP/PP over several nodes (:func:`_multi_node_fit`), an explicit TP (raises when it holds no sequence)
+    or ``auto`` TP (:func:`_auto_tp_fit`); DP is 1 over several nodes, else explicit or ``gpus // TP``. Warns
+    about unused GPUs."""
+    gpus, nodes = engine.gpus, engine.nodes
+    _check_gpu_counts(gpus, explicit_tp, explicit_dp)
+    warnings: list[str] = []
+    if nodes > 1:
+        chosen, warnings = _multi_node_fit(engine, memory, explicit_tp, explicit_dp)
+    elif explicit_tp is not None:
+        chosen = memory.fit(explicit_tp)
+        if chosen.sequences < 1:
+            raise _fit_error("engine.tensor_parallel_size", f"{explicit_tp} does not fit", chosen, memory.budget,
+                             memory.max_len)
     else:
-        gpus, nodes = engine.gpus, engine.nodes
-        if engine.gpu_memory_gib is None:
-            warnings.append(f"engine.gpu_memory_gib not set: assuming {DEFAULT_GPU_MEMORY_GIB:g} GiB per GPU")
-        gpu_gib = engine.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
-        budget = gpu_gib * GIB * engine.gpu_memory_utilization
-        if explicit_tp is not None and explicit_dp is not None and explicit_tp * explicit_dp > gpus:
-            raise PlanError(
-                f"engine.data_parallel_size: tensor_parallel_size {explicit_tp} x data_parallel_size "
-                f"{explicit_dp} = {explicit_tp * explicit_dp} GPUs, more than engine.gpus ({gpus})"
-            )
-        if explicit_tp is not None and explicit_tp > gpus:
-            raise PlanError(f"engine.tensor_parallel_size: {explicit_tp} is more than engine.gpus ({gpus})")
-        if explicit_dp is not None and explicit_dp > gpus:
-            raise PlanError(f"engine.data_parallel_size: {explicit_dp} is more than engine.gpus ({gpus})")
+        chosen = _auto_tp_fit(engine, memory, explicit_dp)
+    tp = chosen.tp
+    dp = 1 if nodes > 1 else explicit_dp or gpus // tp
+    if tp * dp < gpus:
+        unused = f"TP {tp} x DP {dp}" if nodes == 1 else f"TP {tp} per node"
+        warnings.append(f"engine.gpus: {gpus - tp * dp} of {gpus} GPUs unused ({unused})")
+    return _Layout(tp, dp, nodes, chosen.weights, chosen.tokens, None, memory.warnings + warnings)
 
-        def fit(tp: int, pp: int = 1) -> _Fit:
-            return _Fit(geometry, tp, budget, kv_dtype_bytes, max_len, pp, image_pixels)
 
-        def min_nodes(tp: int) -> int | None:
-            """The fewest nodes (pipeline stages, at most one per layer) holding one sequence at ``tp``."""
-            return next((n for n in range(2, geometry.num_hidden_layers + 1) if fit(tp, n).sequences >= 1), None)
-
-        if nodes > 1:
-            if explicit_dp is not None and explicit_dp > 1:
-                raise PlanError(
-                    f"engine.data_parallel_size: {explicit_dp} with engine.nodes {nodes}: a multi-node engine is "
-                    f"one replica (pipeline parallel across the nodes); add replicas with more engines instead"
-                )
-            if nodes > geometry.num_hidden_layers:
-                raise PlanError(
-                    f"engine.nodes: {nodes} pipeline stages for the {geometry.num_hidden_layers} layers of "
-                    f"{geometry.name}; at most one stage per layer"
-                )
-            tp = explicit_tp if explicit_tp is not None else _node_tp(geometry, gpus)
-            chosen = fit(tp, nodes)
-            if chosen.sequences < 1:
-                raise _fit_error("engine.nodes", f"{nodes} does not fit", chosen, budget, max_len)
-            fewest = next((n for n in range(1, nodes) if fit(tp, n).sequences >= 1), None)
-            if fewest is not None:
-                warnings.append(
-                    f"engine.nodes: {nodes}, but {fewest} node(s) hold {geometry.name} at {max_len} tokens "
-                    f"({_layout(tp, fewest)}); every extra pipeline stage adds an inter-node hop per token"
-                )
-            dp = 1
-        elif explicit_tp is not None:
-            chosen = fit(explicit_tp)
-            if chosen.sequences < 1:
-                raise _fit_error("engine.tensor_parallel_size", f"{explicit_tp} does not fit", chosen, budget, max_len)
-        else:
-            per_replica = gpus // (explicit_dp or 1)
-            candidates = [fit(tp) for tp in valid_tensor_parallel_sizes(geometry, limit=per_replica)]
-            fitting = [c for c in candidates if c.sequences >= 1]
-            if not fitting:
-                key = "engine.gpus" if not candidates[-1].weights_fit else "model.max_model_len"
-                what = f"{geometry.name} at {max_len} tokens does not fit on {per_replica} GPU(s) per replica"
-                node_tp = _node_tp(geometry, gpus)
-                needed = min_nodes(node_tp) if (explicit_dp or 1) == 1 else None
-                if needed is None:
-                    raise _fit_error(key, what, candidates[-1], budget, max_len)
-                bigger = next((tp for tp in valid_tensor_parallel_sizes(geometry, limit=_MAX_NODE_GPUS)
-                               if tp > gpus and fit(tp).sequences >= 1), None)
-                raise PlanError(
-                    f"engine.nodes: {geometry.name} at {max_len} tokens does not fit on one node of {gpus} "
-                    f"GPU(s) of {gpu_gib:g} GiB "
-                    f"({_fit_reason(candidates[-1], budget, max_len)}); it needs {needed} nodes "
-                    f"({_layout(node_tp, needed)} over Ray): set engine.nodes: {needed} "
-                    f"(chart: {helm_set_args(chart_values(needed, gpus))})"
-                    + (f", or give one node {bigger} GPUs (engine.gpus: {bigger})" if bigger else "")
-                )
-            chosen = fitting[0]
-        tp = chosen.tp
-        if nodes == 1:
-            dp = explicit_dp or gpus // tp
-        weights, tokens = chosen.weights, chosen.tokens
-        if tp * dp < gpus:
-            unused = f"TP {tp} x DP {dp}" if nodes == 1 else f"TP {tp} per node"
-            warnings.append(f"engine.gpus: {gpus - tp * dp} of {gpus} GPUs unused ({unused})")
-
-    # --- vLLM argv ----------------------------------------------------------------------------------------
+def _vllm_args(config: Config, source: _ModelSource, device: _Device, context: _Context,
+               layout: _Layout) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Argv step: the vLLM API server arguments (``engine.extra_args`` last) and their warnings (an ignored
+    ``model.revision``; extra args that override planned flags). Raises :class:`PlanError` (from
+    :func:`_check_extra_args`) for an extra argument that would move the engine off ``127.0.0.1:engine.port``."""
+    model, engine, mm, g = config.model, config.engine, config.multimodal, source.geometry
+    warnings: list[str] = []
     args = [
-        "--model", vllm_model,
+        "--model", source.vllm_model,
         "--served-model-name", model.name,
         "--host", ENGINE_HOST,
         "--port", str(engine.port),
-        "--max-model-len", str(max_len),
-        "--tensor-parallel-size", str(tp),
+        "--max-model-len", str(context.max_len),
+        "--tensor-parallel-size", str(layout.tp),
     ]  # fmt: skip
     if model.revision:
-        if is_local:
+        if source.is_local:
             warnings.append(f"model.revision: ignored, {model.source} is a local directory")
         else:
             args += ["--revision", model.revision]
             if not any(_is_flag(a, "--tokenizer") for a in engine.extra_args):
                 args += ["--tokenizer-revision", model.revision]
-    if dp > 1:
-        args += ["--data-parallel-size", str(dp)]
-    pp = engine.nodes if device == "cuda" else 1
-    if pp > 1:
-        args += ["--pipeline-parallel-size", str(pp), "--distributed-executor-backend", "ray"]
+    if layout.dp > 1:
+        args += ["--data-parallel-size", str(layout.dp)]
+    if layout.pp > 1:
+        args += ["--pipeline-parallel-size", str(layout.pp), "--distributed-executor-backend", "ray"]
     if device == "cuda":
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
     else:
@@ -620,7 +768,7 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         args += ["--stream-interval", str(engine.stream_interval)]
     if engine.structured_outputs_backend != "auto":
         args += ["--structured-outputs-config", json.dumps({"backend": engine.structured_outputs_backend})]
-    if geometry.vision is not None:
+    if g.vision is not None:
         args += [
             "--limit-mm-per-prompt", json.dumps({"image": mm.max_images_per_request, "video": 0}),
             "--mm-processor-kwargs", json.dumps({"max_pixels": mm.max_image_pixels}),
@@ -628,55 +776,95 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         ]  # fmt: skip
     if model.tool_calling:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-        if engine.structured_outputs_backend not in ("xgrammar", "auto"):
-            # vLLM 0.32 enforces named/required tool choice with xgrammar-only structural tags
-            # ("Invalid grammar specification: 'triggers'" on guidance); its JSON-schema path works
-            # with every backend.
-            env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
-    if rope_scaling is not None:
-        rope = dict(rope_scaling)
-        if geometry.rope_theta is not None:
-            rope["rope_theta"] = geometry.rope_theta
-        args += ["--hf-overrides", json.dumps({"rope_scaling": rope, "max_position_embeddings": max_len})]
+    if context.rope_scaling is not None:
+        rope = dict(context.rope_scaling)
+        if g.rope_theta is not None:
+            rope["rope_theta"] = g.rope_theta
+        args += ["--hf-overrides", json.dumps({"rope_scaling": rope, "max_position_embeddings": context.max_len})]
     warnings += _check_extra_args(engine.extra_args, args)
-    args += engine.extra_args
-    env.update(engine.env)
+    return args + engine.extra_args, warnings
 
-    # --- gateway sizing -------------------------------------------------------------------------------------
+
+def _engine_env(config: Config, layout: _Layout) -> dict[str, str]:
+    """Env step: the engine's extra environment. The keep-alive (:data:`ENGINE_KEEP_ALIVE_S`), the Responses
+    store when ``gateway.responses_store``, the cpu KV-cache size, strict tool calling off when tools meet a
+    backend other than xgrammar/auto; ``engine.env`` last, winning. Never raises."""
+    engine = config.engine
+    env: dict[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(ENGINE_KEEP_ALIVE_S)}
+    if config.gateway.responses_store:  # vLLM ignores the Responses API's `store` without it
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
+    if layout.cpu_kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(layout.cpu_kv_cache_gib)
+    if config.model.tool_calling and engine.structured_outputs_backend not in ("xgrammar", "auto"):
+        # vLLM 0.32 enforces named/required tool choice with xgrammar-only structural tags
+        # ("Invalid grammar specification: 'triggers'" on guidance); its JSON-schema path works
+        # with every backend.
+        env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
+    env.update(engine.env)
+    return env
+
+
+def _size_gateway(config: Config, g: ModelGeometry, device: _Device, layout: _Layout,
+                  cpus: int | None) -> tuple[float, int, GatewaySizing]:  # fmt: skip
+    """Gateway-sizing step (module docstring, "Gateway sizing"): the engine's estimated decode rate, the
+    effective stream interval (``engine.extra_args`` wins) and :func:`gateway_sizing` on ``cpus`` (default
+    :func:`available_cpus`, which reads this machine's affinity and cgroup). Never raises."""
+    engine = config.engine
     stream_interval = _stream_interval(engine.extra_args, engine.stream_interval)
     engine_rate = estimate_engine_tokens_per_s(
-        device=device, replicas=dp, weights_bytes_per_gpu=weights,
-        kv_bytes_per_token_per_gpu=_kv_bytes_per_token(geometry, kv_dtype_bytes, tp, _stage_layers(geometry, pp)),
-        kv_tokens_per_replica=tokens)
+        device=device, replicas=layout.dp, weights_bytes_per_gpu=layout.weights,
+        kv_bytes_per_token_per_gpu=_kv_bytes_per_token(g, _kv_dtype_bytes(engine, g), layout.tp,
+                                                       _stage_layers(g, layout.pp)),
+        kv_tokens_per_replica=layout.tokens)
     sizing = gateway_sizing(engine_rate, stream_interval, config.gateway.workers,
                             available_cpus() if cpus is None else cpus)
-    warnings += sizing.warnings
+    return engine_rate, stream_interval, sizing
+
+
+def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | None = None) -> Plan:
+    """Plan the engine launch for ``config``; raises :class:`PlanError` when the request is impossible.
+    ``cpus``: the CPUs the gateway may use (default :func:`available_cpus`)."""
+    model, engine = config.model, config.engine
+    source = _resolve_model(config)
+    g = source.geometry
+    device, device_warnings = _choose_device(engine, gpu_visible)
+    context = _plan_context(g, model, config.multimodal)
+    explicit_tp, explicit_dp = _explicit_parallelism(engine, g)
+    if device == "cpu":
+        layout = _cpu_layout(engine, g, explicit_tp, explicit_dp, context.max_len)
+    else:
+        memory = _gpu_memory(engine, g, context.max_len, _image_pixels(g, config.multimodal))
+        layout = _gpu_layout(engine, memory, explicit_tp, explicit_dp)
+    args, args_warnings = _vllm_args(config, source, device, context, layout)
+    env = _engine_env(config, layout)
+    engine_rate, stream_interval, sizing = _size_gateway(config, g, device, layout, cpus)
+    warnings = device_warnings + context.warnings + layout.warnings + args_warnings + sizing.warnings
 
     return Plan(
         model=model.source,
-        num_attention_heads=geometry.num_attention_heads,
-        num_key_value_heads=geometry.num_key_value_heads,
-        num_hidden_layers=geometry.num_hidden_layers,
-        head_dim=geometry.head_dim,
-        native_context=native,
-        max_model_len=max_len,
-        tensor_parallel_size=tp,
-        data_parallel_size=dp,
-        rope_scaling=rope_scaling,
-        param_count=geometry.param_count,
-        weights_bytes_per_gpu=weights,
-        kv_cache_bytes_per_token=kv_per_token,
-        kv_cache_tokens_per_replica=tokens,
-        max_full_context_sequences_per_replica=tokens // max_len,
+        num_attention_heads=g.num_attention_heads,
+        num_key_value_heads=g.num_key_value_heads,
+        num_hidden_layers=g.num_hidden_layers,
+        head_dim=g.head_dim,
+        native_context=g.native_context,
+        max_model_len=context.max_len,
+        tensor_parallel_size=layout.tp,
+        data_parallel_size=layout.dp,
+        rope_scaling=context.rope_scaling,
+        param_count=g.param_count,
+        weights_bytes_per_gpu=layout.weights,
+        kv_cache_bytes_per_token=_kv_bytes_per_token(g, _kv_dtype_bytes(engine, g)),
+        kv_cache_tokens_per_replica=layout.tokens,
+        max_full_context_sequences_per_replica=layout.tokens // context.max_len,
         vllm_args=args,
         warnings=warnings,
         device=device,
         served_name=model.name,
         env=env,
         engine_port=engine.port,
-        nodes=pp,
+        nodes=layout.pp,
         gpus_per_node=engine.gpus if device == "cuda" else 0,
-        pipeline_parallel_size=pp,
+        pipeline_parallel_size=layout.pp,
         stream_interval=stream_interval,
         engine_tokens_per_s=round(engine_rate),
         gateway_events_per_s=round(sizing.events_per_s),
@@ -684,6 +872,6 @@ def build_plan(config: Config, *, gpu_visible: bool | None = None, cpus: int | N
         gateway_capacity_events_per_s=round(sizing.capacity_events_per_s),
         cpus_available=sizing.cpus,
         gateway_notes=sizing.notes,
-        accepts_images=geometry.accepts_images,
-        vision_param_count=geometry.vision_param_count,
+        accepts_images=g.accepts_images,
+        vision_param_count=g.vision_param_count,
     )
