@@ -176,8 +176,10 @@ WIDE_PIECES = ["A long token: " + "x" * 300 + "\n\n", "https://example.invalid/"
 
 
 def answer_pieces(body: dict[str, Any]) -> list[str]:
-    """The scripted answer for a request: chosen by a word of its last message."""
-    last = str(body["messages"][-1]["content"])
+    """The scripted answer for a request (chat ``messages`` or Responses ``input``): chosen by a word of its
+    last message."""
+    turns = body.get("messages") or body.get("input") or [{}]
+    last = str(turns[-1].get("content"))
     if "hostile" in last:
         return HOSTILE_PIECES
     if "wide" in last:
@@ -186,9 +188,9 @@ def answer_pieces(body: dict[str, Any]) -> list[str]:
 
 
 class FakeUpstream:
-    """An OpenAI-shaped stand-in for the engine on 127.0.0.1: ``GET /health``, ``GET /v1/models`` (one model)
-    and ``POST /v1/chat/completions``, streamed one event every ``pace_s`` (with the usage chunk when asked)
-    or whole. ``requests`` holds the JSON bodies it received."""
+    """An OpenAI-shaped stand-in for the engine on 127.0.0.1: ``GET /health``, ``GET /v1/models`` (one model),
+    ``POST /v1/chat/completions`` and ``POST /v1/responses``, streamed one event every ``pace_s`` (chat with
+    the usage chunk when asked) or whole. ``requests`` holds the JSON bodies it received."""
 
     def __init__(self, pace_s: float = 0.25) -> None:
         self.pace_s = pace_s
@@ -230,6 +232,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         fake: FakeUpstream = self.server.fake  # type: ignore[attr-defined]
         body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
         fake.requests.append(body)
+        if self.path == "/v1/responses":
+            self._responses(body, fake)
+            return
         if self.path != "/v1/chat/completions":
             self._json(404, {"error": {"message": "not here", "type": "not_found", "code": 404}})
             return
@@ -256,6 +261,35 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 
+    def _responses(self, body: dict[str, Any], fake: FakeUpstream) -> None:
+        """A Responses API answer as vLLM gives it: ``event:`` + ``data:`` pairs ending with
+        ``response.completed`` (no ``[DONE]``), or one response object."""
+        pieces = answer_pieces(body)
+        text = "".join(pieces)
+        response: dict[str, Any] = {"id": "resp_fake", "object": "response", "created_at": 0, "model": MODEL_NAME,
+                    "status": "completed", "usage": {"input_tokens": 5, "output_tokens": len(pieces),
+                                                     "total_tokens": 5 + len(pieces)},
+                    "output": [{"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
+                                "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
+        if not body.get("stream"):
+            self._json(200, response)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": {**response, "status": "in_progress", "output": []}}]
+        events += [{"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+                    "content_index": 0, "delta": p} for p in pieces]
+        events.append({"type": "response.completed", "response": response})
+        with contextlib.suppress(OSError):
+            for n, event in enumerate(events):
+                data = json.dumps({**event, "sequence_number": n}).encode()
+                self._chunk(b"event: %s\ndata: %s\n\n" % (str(event["type"]).encode(), data))
+                time.sleep(fake.pace_s)
+            self._chunk(b"")
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -270,7 +304,19 @@ class FakeGateway:
 
 @pytest.fixture
 def fake_gateway(tmp_path: Path) -> Iterator[FakeGateway]:
-    """A gateway (auth on, one key) in this process in front of a :class:`FakeUpstream`."""
+    """A gateway (auth on, one key) in this process in front of a :class:`FakeUpstream`; its model is
+    text-only (an unknown source), so the gateway refuses image parts."""
+    yield from _fake_gateway(tmp_path, "fake")
+
+
+@pytest.fixture
+def vision_gateway(tmp_path: Path) -> Iterator[FakeGateway]:
+    """As :func:`fake_gateway`, with a vision-language source (a Qwen2.5-VL preset): image parts pass the
+    gateway's checks and reach the fake upstream."""
+    yield from _fake_gateway(tmp_path, "qwen2.5-vl-3b-instruct")
+
+
+def _fake_gateway(tmp_path: Path, source: str) -> Iterator[FakeGateway]:
     from qwen_serve import keys as keys_mod
     from qwen_serve.gateway.app import build_app
 
@@ -279,7 +325,7 @@ def fake_gateway(tmp_path: Path) -> Iterator[FakeGateway]:
     secret = keys_mod.create_key(keys_file, "page", models=None, rpm=None, tpm=None, max_concurrent=None,
                                  expires=None)
     port = free_port()
-    cfg = parse_config({"model": {"source": "fake", "served_name": MODEL_NAME},
+    cfg = parse_config({"model": {"source": source, "served_name": MODEL_NAME},
                         "gateway": {"host": "127.0.0.1", "port": port},
                         "auth": {"enabled": True, "keys_file": str(keys_file)}}, base_dir=tmp_path)
     try:
@@ -548,6 +594,185 @@ def test_errors_rate_limit_loading_and_network(browser: Any, fake_gateway: FakeG
         expect(p.last_answer().locator(".meta")).to_contain_text("tokens/s", timeout=WAIT_MS)
         expect(message).to_have_value("")
         assert not p.errors and not p.csp_violations()
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def png(width: int = 8, height: int = 6, *, noise: bool = False) -> bytes:
+    """A PNG made with Pillow: one colour, or random pixels (which do not compress: about 3 bytes a pixel)."""
+    import io
+
+    from PIL import Image
+
+    if noise:
+        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    else:
+        image = Image.new("RGB", (width, height), (200, 40, 90))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_file(name: str, data: bytes, mime: str = "image/png") -> dict[str, Any]:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def leave_key_field(p: PageProbe) -> None:
+    """Move the focus from "API key" to "Message", and wait for the model list that leaving the key field
+    fetches again (its "1 model available." would otherwise overwrite a later status line)."""
+    with p.page.expect_response(lambda r: r.url.endswith("/v1/models")) as models:
+        p.textbox("Message").click()
+    models.value.finished()
+    p.page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 50))")
+
+
+def data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_images_are_sent_as_data_url_parts_to_chat_and_responses(browser: Any, vision_gateway: FakeGateway,
+                                                                 tmp_path: Path) -> None:
+    """"Attach image" shows the images as thumbnails that can be removed before sending; the message carries
+    them as data: URLs: chat ``image_url`` parts, the Responses API's ``input_image`` parts, then the text. At
+    390 px nothing scrolls sideways."""
+    from playwright.sync_api import expect
+
+    red, wide = png(), png(120, 40)
+    with open_page(browser, vision_gateway.url, width=390, height=844) as p:
+        page = p.page
+        p.sign_in(vision_gateway.api_key)
+        leave_key_field(p)
+        expect(page.get_by_text("up to 4 per chat, 10 MB each")).to_be_visible()
+        attachments = page.get_by_role("list", name="Attached images")
+        expect(attachments).to_be_hidden()
+        upload = page.get_by_label("Attach image")
+        assert upload.get_attribute("accept") == "image/png,image/jpeg,image/gif,image/webp"
+        long_name = "a-rather-long-file-name-" + "x" * 60 + ".png"
+        upload.set_input_files([image_file("red.png", red), image_file(long_name, wide)])
+        expect(attachments.get_by_role("listitem")).to_have_count(2)
+        expect(attachments.get_by_role("img", name="red.png")).to_be_visible()
+        expect(page.get_by_role("status")).to_have_text(re.compile(r"^Attached red\.png, a-rather-long"))
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "chat-page-390-images.png"), full_page=True)
+        thumb = attachments.get_by_role("img").nth(1).bounding_box()
+        assert thumb and thumb["width"] <= 64.5 and thumb["height"] <= 64.5 and thumb["width"] > 2 * thumb["height"]
+        p.button("Remove " + long_name).click()
+        expect(attachments.get_by_role("listitem")).to_have_count(1)
+        expect(page.get_by_role("status")).to_contain_text("Removed a-rather-long")
+
+        p.textbox("Message").fill("What colour is this?")
+        p.button("Send").click()
+        expect(p.last_answer().locator(".meta")).to_contain_text("tokens/s", timeout=WAIT_MS)
+        expect(attachments).to_be_hidden()
+        expect(p.textbox("Message")).to_have_value("")
+        user = p.log.locator("article.msg.user")
+        expect(user.get_by_role("img", name="red.png")).to_be_visible()
+        expect(user).to_contain_text("What colour is this?")
+        chat_part = {"type": "image_url", "image_url": {"url": data_url(red)}}
+        text_part = {"type": "text", "text": "What colour is this?"}
+        assert p.chat_bodies[-1]["messages"] == [{"role": "user", "content": [chat_part, text_part]}]
+        received = vision_gateway.upstream.requests[-1]  # what the engine got from the gateway
+        assert received["messages"][-1] == {"role": "user", "content": [chat_part, text_part]}
+
+        # A follow-up resends the history with its image; an image alone (no text) is a message too.
+        upload.set_input_files(image_file("wide.png", wide))
+        p.button("Send").click()
+        expect(p.answers()).to_have_count(2)
+        expect(p.button("Send")).to_be_enabled(timeout=WAIT_MS)
+        messages = vision_gateway.upstream.requests[-1]["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+        assert messages[0]["content"] == [chat_part, text_part]
+        assert messages[2] == {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(wide)}}]}
+
+        # The Responses API: input_image parts (image_url is the URL itself).
+        p.button("New chat").click()
+        p.page.get_by_role("combobox", name="API", exact=True).select_option(label="Responses")
+        upload.set_input_files(image_file("red.png", red))
+        p.textbox("Message").fill("And now?")
+        p.button("Send").click()
+        expect(p.last_answer().locator(".meta")).to_contain_text("tokens/s", timeout=WAIT_MS)
+        expected = {"role": "user", "content": [{"type": "input_image", "image_url": data_url(red), "detail": "auto"},
+                                                 {"type": "input_text", "text": "And now?"}]}
+        assert p.responses_bodies[-1]["input"] == [expected]
+        assert vision_gateway.upstream.requests[-1]["input"] == [expected]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "chat-page-390-sent-image.png"), full_page=True)
+        p.assert_clean()
+    print(f"screenshots: {tmp_path}")
+
+
+def test_image_limits_are_checked_in_the_page(browser: Any, vision_gateway: FakeGateway) -> None:
+    """More than 4 images, an image over 10 MB, a file that is not an image and images adding up to more than
+    a request may carry are refused in the page with a message; nothing is sent."""
+    from playwright.sync_api import expect
+
+    with open_page(browser, vision_gateway.url) as p:
+        page = p.page
+        p.sign_in(vision_gateway.api_key)
+        leave_key_field(p)
+        upload = page.get_by_label("Attach image")
+        attachments = page.get_by_role("list", name="Attached images")
+        status = page.get_by_role("status")
+
+        upload.set_input_files(image_file("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (10 * 1024 * 1024)))
+        expect(status).to_have_text("big.png is 10.1 MB: an image may be at most 10 MB.")
+        upload.set_input_files(image_file("notes.png", b"just text, not an image"))
+        expect(status).to_have_text("notes.png is not a PNG, JPEG, GIF or WebP image.")
+        upload.set_input_files(image_file("broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10))
+        expect(status).to_have_text("broken.png could not be read as a PNG image.")
+        expect(attachments).to_be_hidden()
+
+        upload.set_input_files([image_file(f"{n}.png", png()) for n in range(1, 6)])
+        expect(attachments.get_by_role("listitem")).to_have_count(4)
+        expect(status).to_have_text("5.png not attached: at most 4 images per chat.")
+        expect(status).to_have_class(re.compile(r"\berror\b"))
+        for n in range(1, 5):
+            p.button(f"Remove {n}.png").click()
+        expect(attachments).to_be_hidden()
+
+        # Three incompressible 2.2 MB images: as base64 the third would take the request past 8 MB.
+        noisy = [image_file(f"noise{n}.png", png(900, 850, noise=True)) for n in range(3)]
+        upload.set_input_files(noisy)
+        expect(attachments.get_by_role("listitem")).to_have_count(2)
+        expect(status).to_contain_text("noise2.png not attached: the images would add up to")
+        expect(status).to_contain_text("more than a request may carry (8 MB)")
+        assert not p.chat_bodies and not vision_gateway.upstream.requests
+        p.assert_clean()
+
+
+def test_text_only_model_refuses_images_and_the_message_stays(browser: Any, fake_gateway: FakeGateway) -> None:
+    """The gateway refuses an image part for a text-only model with a 400 naming the part: the page shows that
+    message and keeps the typed text and the attached image; removed, the text goes through alone."""
+    from playwright.sync_api import expect
+
+    with open_page(browser, fake_gateway.url) as p:
+        page = p.page
+        p.sign_in(fake_gateway.api_key)
+        leave_key_field(p)
+        page.get_by_label("Attach image").set_input_files(image_file("cat.png", png()))
+        attachments = page.get_by_role("list", name="Attached images")
+        expect(attachments.get_by_role("listitem")).to_have_count(1)
+        p.textbox("Message").fill("Describe the picture.")
+        p.button("Send").click()
+        error = p.log.locator("article.msg.error")
+        expect(error).to_contain_text(f"the model '{MODEL_NAME}' does not accept images: messages[0].content[0] "
+                                      "is a 'image_url' part")
+        expect(error).to_contain_text("(HTTP 400)")
+        expect(page.get_by_role("status")).to_have_text(re.compile("This model does not accept images"))
+        expect(p.textbox("Message")).to_have_value("Describe the picture.")
+        expect(attachments.get_by_role("img", name="cat.png")).to_be_visible()
+        expect(p.log.locator("article.msg.user")).to_have_count(0)
+        assert not fake_gateway.upstream.requests  # refused by the gateway, before the engine
+        assert p.chat_bodies[-1]["messages"][0]["content"][0]["image_url"]["url"] == data_url(png())
+
+        p.button("Remove cat.png").click()
+        p.button("Send").click()
+        expect(p.last_answer().locator(".meta")).to_contain_text("tokens/s", timeout=WAIT_MS)
+        assert fake_gateway.upstream.requests[-1]["messages"] == [{"role": "user", "content": "Describe the picture."}]
+        p.assert_clean(allow=r"status of 400")  # the browser logs the 400 answer as a failed resource
 
 
 # -- in the browser, in front of the real engine ---------------------------------------------------------

@@ -6,14 +6,25 @@
 //
 // The "API" setting picks chat completions or the Responses API; the page keeps one history of
 // {role, content} turns and sends it whole to either (the Responses API without stored state: store false).
+//
+// "Attach image" adds images to the next message, sent inline as data: URLs: chat content parts
+// {"type": "image_url", "image_url": {"url": ...}} or the Responses API's {"type": "input_image", ...}. The
+// model list does not say which models accept images, so the button is always there and the gateway's
+// answer decides: a text-only model's 400 names the image part, and the message and its images stay.
 import { GatewayError, StreamError, isEventStream, isReady, listModels, postChat, readEvents } from "./api.js";
 import {
-  addMessage, addNotice, addUserMessage, clearTranscript, renderAnswer, setMeta, statsText, updating,
-  verdictBadge,
+  addMessage, addNotice, addUserMessage, clearTranscript, el, renderAnswer, setMeta, statsText, thumbnail,
+  updating, verdictBadge,
 } from "./view.js";
 
 const STORAGE_KEY = "qwen-serve.api-key";
 const MAX_FILE_BYTES = 256 * 1024; // the upload limit stated next to the button
+// Images: the gateway's default limits (multimodal.max_images_per_request, multimodal.max_image_bytes and
+// gateway.max_request_bytes); a gateway configured otherwise still answers with its own 400 or 413.
+const MAX_IMAGES = 4; // counted over the whole chat: every request carries the history's images again
+const MAX_IMAGE_BYTES = 10 * 1024 * 1024;
+const MAX_IMAGES_ENCODED = 8 * 1024 * 1024 - 64 * 1024; // their data: URLs, with room for the text
+const IMAGE_NAMES = { "image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WebP" };
 const KEY_DEBOUNCE_MS = 350;
 const READY_POLL_MS = 2000;
 const READY_POLL_MAX = 300; // ~10 minutes of polling, then the page gives up and says so
@@ -44,6 +55,8 @@ const ui = {
   regenerate: $("regenerate"),
   copy: $("copy"),
   file: $("file"),
+  image: $("image"),
+  attachments: $("attachments"),
   status: $("status"),
   api: $("api"),
   system: $("system"),
@@ -55,7 +68,8 @@ const ui = {
 };
 
 const state = {
-  history: [], // the chat's turns: {role: "user" | "assistant", content}
+  history: [], // the chat's turns: {role: "user" | "assistant", content, images?: [{name, url}]}
+  attachments: [], // the images of the next message: {name, size, url (data:), canvas (its thumbnail)}
   controller: null, // the AbortController of the request in flight (null when idle)
   lastAnswer: "", // the last answer's text, for Copy
   modelsSeq: 0, // the latest model-list request; older answers are ignored
@@ -183,11 +197,27 @@ function schemaName(schema) {
   return /^[A-Za-z0-9_-]{1,64}$/.test(title) ? title : "answer";
 }
 
+/** A turn as a chat message: its text, or with images a list of content parts (the images, then the text). */
+function chatMessage(turn) {
+  if (!turn.images?.length) return { role: turn.role, content: turn.content };
+  const parts = turn.images.map((image) => ({ type: "image_url", image_url: { url: image.url } }));
+  if (turn.content) parts.push({ type: "text", text: turn.content });
+  return { role: turn.role, content: parts };
+}
+
+/** A turn as a Responses API input item (input_image and input_text parts when it has images). */
+function responsesItem(turn) {
+  if (!turn.images?.length) return { role: turn.role, content: turn.content };
+  const parts = turn.images.map((image) => ({ type: "input_image", image_url: image.url, detail: "auto" }));
+  if (turn.content) parts.push({ type: "input_text", text: turn.content });
+  return { role: turn.role, content: parts };
+}
+
 /** The request body for the current history: a chat completion, or a Responses API call. */
 function requestBody(options) {
   const system = ui.system.value.trim();
   if (options.api === "responses") {
-    const body = { model: ui.model.value, input: state.history.map((t) => ({ role: t.role, content: t.content })),
+    const body = { model: ui.model.value, input: state.history.map(responsesItem),
                    stream: options.stream, store: false };
     if (system) body.instructions = system;
     if (options.temperature !== undefined) body.temperature = options.temperature;
@@ -197,7 +227,7 @@ function requestBody(options) {
   }
   const messages = [];
   if (system) messages.push({ role: "system", content: system });
-  messages.push(...state.history);
+  messages.push(...state.history.map(chatMessage));
   const body = { model: ui.model.value, messages, stream: options.stream };
   if (options.stream) body.stream_options = { include_usage: true };
   if (options.temperature !== undefined) body.temperature = options.temperature;
@@ -426,6 +456,8 @@ function showError(err) {
   if (!(err instanceof GatewayError)) return;
   if (err.status === 401 || err.status === 403) {
     setStatus(err.status === 401 ? "Check the API key." : "This key may not do that.", "error");
+  } else if (err.code === "images_not_supported") {
+    setStatus("This model does not accept images: remove them to send the text alone.", "error");
   } else if (err.status === 429) {
     countdown(view.body, err.retryAfter);
   } else if (err.status === 503) {
@@ -486,7 +518,7 @@ function setBusy(busy) {
 async function send() {
   if (state.controller) return;
   const text = ui.message.value;
-  if (!text.trim()) {
+  if (!text.trim() && !state.attachments.length) {
     ui.message.focus();
     return;
   }
@@ -505,13 +537,18 @@ async function send() {
     }
   }
   ui.message.value = "";
-  state.history.push({ role: "user", content: text });
-  const userView = addUserMessage(ui.log, text);
+  const attached = state.attachments;
+  setAttachments([]);
+  const turn = { role: "user", content: text };
+  if (attached.length) turn.images = attached.map(({ name, url }) => ({ name, url }));
+  state.history.push(turn);
+  const userView = addUserMessage(ui.log, text, attached);
   const result = await runTurn(options);
   if (!result.output) {
     state.history.pop();
     userView.article.remove();
     ui.message.value = ui.message.value ? text + "\n" + ui.message.value : text;
+    setAttachments([...attached, ...state.attachments]);
     setBusy(false);
   }
 }
@@ -597,6 +634,118 @@ async function attachFile() {
   ui.message.focus();
 }
 
+/** The images of the chat so far (sent again with every request) and of the next message. */
+function imagesInChat() {
+  const sent = state.history.flatMap((turn) => turn.images || []);
+  return [...sent, ...state.attachments];
+}
+
+/** Show `attachments` as the next message's images: a thumbnail, the name and size, and a Remove button. */
+function setAttachments(attachments) {
+  state.attachments = attachments;
+  const items = attachments.map((image) => {
+    const item = el("li", "attachment");
+    const remove = el("button", "remove", "Remove");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Remove ${image.name}`);
+    remove.addEventListener("click", () => {
+      setAttachments(state.attachments.filter((other) => other !== image));
+      setStatus(`Removed ${image.name}.`);
+      (ui.attachments.querySelector("button.remove") || ui.message).focus();
+    });
+    item.append(image.canvas, el("span", "name", `${image.name} (${formatSize(image.size)})`), remove);
+    return item;
+  });
+  ui.attachments.replaceChildren(...items);
+  ui.attachments.hidden = !items.length;
+}
+
+/** A size in KB or MB (of 1024), rounded up: a file just over a limit never shows as the limit. */
+function formatSize(bytes) {
+  if (bytes < 1024 * 1024) return `${Math.max(1, Math.ceil(bytes / 1024))} KB`;
+  return `${(Math.ceil(bytes / (1024 * 1024 / 10)) / 10).toFixed(1)} MB`;
+}
+
+/** The image type of `file` from its first bytes (PNG, JPEG, GIF or WebP), or null. */
+async function sniffImage(file) {
+  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const ascii = (from, to) => String.fromCharCode(...head.subarray(from, to));
+  if (head[0] === 0x89 && ascii(1, 4) === "PNG") return "image/png";
+  if (head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) return "image/jpeg";
+  if (ascii(0, 6) === "GIF87a" || ascii(0, 6) === "GIF89a") return "image/gif";
+  if (ascii(0, 4) === "RIFF" && ascii(8, 12) === "WEBP") return "image/webp";
+  return null;
+}
+
+/** `file` as a base64 data: URL of media type `type`. */
+function dataUrl(file, type) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(`data:${type};base64,` + String(reader.result).split(",", 2)[1]);
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(file);
+  });
+}
+
+/** One chosen image as an attachment; throws an Error saying why it cannot be attached. */
+async function readImage(file) {
+  if (file.size > MAX_IMAGE_BYTES) {
+    throw new Error(`${file.name} is ${formatSize(file.size)}: an image may be at most 10 MB.`);
+  }
+  const type = await sniffImage(file);
+  if (!type) throw new Error(`${file.name} is not a PNG, JPEG, GIF or WebP image.`);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    throw new Error(`${file.name} could not be read as a ${IMAGE_NAMES[type]} image.`);
+  }
+  let canvas;
+  try {
+    canvas = thumbnail(bitmap, bitmap.width, bitmap.height, file.name);
+  } finally {
+    bitmap.close();
+  }
+  return { name: file.name, size: file.size, url: await dataUrl(file, type), canvas };
+}
+
+/** Add the chosen images to the next message, within the limits stated next to the button. */
+async function attachImages() {
+  const files = Array.from(ui.image.files || []);
+  ui.image.value = "";
+  const added = [];
+  const refused = [];
+  for (const file of files) {
+    const inChat = imagesInChat();
+    if (inChat.length + added.length >= MAX_IMAGES) {
+      const sent = inChat.length - state.attachments.length;
+      refused.push(`${file.name} not attached: at most ${MAX_IMAGES} images per chat` +
+                   (sent ? ` (${sent} already sent; New chat starts over).` : "."));
+      continue;
+    }
+    let image;
+    try {
+      image = await readImage(file);
+    } catch (err) {
+      refused.push(err.message || String(err));
+      continue;
+    }
+    const encoded = [...inChat, ...added, image].reduce((sum, other) => sum + other.url.length, 0);
+    if (encoded > MAX_IMAGES_ENCODED) {
+      refused.push(`${file.name} not attached: the images would add up to ${formatSize(encoded)} as sent, ` +
+                   `more than a request may carry (8 MB).`);
+      continue;
+    }
+    added.push(image);
+  }
+  if (added.length) setAttachments([...state.attachments, ...added]);
+  if (refused.length) {
+    setStatus(refused.join(" "), "error");
+  } else if (added.length) {
+    setStatus(`Attached ${added.map((image) => image.name).join(", ")}.`);
+  }
+}
+
 // -- wiring ----------------------------------------------------------------------------------------------
 
 function init() {
@@ -621,6 +770,7 @@ function init() {
   ui.newChat.addEventListener("click", newChat);
   ui.copy.addEventListener("click", copyLast);
   ui.file.addEventListener("change", attachFile);
+  ui.image.addEventListener("change", attachImages);
   setBusy(false);
   restoreKey();
 }

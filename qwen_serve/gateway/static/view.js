@@ -36,10 +36,38 @@ export function addMessage(log, role) {
   return { article, body, meta };
 }
 
-/** The user's message, shown as typed (line breaks kept, no Markdown). */
-export function addUserMessage(log, text) {
+const THUMB_PX = 64; // the longer side of a thumbnail, in CSS pixels
+
+/** A thumbnail of `source` (an ImageBitmap or a canvas of `width` x `height`) named `label` for assistive
+ * technology. Drawn on a canvas, not an <img>: no blob: or data: URL is loaded, so the page's
+ * Content-Security-Policy (default-src 'self') needs no exception for images. */
+export function thumbnail(source, width, height, label) {
+  const scale = THUMB_PX / Math.max(width, height, 1); // small images are scaled up too
+  const w = Math.max(1, Math.round(width * scale));
+  const h = Math.max(1, Math.round(height * scale));
+  const ratio = Math.min(window.devicePixelRatio || 1, 3);
+  const canvas = el("canvas", "thumb");
+  canvas.width = Math.round(w * ratio);
+  canvas.height = Math.round(h * ratio);
+  canvas.setAttribute("role", "img"); // shown at most THUMB_PX wide and high by the style sheet
+  canvas.setAttribute("aria-label", label);
+  canvas.getContext("2d").drawImage(source, 0, 0, canvas.width, canvas.height);
+  return canvas;
+}
+
+/** The user's message, shown as typed (line breaks kept, no Markdown), after the thumbnails of its
+ * images (`images`: [{name, canvas}], the canvases of the composer's thumbnails, copied). */
+export function addUserMessage(log, text, images = []) {
   const view = addMessage(log, "user");
-  view.body.appendChild(el("p", "plain", text));
+  if (images.length) {
+    const row = el("div", "thumbs");
+    for (const image of images) {
+      const { canvas } = image;
+      row.appendChild(thumbnail(canvas, canvas.width, canvas.height, image.name));
+    }
+    view.body.appendChild(row);
+  }
+  if (text) view.body.appendChild(el("p", "plain", text));
   return view;
 }
 
