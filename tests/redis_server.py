@@ -75,10 +75,22 @@ class RedisServer:
         self.proc = None
 
 
+def require_redis_package() -> None:
+    """The ``redis`` package (the ``redis`` extra, which ``make`` installs): fails without it under
+    ``QWEN_SERVE_REQUIRE_ENGINE=1``, skips otherwise."""
+    if redis_asyncio is None:
+        message = "the redis package is not installed (pip install -e '.[redis]')"
+        if REQUIRE_ENGINE:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(f"{message}; set QWEN_SERVE_REQUIRE_ENGINE=1 to make this an error")
+
+
 def require_redis_server() -> None:
-    if REDIS_SERVER is None or redis_asyncio is None:
-        message = ("redis-server is not installed (make sysdeps installs it)" if REDIS_SERVER is None
-                   else "the redis package is not installed (pip install -e '.[redis]')")
+    """``redis-server`` and the ``redis`` package: fails without either under ``QWEN_SERVE_REQUIRE_ENGINE=1``,
+    skips otherwise."""
+    require_redis_package()
+    if REDIS_SERVER is None:
+        message = "redis-server is not installed (make sysdeps installs it)"
         if REQUIRE_ENGINE:
             pytest.fail(message, pytrace=False)
         pytest.skip(f"{message}; set QWEN_SERVE_REQUIRE_ENGINE=1 to make this an error")

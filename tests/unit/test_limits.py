@@ -15,6 +15,7 @@ from qwen_serve.config import LimitsConfig, parse_config
 from qwen_serve.errors import ConfigError, RateLimited, TooLargeForLimit
 from qwen_serve.gateway.auth import Principal
 from qwen_serve.gateway.limits import RESOLUTION_S, WINDOW_S, LocalLimiter, build_limiter, estimate_prompt_tokens
+from tests.redis_server import require_redis_package
 
 
 class Clock:
@@ -280,7 +281,7 @@ def test_local_backend_is_the_default() -> None:
 
 
 def test_redis_backend_builds_the_redis_limiter_without_connecting() -> None:
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install -e '.[redis]')")
+    require_redis_package()
     from qwen_serve.gateway.limits_redis import RedisLimiter
 
     config = _limits(backend="redis", redis_url="redis://limits.invalid:6379/0", on_backend_error="fail_open")
@@ -295,7 +296,7 @@ def test_the_app_is_built_with_the_configured_limiter(tmp_path: Path) -> None:
     base = {"model": {"source": "x"}, "auth": {"enabled": False}}
     app = build_app(parse_config(base), upstream_url="http://127.0.0.1:9")
     assert isinstance(app.fastapi.state.pipeline.s.limiter, LocalLimiter)
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install -e '.[redis]')")
+    require_redis_package()
     from qwen_serve.gateway.limits_redis import RedisLimiter
 
     redis_app = build_app(parse_config({**base, "limits": {"backend": "redis", "redis_url": "rediss://h:6380"}}),
