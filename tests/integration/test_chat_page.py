@@ -26,7 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
@@ -35,10 +34,12 @@ from tests.conftest import (
     MODEL_NAME,
     REQUIRE_ENGINE,
     Endpoint,
+    Stack,
     free_port,
     serve_in_thread,
     wait_ready,
 )
+from tests.engine_control import ABORT_GRACE_S, engine_counts, paused_engine_core, wait_engine_idle
 
 CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "qwen_serve" / "gateway" / "static"
@@ -887,85 +888,46 @@ _HAS_TEXT = """() => {
 }"""
 
 
-@dataclass
-class EngineCounts:
-    running: float  # vllm:num_requests_running
-    tokens: float  # vllm:generation_tokens_total
-    finished: float  # vllm:request_success_total, every finished_reason but "abort" (a request that ended itself)
-
-
-def _engine_counts(engine: Endpoint) -> EngineCounts:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts = EngineCounts(0.0, 0.0, 0.0)
-    for family in text_string_to_metric_families(httpx.get(engine.url + "/metrics", timeout=30).text):
-        for sample in family.samples:
-            if sample.labels.get("model_name") != MODEL_NAME:
-                continue
-            if sample.name == "vllm:num_requests_running":
-                counts.running += sample.value
-            elif sample.name == "vllm:generation_tokens_total":
-                counts.tokens += sample.value
-            elif sample.name == "vllm:request_success_total" and sample.labels.get("finished_reason") != "abort":
-                counts.finished += sample.value
-    return counts
-
-
 @pytest.mark.engine
-def test_stop_aborts_and_the_engine_drops_the_request(browser: Any, gateway: Endpoint, engine: Endpoint) -> None:
+def test_stop_aborts_and_the_engine_drops_the_request(browser: Any, stack: Stack) -> None:
     """Stop, pressed while the engine writes the answer, aborts the fetch and the gateway drops the engine's
-    request: the engine made some of its tokens, then runs no request, and counts no request as finished by
-    itself (stop or length). The page says "Stopped." and keeps any text that came (or, when none had, puts
-    the message back in the box).
+    request: the engine made some of its tokens, then runs no request and counts none as finished by itself
+    (stop or length). The page says "Stopped." and keeps the text that came, marked stopped.
 
-    The engine writes ~1,000 tokens/s here and delivers in bursts, so Stop is pressed 0.15 s after Send, not
-    when text shows. A round where the answer ended first (the noise model can emit its end token early) or
-    Stop came before the engine started proves nothing and is repeated."""
+    Stop is pressed once text shows, with the engine core paused (tests/engine_control.py): the engine
+    writes ~1,000 tokens/s here, so without the pause this VM's scheduler decides whether the answer or
+    the abort comes first. A round whose answer had already ended when the pause began (the noise model can
+    emit its end token early, or this process got no CPU for a while) proves nothing and is repeated."""
     from playwright.sync_api import expect
 
-    max_tokens = 1900  # the model's context is 2048: this answer takes the engine up to a few seconds
-    prompt = "Write a very long story."
+    max_tokens = 1900  # the model's context is 2048: this answer takes the engine a few seconds
+    engine = Endpoint(url=stack.engine_url, model=stack.model)
     rounds = []
-    with open_page(browser, gateway.url) as p:
-        assert gateway.api_key
-        p.sign_in(gateway.api_key)
+    with open_page(browser, stack.url) as p:
+        p.sign_in(stack.api_key)
         p.page.get_by_role("spinbutton", name="Max tokens").fill(str(max_tokens))
         # Greedy: the noise model's answer to this prompt then runs long (over 1,000 tokens here) every time.
         p.page.get_by_role("spinbutton", name="Temperature").fill("0")
-        send, stop = p.button("Send"), p.button("Stop")
-        for _ in range(8):
+        for _ in range(5):
             p.button("New chat").click()  # each round starts from an empty history (the context is small)
-            before = _engine_counts(engine)
-            p.textbox("Message").fill(prompt)
-            # Stop is pressed by the page itself 0.15 s after Send (long enough for the engine to start, far
-            # shorter than its answer): a click sent from here arrives too late, because the engine takes the
-            # CPU while it writes and this process, the browser driver and the page then wait their turn.
-            send.evaluate("(send, stop) => send.addEventListener('click', () => setTimeout(() => stop.click(), 150),"
-                          " {once: true})", stop.element_handle())
-            send.click()
-            expect(send).to_be_enabled(timeout=WAIT_MS)
-            if p.page.get_by_role("status").inner_text() != "Stopped.":  # Stop was disabled: the answer had ended
-                rounds.append("the answer ended before Stop")
-                continue
-            deadline = time.monotonic() + 15
-            while (after := _engine_counts(engine)).running != 0:
-                assert time.monotonic() < deadline, f"the engine still runs {after.running} request(s) 15 s after Stop"
-                time.sleep(0.2)
-            made, ended = after.tokens - before.tokens, after.finished - before.finished
-            if ended:
-                rounds.append(f"the answer ended by itself ({made:.0f} tokens) before the abort reached the engine")
-                continue
-            if not made:
-                rounds.append("Stop came before the engine started the answer")
-                continue
+            before = wait_engine_idle(engine)
+            p.textbox("Message").fill("Write a very long story.")
+            p.button("Send").click()
+            p.page.wait_for_function(_HAS_TEXT, timeout=WAIT_MS)
+            with paused_engine_core(stack):
+                if (paused := engine_counts(engine)).finished != before.finished:
+                    rounds.append(f"the answer had ended before the pause ({paused.tokens - before.tokens:.0f} tokens)")
+                    continue
+                p.button("Stop").click()
+                expect(p.page.get_by_role("status")).to_have_text("Stopped.")
+                time.sleep(ABORT_GRACE_S)
+            after = wait_engine_idle(engine)
+            made = after.tokens - before.tokens
+            assert after.finished == before.finished, f"the engine finished the stopped answer ({made:.0f} tokens)"
             assert 0 < made < max_tokens
-            if p.answers().count():  # text had come: it stays, marked stopped
-                expect(p.last_answer().locator(".meta .label")).to_have_text("stopped")
-                assert p.last_answer().locator(".body").inner_text().strip()
-                expect(p.textbox("Message")).to_have_value("")
-            else:  # nothing had come: as if never sent
-                expect(p.textbox("Message")).to_have_value(prompt)
-                expect(p.log.locator("article.msg.user")).to_have_count(0)
+            expect(p.last_answer().locator(".meta .label")).to_have_text("stopped")
+            assert p.last_answer().locator(".body").inner_text().strip()
+            expect(p.textbox("Message")).to_have_value("")
             p.assert_clean()
             print(f"stopped after {made:.0f} of {max_tokens} tokens; earlier rounds: {rounds}")
             return

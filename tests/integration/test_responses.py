@@ -14,9 +14,7 @@ Engine-free edge cases (error events, accounting when cut short, stored-response
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from qwen_serve import keys as keys_mod
 from tests.conftest import Endpoint, GatewayFactory, Stack, auth_headers, metric_value
-from tests.relay import HoldingRelay
+from tests.engine_control import assert_abandoned_stream_aborted
 
 pytestmark = pytest.mark.engine
 
@@ -233,67 +231,12 @@ def test_models_retrieve(oai: Any, gateway: Endpoint, keys: dict[str, str]) -> N
 
 
 # ----------------------------------------------------------------------------------------- disconnect
-class ResponsesHoldingRelay(HoldingRelay):
-    """:class:`HoldingRelay` for ``POST /v1/responses``: while ``hold`` is set, such a request waits here
-    until ``release`` is set."""
-
-    async def pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_engine: bool) -> None:
-        while data := await src.read(65536):
-            if to_engine and self.hold.is_set() and b"POST /v1/responses" in data:
-                self.held.set()
-                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 300)
-            dst.write(data)
-            await dst.drain()
-        if to_engine:
-            self.gateway_closed.set()
-
-
-def _engine_sample(engine: Endpoint, name: str, **labels: str) -> float:
-    text = httpx.get(engine.url + "/metrics", timeout=30).text
-    return metric_value(text, name, {"model_name": engine.model, **labels}) or 0.0
-
-
-def test_client_disconnect_aborts_the_engine_request(engine: Endpoint, gateway_factory: GatewayFactory) -> None:
-    """A Responses stream whose client leaves costs the engine nothing: the gateway counts the disconnect and
-    closes its engine connection, and vLLM drops the request instead of writing 1,900 tokens.
-
-    As in the chat test (test_core), the request is kept back at a relay until the client has gone and the
-    gateway has noticed, so the engine gets the request and the hang-up together whatever the scheduler
-    does (this VM can stall a process for longer than the whole answer takes). Charging a stream cut short
-    by the deltas it was sent is shown engine-free (tests/unit/test_responses_pipeline.py)."""
-    relay = ResponsesHoldingRelay(int(engine.url.rsplit(":", 1)[1]))
-    gw = gateway_factory(relay.url, auth={"enabled": False})
-
-    def disconnects() -> float:
-        text = httpx.get(gw.url + "/metrics", timeout=30).text
-        return metric_value(text, "qwen_serve_client_disconnects_total", {"model": engine.model}) or 0.0
-
-    body = json.dumps({"model": engine.model, "input": "Write a very long story.", "max_output_tokens": 1900,
-                       "ignore_eos": True, "stream": True}).encode()
-    host, port = gw.url.removeprefix("http://").split(":")
-    deadline = time.monotonic() + 30
-    while _engine_sample(engine, "vllm:num_requests_running") or _engine_sample(engine, "vllm:num_requests_waiting"):
-        assert time.monotonic() < deadline, "the engine is still busy with an earlier test's requests"
-        time.sleep(0.2)
-    before, made_before = disconnects(), _engine_sample(engine, "vllm:generation_tokens_total")
-    by_length = _engine_sample(engine, "vllm:request_success_total", finished_reason="length")
-    relay.hold.set()
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        assert relay.held.wait(60), "the gateway did not pass the request on"
-    deadline = time.monotonic() + 30
-    while disconnects() != before + 1:
-        assert time.monotonic() < deadline, "the gateway did not count the disconnect"
-        time.sleep(0.1)
-    relay.hold.clear()
-    relay.release.set()
-    assert relay.gateway_closed.wait(30), "the gateway kept its engine connection open"
-    deadline = time.monotonic() + 6  # three times what the 1,900 tokens take
-    while time.monotonic() < deadline:
-        assert _engine_sample(engine, "vllm:request_success_total", finished_reason="length") == by_length, \
-            "the engine wrote the whole abandoned answer"
-        time.sleep(0.2)
-    assert _engine_sample(engine, "vllm:num_requests_running") == 0, "the engine still runs the abandoned request"
-    made = _engine_sample(engine, "vllm:generation_tokens_total") - made_before
-    assert made < 1900, f"the engine wrote {made:.0f} tokens for a client that had gone"
+def test_client_disconnect_aborts_the_engine_request(stack: Stack, gateway_factory: GatewayFactory) -> None:
+    """A Responses stream whose client leaves mid-answer costs the engine nothing more: the gateway counts
+    the disconnect and closes its engine connection, and vLLM aborts the request instead of writing all
+    1,900 tokens (the client hangs up while the engine core is paused, as in test_core). Charging a stream
+    cut short by the deltas it was sent is shown engine-free (tests/unit/test_responses_pipeline.py)."""
+    body = {"model": stack.model, "input": "Write a very long story.", "max_output_tokens": 1900,
+            "ignore_eos": True, "stream": True}
+    assert_abandoned_stream_aborted(stack, gateway_factory, "/v1/responses", body,
+                                    b"response.output_text.delta", 1900)

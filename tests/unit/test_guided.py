@@ -759,4 +759,7 @@ async def test_an_expensive_check_does_not_block_the_event_loop() -> None:
     await task
     assert outcome == "unverified"
     assert took > 0.1, "the check was too cheap to show anything"
-    assert max(gaps) < took / 2, (max(gaps), took)  # on the loop, one gap would be the whole check
+    # Run on the loop, the check would leave the ticker no turn until it ended (one tick at most); off the
+    # loop the ticker runs every few milliseconds while the worker holds the GIL in 5 ms slices. Counting
+    # turns, not timing the longest gap, keeps this independent of how this VM schedules the two threads.
+    assert len(gaps) >= 3, (len(gaps), took)
