@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from qwen_serve.constants import DEFAULT_ENGINE_PORT, DEFAULT_GATEWAY_PORT
 from qwen_serve.errors import ConfigError
+from qwen_serve.yaml_errors import format_validation_error, format_yaml_error
 
 __all__ = [
     "AuthConfig",
@@ -286,62 +287,6 @@ class Config(_Section):
         return p
 
 
-_TYPE_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-    "int_type": "must be an integer",
-    "int_parsing": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "bool_type": "must be true or false",
-    "bool_parsing": "must be true or false",
-    "string_type": "must be a string",
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-}
-
-
-def _message(err: dict[str, Any]) -> str:
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    if kind == "greater_than" and ctx.get("gt") == 0:
-        return "must be a positive integer" if isinstance(err.get("input"), int) else "must be positive"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bound = next(iter(ctx.values()), "?")
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
-        return f"must be {op} {bound}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '')}"
-    return _TYPE_MESSAGES.get(kind, str(err.get("msg", kind)).lower())
-
-
-def _loc(err: dict[str, Any]) -> str:
-    # Union members show up as extra path elements ("literal['auto']", "int"); drop them.
-    def is_union_member(p: object) -> bool:
-        return isinstance(p, str) and ("[" in p or p in ("int", "str", "float") or p.startswith("constrained-"))
-
-    parts = [str(p) for p in err["loc"] if not is_union_member(p)]
-    return ".".join(parts) or "<root>"
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One ``path: problem`` line per error, unions collapsed to one line per path."""
-    lines: dict[str, str] = {}
-    for err in exc.errors():
-        path = _loc(err)  # type: ignore[arg-type]
-        msg = _message(err)  # type: ignore[arg-type]
-        if path in lines and "one of" in lines[path]:
-            lines[path] = f"{lines[path]} or {msg.removeprefix('must be ')}"
-        elif path in lines and "auto" not in lines[path] and err["type"] != "literal_error":
-            continue
-        else:
-            lines.setdefault(path, msg)
-    return "; ".join(f"{p}: {m}" for p, m in lines.items())
-
-
 def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
     """Validate a mapping (already parsed YAML) into a :class:`Config`."""
     if not isinstance(data, dict):
@@ -384,9 +329,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(format_yaml_error(exc, str(p))) from None
     data = data if data is not None else {}
     if overrides and isinstance(data, dict):
         apply_overrides(data, overrides)

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from qwen_serve.constants import ANONYMOUS_KEY_ID
 from qwen_serve.errors import ConfigError
+from qwen_serve.yaml_errors import format_validation_error, format_yaml_error
 
 __all__ = [
     "SECRET_PREFIX",
@@ -61,6 +62,7 @@ __all__ = [
     "KeysFile",
     "create_key",
     "generate_secret",
+    "has_expired",
     "hash_secret",
     "load_keys_file",
     "parse_keys",
@@ -93,6 +95,12 @@ _FIELD_MESSAGES = {
     "previous_expires": "must be an ISO 8601 date or date-time",
     "keys": "must be a list of key entries",
 }
+
+
+def has_expired(expires: datetime | None, now: datetime | None = None) -> bool:
+    """Whether a secret valid until ``expires`` (aware, UTC) no longer is at ``now`` (default: the current
+    time): true from ``expires`` on, never when it is ``None``. The gateway's check and ``keys list`` both."""
+    return expires is not None and expires <= (now or datetime.now(timezone.utc))
 
 
 class KeyEntry(BaseModel):
@@ -146,14 +154,14 @@ class KeyEntry(BaseModel):
 
     def is_expired(self, now: datetime | None = None) -> bool:
         """True once ``expires`` has passed (never when it is unset)."""
-        return self.expires is not None and self.expires <= (now or datetime.now(timezone.utc))
+        return has_expired(self.expires, now)
 
     def previous_valid_until(self, now: datetime | None = None) -> datetime | None:
         """Until when the secret before the last rotation is still accepted, or ``None`` when it is not."""
         if self.previous_expires is None or self.disabled:
             return None
         until = min(self.previous_expires, self.expires) if self.expires is not None else self.previous_expires
-        return until if until > (now or datetime.now(timezone.utc)) else None
+        return None if has_expired(until, now) else until
 
     def state(self, now: datetime | None = None) -> str:
         """``revoked``, ``expired``, ``active``, or ``active, previous secret until <time>`` (UTC, seconds)."""
@@ -196,7 +204,7 @@ def parse_keys(data: Any, source: str = "keys file") -> KeysFile:
     try:
         parsed = KeysFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format(exc)}") from None
+        raise ConfigError(f"{source}: {format_validation_error(exc, _FIELD_MESSAGES)}") from None
     problems: list[str] = []
     first_id: dict[str, int] = {}
     first_hash: dict[str, int] = {}
@@ -256,7 +264,7 @@ def create_key(
     try:
         entry = KeyEntry.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format(exc)) from None
+        raise ConfigError(format_validation_error(exc, _FIELD_MESSAGES)) from None
     if entry.expires is not None:
         raw["expires"] = entry.expires  # normalised to UTC
     _write_atomic(path, {**data, "keys": [*(data.get("keys") or []), raw]})
@@ -335,11 +343,8 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot read keys file ({reason})") from None
     try:
         return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader (libyaml's when built with it)
-    except yaml.YAMLError as exc:
-        # Only the problem and its position: the default str() quotes the offending line, which may hold a hash.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from None
+    except yaml.YAMLError as exc:  # the message never quotes the offending line, which may hold a hash
+        raise ConfigError(format_yaml_error(exc, str(path))) from None
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -368,26 +373,3 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def _format(exc: ValidationError) -> str:
-    """``keys[2].rpm: must be a positive integer``; never echoes the offending value."""
-    lines: dict[str, str] = {}
-    for err in exc.errors():
-        loc = err["loc"]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<root>"
-        field = next((p for p in reversed(loc) if isinstance(p, str) and p in _FIELD_MESSAGES), None)
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "missing":
-            message = "required key is missing"
-        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-            message = "must be a mapping"
-        elif err["type"] == "value_error":
-            message = str((err.get("ctx") or {}).get("error", err["msg"]))
-        elif field is not None:
-            message = _FIELD_MESSAGES[field]
-        else:
-            message = err["msg"].lower()
-        lines.setdefault(path, message)
-    return "; ".join(f"{p}: {m}" for p, m in lines.items())

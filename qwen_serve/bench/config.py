@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qwen_serve.bench.stats import parse_slo
+from qwen_serve.yaml_errors import format_validation_error, format_yaml_error
 
 __all__ = ["RunConfig", "BenchConfigError", "BenchError", "load_scenario", "read_key_file", "WORKLOADS"]
 
@@ -157,12 +158,7 @@ def build(values: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig(**values)
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "config"
-            msg = err["msg"].removeprefix("Value error, ")
-            parts.append(msg if loc == "config" or msg.startswith(f"{loc}:") else f"{loc}: {msg}")
-        raise BenchConfigError("; ".join(parts)) from None
+        raise BenchConfigError(format_validation_error(exc)) from None
 
 
 def load_scenario(path: str | Path) -> dict[str, Any]:
@@ -173,7 +169,7 @@ def load_scenario(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise BenchConfigError(f"scenario: cannot read {p}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise BenchConfigError(f"scenario: {p} is not valid YAML: {exc}") from None
+        raise BenchConfigError(format_yaml_error(exc, f"scenario: {p}")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from qwen_serve.config import Config
-from qwen_serve.constants import ENGINE_HOST
+from qwen_serve.constants import ENGINE_HOST, ROUTES
 from qwen_serve.engine.inflight import gauge_reader
 from qwen_serve.engine.state import EngineMonitor, EngineState
 from qwen_serve.errors import (
@@ -219,27 +219,31 @@ def build_app(
         body, media_type = found
         return Response(body, media_type=media_type, headers=_PAGE_HEADERS)
 
-    metrics_routes = (
-        ("/metrics", metrics_route, ["GET"]),
-        ("/metrics/engine", metrics_engine, ["GET"]),
-    )
-    for path, endpoint, methods in (
-        ("/v1/chat/completions", chat_completions, ["POST"]),
-        ("/v1/completions", completions, ["POST"]),
-        ("/v1/responses", responses, ["POST"]),
-        ("/v1/responses/{response_id}", stored_response, ["GET", "DELETE"]),
-        ("/v1/models", models, ["GET"]),
-        ("/v1/models/{model_id:path}", model, ["GET"]),
-        ("/tokenize", tokenize, ["POST"]),
-        ("/detokenize", detokenize, ["POST"]),
-        ("/health", health, ["GET"]),
-        ("/ready", ready, ["GET"]),
-        *(metrics_routes if gw.metrics_port is None else ()),
-        ("/", page_file, ["GET"]),
-        ("/static/{name}", page_file, ["GET"]),
-        ("/favicon.ico", page_file, ["GET"]),
-    ):
-        app.add_route(path, endpoint, methods=methods)  # plain Starlette routes: no body re-validation
+    endpoints: dict[str, Callable[[Request], Awaitable[Any]]] = {
+        "/v1/chat/completions": chat_completions,
+        "/v1/completions": completions,
+        "/v1/responses": responses,
+        "/v1/responses/{response_id}": stored_response,
+        "/v1/models": models,
+        "/v1/models/{model_id:path}": model,
+        "/tokenize": tokenize,
+        "/detokenize": detokenize,
+        "/health": health,
+        "/ready": ready,
+        "/metrics": metrics_route,
+        "/metrics/engine": metrics_engine,
+        "/": page_file,
+        "/static/{name}": page_file,
+        "/favicon.ico": page_file,
+    }
+    if endpoints.keys() != ROUTES.keys():
+        raise RuntimeError(f"endpoints and ROUTES disagree: {sorted(endpoints.keys() ^ ROUTES.keys())}")
+    metrics_routes = [(path, endpoints[path], list(r.methods)) for path, r in ROUTES.items() if r.metrics]
+    for path, route in ROUTES.items():
+        if route.metrics and gw.metrics_port is not None:
+            continue  # served on the metrics port only
+        # plain Starlette routes: no body re-validation
+        app.add_route(path, endpoints[path], methods=list(route.methods))
     _add_error_handlers(app)
 
     inner: ASGIApp = app

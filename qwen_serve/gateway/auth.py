@@ -41,7 +41,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Protocol
@@ -49,7 +49,7 @@ from typing import Protocol
 from qwen_serve.config import AuthConfig
 from qwen_serve.constants import ANONYMOUS_KEY_ID, API_KEY_HEADER
 from qwen_serve.errors import AuthError, ConfigError, ModelNotAllowed
-from qwen_serve.keys import KeysFile, load_keys_file
+from qwen_serve.keys import KeysFile, has_expired, load_keys_file
 
 __all__ = [
     "ANONYMOUS",
@@ -108,7 +108,8 @@ class Principal:
         return any(p == "*" or p == model or fnmatchcase(model, p) for p in self.models)
 
     def require(self, model: str) -> None:
-        """Raise :class:`ModelNotAllowed` (403, ``param="model"``) unless :meth:`allows`."""
+        """Raise :class:`ModelNotAllowed` (403, ``param="model"``) unless :meth:`allows`: the gateway's one
+        model-scope check (the pipeline's, for every route that names a model)."""
         if not self.allows(model):
             raise ModelNotAllowed(f"The API key '{self.key_id}' may not use the model '{model}'.", param="model")
 
@@ -225,23 +226,13 @@ class KeyFileAuth:
         key_id = record.principal.key_id
         if record.disabled:
             raise AuthError(f"The API key '{key_id}' has been revoked.", reason="disabled")
-        if record.expires is not None and record.expires <= datetime.now(timezone.utc):
+        expires = record.expires
+        if expires is not None and has_expired(expires):
             if record.previous:
                 raise AuthError(f"The API key '{key_id}' was rotated; its previous secret stopped working at "
-                                f"{record.expires.isoformat()}.", reason="expired")
-            raise AuthError(f"The API key '{key_id}' expired at {record.expires.isoformat()}.", reason="expired")
+                                f"{expires.isoformat()}.", reason="expired")
+            raise AuthError(f"The API key '{key_id}' expired at {expires.isoformat()}.", reason="expired")
         return record.principal
-
-    def reload_now(self) -> bool:
-        """Re-read the file now, changed or not. True when the new set is in use."""
-        return self._reload(_signature(self.path))
-
-    def check_for_changes(self) -> bool:
-        """Re-read the file if it changed since the last good load. True when a new set was installed."""
-        signature = _signature(self.path)
-        if signature is not None and signature == self._signature:
-            return False
-        return self._reload(signature)
 
     async def start(self) -> None:
         """Start the watcher task (idempotent)."""
@@ -271,7 +262,7 @@ class KeyFileAuth:
             except Exception:  # never let the watcher die; the next tick retries
                 logger.exception("checking the keys file %s failed", self.path)
 
-    def _reload(self, signature: _Signature | None) -> bool:
+    def _reload(self, signature: _Signature | None) -> None:
         try:
             keys = load_keys_file(self.path)
         except ConfigError as exc:
@@ -279,12 +270,11 @@ class KeyFileAuth:
             if self._last_failure != (signature, exc.message):
                 self._last_failure = (signature, exc.message)
                 logger.warning("keeping the last good set of %d API keys: %s", len(self._set.by_digest), exc.message)
-            return False
+            return
         self._set = _KeySet.from_file(keys)
         self._signature = signature
         self._last_failure = None
         logger.info("reloaded %d API keys from %s", len(keys.keys), self.path)
-        return True
 
 
 def _presented_secret(headers: RawHeaders) -> bytes:

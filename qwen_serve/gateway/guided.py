@@ -96,6 +96,7 @@ __all__ = [
     "GuidedRequest",
     "KINDS",
     "OUTCOMES",
+    "VERDICTS",
     "StreamChecker",
     "prepare",
     "prepare_async",
@@ -108,7 +109,11 @@ RESPONSES_ROUTE: Final = "/v1/responses"
 KINDS: Final = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED = (
     "valid", "invalid", "truncated", "incomplete", "unchecked", "unverified")
-OUTCOMES: Final = (VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED)
+VERDICTS: Final = (VALID, INVALID, TRUNCATED, INCOMPLETE, UNCHECKED, UNVERIFIED)  # what a check can say
+# No answer to check: the engine refused the request (4xx), failed (5xx, unreachable), or the client left.
+REJECTED, ERROR, ABORTED = "rejected", "error", "aborted"
+# Every ``outcome`` label of ``qwen_serve_guided_requests_total``: a verdict, or why there is none.
+OUTCOMES: Final = (*VERDICTS, REJECTED, ERROR, ABORTED)
 _RANK: Final = {VALID: 0, UNCHECKED: 1, UNVERIFIED: 2, TRUNCATED: 3, INCOMPLETE: 4, INVALID: 5}
 
 # structured_outputs constraint key → metric kind

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 
-from qwen_serve.constants import PROXIED_ROUTES, REQUEST_ID_HEADER
+from qwen_serve.constants import OTHER_ROUTE, PROXIED_ROUTES, REQUEST_ID_HEADER, ROUTE_LABELS
 from qwen_serve.errors import RequestTooLarge, ServerError
 from qwen_serve.gateway.http_protocol import TIMED_OUT
 from qwen_serve.gateway.metrics import OTHER_MODEL, GatewayMetrics
@@ -40,12 +40,11 @@ log = logging.getLogger("qwen_serve.gateway")
 
 _RID = REQUEST_ID_HEADER.encode()
 _CLOSE = (b"connection", b"close")
-_KNOWN_ROUTES = frozenset((*PROXIED_ROUTES, "/health", "/ready", "/metrics", "/metrics/engine", "/"))
 
 
 def route_label(path: str) -> str:
-    """Bounded ``route`` label: a known route, else ``other``."""
-    return path if path in _KNOWN_ROUTES else "other"
+    """Bounded ``route`` label: a labelled route of :data:`~qwen_serve.constants.ROUTES`, else ``other``."""
+    return path if path in ROUTE_LABELS else OTHER_ROUTE
 
 
 class GatewayMiddleware:

@@ -46,7 +46,6 @@ from qwen_serve.errors import (
     ClientClosedRequest,
     EngineUnavailable,
     InvalidRequest,
-    ModelNotAllowed,
     NotFound,
     QwenServeError,
     RateLimited,
@@ -159,7 +158,7 @@ class Exchange:
 
     Guided verdict (when ``validate``, i.e. ``guided.validate_output``): a whole answer gets the
     ``X-Guided-Output`` header; a stream gets a top-level ``"guided_output"`` field (one of
-    :data:`guided.OUTCOMES` but ``incomplete``) added to the chunk that carries the ``finish_reason`` of the
+    :data:`guided.VERDICTS` but ``incomplete``) added to the chunk that carries the ``finish_reason`` of the
     last of its ``choices`` (the request's ``n``) to finish. A stream that ends before that (disconnect,
     engine failure, deadline) carries no verdict."""
 
@@ -245,10 +244,10 @@ class Exchange:
             if streamed is not None:
                 outcome = streamed
             elif disconnected:
-                outcome = "aborted"
+                outcome = guided.ABORTED
             elif status != 200 or error is not None:
-                outcome = "rejected" if 400 <= status < 500 else "error"
-            m.guided_requests.labels(self._model, self._kind, outcome or "unchecked").inc()
+                outcome = guided.REJECTED if 400 <= status < 500 else guided.ERROR
+            m.guided_requests.labels(self._model, self._kind, outcome or guided.UNCHECKED).inc()
 
     def _read_usage(self, body: Mapping[str, Any]) -> tuple[int, int] | None:
         """``(prompt, completion)`` of a whole answer's usage."""
@@ -394,8 +393,7 @@ class Pipeline:
         if model not in self.s.served_models:
             raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
         request.scope["state"]["model"] = model
-        if not principal.allows(model):
-            raise ModelNotAllowed(f"this API key may not use the model '{model}'", param="model")
+        principal.require(model)
         return model
 
     async def _acquire(self, principal: KeyLimits, estimate: int) -> Lease:

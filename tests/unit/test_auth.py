@@ -13,6 +13,8 @@ import pytest
 
 from qwen_serve.config import AuthConfig
 from qwen_serve.errors import AuthError, ConfigError, ModelNotAllowed
+from qwen_serve import keys as keys_module
+from qwen_serve.gateway import auth as auth_module
 from qwen_serve.gateway.auth import (
     ANONYMOUS,
     AnonymousAuth,
@@ -20,7 +22,7 @@ from qwen_serve.gateway.auth import (
     Principal,
     build_authenticator,
 )
-from qwen_serve.keys import create_key, hash_secret, revoke_key, rotate_key
+from qwen_serve.keys import KeysFile, create_key, hash_secret, load_keys_file, revoke_key, rotate_key
 
 NO_LIMITS: dict[str, object] = {"models": None, "rpm": None, "tpm": None, "max_concurrent": None, "expires": None}
 
@@ -93,6 +95,7 @@ def test_principal_require_raises_403() -> None:
     assert (info.value.status, info.value.type, info.value.code, info.value.param) == (
         403, "permission_error", "model_not_allowed", "model",
     )
+    assert info.value.message == "The API key 'k' may not use the model 'llama'."
 
 
 # --- anonymous --------------------------------------------------------------------------------------------
@@ -229,15 +232,28 @@ def test_broken_file_at_start_is_an_error(keys_path: Path) -> None:
 # --- reload -----------------------------------------------------------------------------------------------
 
 
-def test_reload_now_and_unchanged_file(keys_path: Path, secret: str) -> None:
-    auth = KeyFileAuth(keys_path, 1)
-    assert auth.check_for_changes() is False  # nothing changed
-    other = create_key(keys_path, "team-b", **NO_LIMITS)  # type: ignore[arg-type]
-    assert not works(auth, other)
-    assert auth.check_for_changes() is True
-    assert works(auth, other) and works(auth, secret)
-    assert auth.reload_now() is True
-    assert auth.key_ids == frozenset({"team-a", "team-b"})
+async def test_the_watcher_rereads_the_file_only_when_it_changed(keys_path: Path, secret: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+
+    def counting_load(path: Path) -> KeysFile:
+        reads.append(path)
+        return load_keys_file(path)
+
+    monkeypatch.setattr(auth_module, "load_keys_file", counting_load)
+    auth = KeyFileAuth(keys_path, reload_interval_s=0.01)
+    assert len(reads) == 1  # the load at construction
+    await auth.start()
+    try:
+        await asyncio.sleep(0.2)  # about 20 checks of an unchanged file
+        assert len(reads) == 1
+        other = create_key(keys_path, "team-b", **NO_LIMITS)  # type: ignore[arg-type]
+        await eventually(lambda: works(auth, other))
+        assert works(auth, secret) and auth.key_ids == frozenset({"team-a", "team-b"})
+        await asyncio.sleep(0.2)
+        assert len(reads) == 2  # one re-read for the one change
+    finally:
+        await auth.aclose()
 
 
 async def test_watcher_picks_up_new_and_revoked_keys(keys_path: Path, secret: str) -> None:
@@ -349,8 +365,6 @@ def test_previous_secret_works_as_the_same_key_until_its_grace_ends(keys_path: P
     assert auth.authenticate(bearer(new)) == auth.authenticate(bearer(secret))
     assert auth.authenticate(bearer(secret)).key_id == "team-a" and auth.key_ids == frozenset({"team-a"})
 
-    from qwen_serve.gateway import auth as auth_module
-
     later = datetime.now(timezone.utc) + timedelta(seconds=61)
 
     class _Later(datetime):
@@ -358,7 +372,7 @@ def test_previous_secret_works_as_the_same_key_until_its_grace_ends(keys_path: P
         def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
             return later
 
-    monkeypatch.setattr(auth_module, "datetime", _Later)
+    monkeypatch.setattr(keys_module, "datetime", _Later)  # the clock of keys.has_expired
     with pytest.raises(AuthError, match="'team-a' was rotated; its previous secret stopped working") as info:
         auth.authenticate(bearer(secret))
     assert info.value.reason == "expired" and secret not in info.value.message

@@ -1,11 +1,17 @@
-"""``tune_for_serving`` changes process-wide state, so it runs in a child interpreter."""
+"""``tune_for_serving`` changes process-wide state, so it runs in a child interpreter; the entry points are
+checked to call it before serving with it and the server replaced by recorders."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
+import pytest
+
+from qwen_serve import serve
+from qwen_serve.config import parse_config
 from qwen_serve.gc_tuning import GEN0_THRESHOLD
 
 _CHILD = """
@@ -28,11 +34,21 @@ def test_tune_for_serving_freezes_startup_objects_and_raises_the_young_threshold
     assert out["enabled"]  # tuned, never switched off: cycles are still collected
 
 
-def test_the_gateway_processes_tune_before_serving() -> None:
-    import inspect
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    from qwen_serve import serve
 
-    for entry in (serve.run_gateway, serve.run_up):
-        source = inspect.getsource(entry)
-        assert source.index("tune_for_serving()") < source.index("server.run()"), entry.__name__
+@pytest.mark.parametrize("entry", ["run_gateway", "run_up"])
+def test_the_gateway_processes_tune_before_serving(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The startup objects exist once the app is built; the collector is tuned then, before serving."""
+    calls: list[str] = []
+    monkeypatch.setattr(serve, "setup_logging", lambda: None)  # the test process keeps its logging
+    monkeypatch.setattr("qwen_serve.plan.detect_gpu", lambda: False)
+    monkeypatch.setattr(serve, "tune_for_serving", lambda: calls.append("tune"))
+    monkeypatch.setattr(serve.GatewayServer, "run", lambda self, sockets=None: calls.append("run"))
+    config = parse_config({"model": {"source": "qwen2.5-0.5b-instruct"}, "auth": {"enabled": False},
+                           "engine": {"device": "cpu"}, "gateway": {"host": "127.0.0.1", "port": _free_port()}})
+    assert getattr(serve, entry)(config) == 0
+    assert calls == ["tune", "run"]

@@ -615,9 +615,9 @@ def test_unverified_ranks_between_unchecked_and_truncated() -> None:
     assert g.check_response(resp) == "unverified"
     resp["choices"][1]["finish_reason"] = "length"
     assert g.check_response(resp) == "truncated"
-    from qwen_serve.gateway.guided import OUTCOMES
+    from qwen_serve.gateway.guided import VERDICTS
 
-    assert "unverified" in OUTCOMES and len(OUTCOMES) == 6
+    assert "unverified" in VERDICTS and len(VERDICTS) == 6
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [

@@ -16,6 +16,7 @@ from qwen_serve.keys import (
     KeysFile,
     create_key,
     generate_secret,
+    has_expired,
     hash_secret,
     load_keys_file,
     parse_keys,
@@ -342,3 +343,11 @@ def test_state_of_a_key() -> None:
     revoked = parse_keys({"keys": [entry(disabled=True, previous_sha256="b" * 64,
                                          previous_expires="2030-01-01T00:10:00Z")]}).keys[0]
     assert revoked.state(now) == "revoked" and revoked.previous_valid_until(now) is None
+
+
+def test_has_expired_is_true_from_the_expiry_on_and_never_without_one() -> None:
+    at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    assert not has_expired(None, at)
+    assert not has_expired(at, at - timedelta(microseconds=1))
+    assert has_expired(at, at) and has_expired(at, at + timedelta(seconds=1))
+    assert has_expired(datetime.now(timezone.utc) - timedelta(seconds=1))  # default: now

@@ -125,8 +125,9 @@ async def test_key_and_model_scope(tmp_path: Path) -> None:
     gw = make_gateway(tmp_path, script(), narrow={"models": ["another-model"]})
     assert_error(await gw.call("POST", "/v1/responses", {"model": MODEL, "input": "hi"}, key=None),
                  401, "authentication_error", "invalid_api_key")
-    assert_error(await gw.call("POST", "/v1/responses", {"model": MODEL, "input": "hi"}, key="narrow"),
-                 403, "permission_error", "model_not_allowed", "model")
+    refused = await gw.call("POST", "/v1/responses", {"model": MODEL, "input": "hi"}, key="narrow")
+    assert_error(refused, 403, "permission_error", "model_not_allowed", "model")
+    assert refused.json()["error"]["message"] == f"The API key 'narrow' may not use the model '{MODEL}'."
     assert_error(await gw.call("POST", "/v1/responses", {"model": "nope", "input": "hi"}),
                  404, "invalid_request_error", "model_not_found", "model")
     assert not gw.upstream.requests
