@@ -30,6 +30,7 @@ GEN0_THRESHOLD = 10_000
 
 def tune_for_serving() -> None:
     """Collect once, freeze what is alive, raise the young generation's threshold (idempotent)."""
+    # Measured: 1.256× req/s, p99 57 → 16 ms (benchmarks/RESULTS.md, 2026-11-29, "garbage-collector settings").
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

@@ -4,7 +4,8 @@ protocol) in a background thread, in front of a scripted fake engine; plus raw-s
 Everything listens on and talks to 127.0.0.1 only; every wait is bounded.
 
 * :func:`config` — a gateway config (auth off, served model ``qwen2-random``, a free port on 127.0.0.1).
-* :class:`FakeEngine` — answers by path prefix with fixed bytes (a whole HTTP response each), in threads.
+* :class:`ScriptedEngine` — a fake engine whose subclasses script the answers (one request per connection,
+  in threads); :class:`FakeEngine` answers by path prefix with fixed bytes (a whole HTTP response each).
 * :func:`serve` — the gateway app of a config, served in a thread with the production uvicorn settings.
 * :func:`read_response` — one HTTP/1.1 response read from a socket (status, headers, body) and whether the
   server closed the connection after it.
@@ -51,19 +52,25 @@ def json_response(obj: Any, status: int = 200) -> bytes:
 Answer = bytes | Callable[[bytes], bytes]  # a whole HTTP response, or one made from the request's body
 
 
-class FakeEngine:
-    """A fake engine on 127.0.0.1: each request gets the response of the first ``routes`` prefix that
-    its request line starts with (e.g. ``"GET /v1/models"``), else 404; ``GET /health`` is always 200.
-    One request per connection; the connection is closed after the answer."""
+class ScriptedEngine:
+    """A fake engine on 127.0.0.1 that serves each connection in a thread: it reads one request (head and
+    ``content-length`` body, bounded), answers ``GET /health`` with 200, and hands any other request to
+    :meth:`respond`. The connection is closed after :meth:`respond` returns."""
 
-    def __init__(self, routes: dict[str, Answer] | None = None) -> None:
-        self.routes = routes or {}
+    def __init__(self) -> None:
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._serve, daemon=True).start()
+
+    def respond(self, conn: socket.socket, request: bytes, body: bytes) -> None:
+        """Answer one request (``request``: its head, from the request line on) on ``conn``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._sock.close()
 
     def _serve(self) -> None:
         while True:
@@ -74,34 +81,42 @@ class FakeEngine:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):
             conn.settimeout(10)
             data = b""
-            with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in data and len(data) < 1 << 20:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(body) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    body += chunk
-                if data.startswith(b"GET /health"):
-                    conn.sendall(http_response(200, b""))
+            while b"\r\n\r\n" not in data and len(data) < 1 << 20:
+                chunk = conn.recv(65536)
+                if not chunk:
                     return
-                for prefix, answer in self.routes.items():
-                    if data.startswith(prefix.encode()):
-                        conn.sendall(answer(body) if callable(answer) else answer)
-                        return
-                conn.sendall(json_response({"error": {"message": "no such route"}}, 404))
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            if head.startswith(b"GET /health"):
+                conn.sendall(http_response(200, b""))
+                return
+            self.respond(conn, head, body)
 
-    def close(self) -> None:
-        self._sock.close()
+
+class FakeEngine(ScriptedEngine):
+    """Each request gets the response of the first ``routes`` prefix that its request line starts with
+    (e.g. ``"GET /v1/models"``), else 404."""
+
+    def __init__(self, routes: dict[str, Answer] | None = None) -> None:
+        self.routes = routes or {}
+        super().__init__()
+
+    def respond(self, conn: socket.socket, request: bytes, body: bytes) -> None:
+        for prefix, answer in self.routes.items():
+            if request.startswith(prefix.encode()):
+                conn.sendall(answer(body) if callable(answer) else answer)
+                return
+        conn.sendall(json_response({"error": {"message": "no such route"}}, 404))
 
 
 @contextlib.contextmanager

@@ -27,12 +27,12 @@ counts, so each delta event gets an even share of ``output_tokens``. An ``error`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
 
+from qwen_serve.bench.events import decode_events, int_field, raw_json, str_field, stream_error
 from qwen_serve.bench.records import RequestRecord
 
 __all__ = ["API_PATHS", "APIS", "Api", "fill_responses", "responses_body"]
@@ -121,12 +121,8 @@ def fill_responses(rec: RequestRecord, ev_times: Sequence[float], payloads: Sequ
                    spread: Callable[[Sequence[int | None], int | None], list[int]]) -> None:
     """Fill ``rec`` from a Responses stream's data ``payloads`` (stamped ``ev_times``); ``spread`` gives each
     token event its share of the output tokens (the client's even split)."""
-    joined = b"[" + b",".join(payloads) + b"]"
-    try:
-        events: Sequence[_Event] = _DECODER.decode(joined)
-    except msgspec.ValidationError:  # valid JSON of unexpected types: read it field by field
-        events = [_lenient(ev) for ev in msgspec.json.decode(joined)]
-    except msgspec.DecodeError:
+    events = decode_events(payloads, _DECODER, _lenient)
+    if events is None:
         rec.error, rec.error_message = "stream_error", "an SSE event was not valid JSON"
         return
     texts: list[str] = []
@@ -137,11 +133,8 @@ def fill_responses(rec: RequestRecord, ev_times: Sequence[float], payloads: Sequ
         if kind == "error":
             rec.error = ev.code or "stream_error"
             rec.error_message = (ev.message or "")[:300]
-        elif ev.error is not None and bytes(ev.error) != b"null":
-            err = json.loads(bytes(ev.error))
-            err = err if isinstance(err, dict) else {"message": str(err)}
-            rec.error = str(err.get("code") or err.get("type") or "stream_error")
-            rec.error_message = str(err.get("message", ""))[:300]
+        elif (error := stream_error(ev.error)) is not None:
+            rec.error, rec.error_message = error
         elif kind.endswith(".delta"):
             chunk_times.append(t - t0)
             if kind in _TEXT_DELTAS and ev.delta:
@@ -175,22 +168,13 @@ def _lenient(ev: Any) -> _Event:
     """An event decoded without a schema, its fields kept only where they have the expected type."""
     if not isinstance(ev, dict):
         return _Event()
-
-    def s(d: Any, k: str) -> str | None:
-        v = d.get(k) if isinstance(d, dict) else None
-        return v if isinstance(v, str) else None
-
-    def i(d: Any, k: str) -> int | None:
-        v = d.get(k) if isinstance(d, dict) else None
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
     r = ev.get("response")
     response = None
     if isinstance(r, dict):
         u, det, out = r.get("usage"), r.get("incomplete_details"), r.get("output")
-        response = _Response(s(r, "status"), _Usage(i(u, "input_tokens"), i(u, "output_tokens")) if isinstance(u, dict)
-                             else None, _Details(s(det, "reason")) if isinstance(det, dict) else None,
-                             [_Item(s(o, "type")) for o in out] if isinstance(out, list) else None)
-    err = ev.get("error")
-    return _Event(s(ev, "type"), s(ev, "delta"), response, s(ev, "code"), s(ev, "message"),
-                  msgspec.Raw(json.dumps(err).encode()) if err is not None else None)
+        usage = _Usage(int_field(u, "input_tokens"), int_field(u, "output_tokens")) if isinstance(u, dict) else None
+        details = _Details(str_field(det, "reason")) if isinstance(det, dict) else None
+        items = [_Item(str_field(o, "type")) for o in out] if isinstance(out, list) else None
+        response = _Response(str_field(r, "status"), usage, details, items)
+    return _Event(str_field(ev, "type"), str_field(ev, "delta"), response, str_field(ev, "code"),
+                  str_field(ev, "message"), raw_json(ev.get("error")))

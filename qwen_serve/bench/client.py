@@ -33,12 +33,11 @@ import aiohttp
 import msgspec
 
 from qwen_serve.bench.apis import API_PATHS, Api, fill_responses, responses_body
+from qwen_serve.bench.events import decode_events, int_field, raw_json, str_field, stream_error
 from qwen_serve.bench.exporter import Exporter, NullExporter
 from qwen_serve.bench.records import RequestRecord, RequestSpec
 
 __all__ = ["Client", "encode_body", "parse_stream"]
-
-_perf = time.perf_counter
 
 
 def encode_body(spec: RequestSpec, model: str, *, continuous_usage: bool = True, api: Api = "chat") -> bytes:
@@ -86,7 +85,7 @@ class Client:
         assert session is not None, "Client used outside 'async with'"
         reads: list[bytes] = []
         times: list[float] = []
-        rec.sent = _perf() - t0
+        rec.sent = time.perf_counter() - t0
         self.exporter.request_sent(rec.sent - rec.scheduled)
         try:
             async with session.post(self.url, data=body, headers=self.headers) as resp:
@@ -94,15 +93,14 @@ class Client:
                 if resp.status != 200:
                     _record_http_error(rec, resp.status, await resp.read())
                 else:
-                    append_t, append_r = times.append, reads.append
                     async for data in resp.content.iter_any():
-                        append_t(_perf())
-                        append_r(data)
+                        times.append(time.perf_counter())
+                        reads.append(data)
         except asyncio.TimeoutError:
             rec.error, rec.error_message = "timeout", f"no complete answer within {self.timeout.total} s"
         except aiohttp.ClientError as exc:
             rec.error, rec.error_message = "connection_error", f"{type(exc).__name__}: {exc}"
-        rec.end = _perf() - t0
+        rec.end = time.perf_counter() - t0
         if rec.error is None and rec.status == 200:
             parse_stream(rec, times, reads, t0, api=self.api)
         self.exporter.request_done(rec)
@@ -163,12 +161,8 @@ def parse_stream(rec: RequestRecord, times: Sequence[float], reads: Sequence[byt
     if not payloads:
         _fill(rec, ev_times, [], t0)
         return
-    joined = b"[" + b",".join(payloads) + b"]"
-    try:
-        events: Sequence[_Event] = _DECODER.decode(joined)
-    except msgspec.ValidationError:  # valid JSON of unexpected types: read it field by field
-        events = [_lenient(ev) for ev in msgspec.json.decode(joined)]
-    except msgspec.DecodeError:
+    events = decode_events(payloads, _DECODER, _lenient)
+    if events is None:
         rec.error, rec.error_message = "stream_error", "an SSE event was not valid JSON"
         return
     _fill(rec, ev_times, events, t0)
@@ -206,27 +200,16 @@ def _lenient(ev: Any) -> _Event:
     """An event decoded without a schema, its fields kept only where they have the expected type."""
     if not isinstance(ev, dict):
         return _Event()
-
-    def s(d: dict[str, Any], k: str) -> str | None:
-        v = d.get(k)
-        return v if isinstance(v, str) else None
-
-    def i(d: dict[str, Any], k: str) -> int | None:
-        v = d.get(k)
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
     choices = []
     for ch in ev.get("choices") or ():
         if isinstance(ch, dict):
             d = ch.get("delta")
-            delta = _Delta(s(d, "content"), s(d, "reasoning_content"), s(d, "reasoning"),
-                           msgspec.Raw(json.dumps(d["tool_calls"]).encode()) if d.get("tool_calls") else None) \
-                if isinstance(d, dict) else None
-            choices.append(_Choice(delta, s(ch, "text"), s(ch, "finish_reason")))
+            delta = _Delta(str_field(d, "content"), str_field(d, "reasoning_content"), str_field(d, "reasoning"),
+                           raw_json(d.get("tool_calls") or None)) if isinstance(d, dict) else None
+            choices.append(_Choice(delta, str_field(ch, "text"), str_field(ch, "finish_reason")))
     u = ev.get("usage")
-    usage = _Usage(i(u, "prompt_tokens"), i(u, "completion_tokens")) if isinstance(u, dict) else None
-    err = ev.get("error")
-    return _Event(choices, usage, msgspec.Raw(json.dumps(err).encode()) if err is not None else None)
+    usage = _Usage(int_field(u, "prompt_tokens"), int_field(u, "completion_tokens")) if isinstance(u, dict) else None
+    return _Event(choices, usage, raw_json(ev.get("error")))
 
 
 def _fill(rec: RequestRecord, ev_times: Sequence[float], events: Sequence[_Event], t0: float) -> None:
@@ -236,11 +219,8 @@ def _fill(rec: RequestRecord, ev_times: Sequence[float], events: Sequence[_Event
     usage: _Usage | None = None
     last_cum = 0
     for t, ev in zip(ev_times, events):
-        if ev.error is not None and bytes(ev.error) != b"null":
-            err = json.loads(bytes(ev.error))
-            err = err if isinstance(err, dict) else {"message": str(err)}
-            rec.error = str(err.get("code") or err.get("type") or "stream_error")
-            rec.error_message = str(err.get("message", ""))[:300]
+        if (error := stream_error(ev.error)) is not None:
+            rec.error, rec.error_message = error
         u = ev.usage
         cum = None
         if u is not None:

@@ -100,8 +100,6 @@ class Exporter(Protocol):
 class NullExporter:
     """The exporter when no ``--prometheus-port`` is given: every hook does nothing."""
 
-    __slots__ = ()
-
     def request_scheduled(self) -> None:
         pass
 

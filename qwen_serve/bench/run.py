@@ -43,8 +43,6 @@ from qwen_serve.bench.workloads import build_workload
 __all__ = ["RunOutcome", "Progress", "execute", "build_specs", "pool_size", "DEFAULT_INPUT_LEN"]
 
 DEFAULT_INPUT_LEN = 256
-_perf = time.perf_counter
-
 
 @dataclass
 class Progress:
@@ -180,12 +178,12 @@ async def _open_loop(client: Client, bodies: Sequence[bytes], offsets: Sequence[
                 slots.release()
             _count(progress, rec)
 
-    t0 = _perf()
+    t0 = time.perf_counter()
     progress.started = t0
     for i, due in enumerate(offsets):
         # A loop, not one sleep: event-loop timers may fire up to a millisecond early (uvloop rounds to
         # ms), and a request must never leave before its scheduled time (no negative schedule lag).
-        while (wait := t0 + due - _perf()) > 0:
+        while (wait := t0 + due - time.perf_counter()) > 0:
             await asyncio.sleep(wait)
         spec = (first + i) % nb
         rec = RequestRecord(index=i, spec_index=spec, scheduled=due)
@@ -209,7 +207,7 @@ async def _closed_loop(client: Client, bodies: Sequence[bytes], slots: int, coun
     records: list[RequestRecord] = []
     nb = len(bodies)
     counter = itertools.count()
-    t0 = _perf()
+    t0 = time.perf_counter()
     progress.started = t0
     progress.total = count
     stop_at = t0 + duration if duration is not None else math.inf
@@ -217,7 +215,7 @@ async def _closed_loop(client: Client, bodies: Sequence[bytes], slots: int, coun
     async def slot() -> None:
         while True:
             i = next(counter)
-            now = _perf()
+            now = time.perf_counter()
             if (count is not None and i >= count) or now >= stop_at:
                 return
             rec = RequestRecord(index=i, spec_index=(first + i) % nb, scheduled=now - t0)

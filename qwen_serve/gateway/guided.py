@@ -325,8 +325,6 @@ class StreamChecker:
     the request is not validated (the outcome is then ``unchecked``), so the end of the answer is always
     known."""
 
-    __slots__ = ("_guided", "_parts", "_finish")
-
     def __init__(self, guided: GuidedRequest) -> None:
         self._guided = guided
         self._parts: dict[int, list[str]] = {}

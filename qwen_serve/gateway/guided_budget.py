@@ -34,8 +34,6 @@ class OverBudget(Exception):
 class Budget:
     """Remaining work of one check."""
 
-    __slots__ = ("steps", "match_work")
-
     def __init__(self, steps: int, match_work: int) -> None:
         self.steps = steps
         self.match_work = match_work

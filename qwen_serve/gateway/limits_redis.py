@@ -246,8 +246,6 @@ def backend_error_counter(registry: CollectorRegistry | None) -> Counter:
 
 
 class _NoLease:
-    __slots__ = ()
-
     def release(self, actual_tokens: int | None = None) -> None:
         pass
 
@@ -257,8 +255,6 @@ _NO_LEASE = _NoLease()
 
 class _RedisLease:
     """A lease booked in Redis; :meth:`release` sends the release script in the background."""
-
-    __slots__ = ("_limiter", "key_id", "lease_id", "estimate", "_released")
 
     def __init__(self, limiter: RedisLimiter, key_id: str, lease_id: str, estimate: int | None) -> None:
         self._limiter = limiter

@@ -70,8 +70,6 @@ class _Ring:
     ``expiry`` when the oldest stops counting. ``head`` is the header's first word, ``ring`` the first word
     of its ``capacity`` (start, amount) pairs. The caller holds the lock."""
 
-    __slots__ = ("_q", "_d", "_head", "_ring", "_capacity", "_resolution", "span")
-
     def __init__(self, q: memoryview[int], d: memoryview[float], head: int, ring: int, capacity: int, resolution: float,
                  span: float) -> None:
         self._q, self._d = q, d
@@ -146,8 +144,6 @@ class _Ring:
 
 
 class _SharedLease:
-    __slots__ = ("_limiter", "_index", "_generation", "_released")
-
     def __init__(self, limiter: SharedLimiter, index: int, generation: int) -> None:
         self._limiter = limiter
         self._index = index
@@ -162,8 +158,6 @@ class _SharedLease:
 
 
 class _NoLease:
-    __slots__ = ()
-
     def release(self, actual_tokens: int | None = None) -> None:
         pass
 

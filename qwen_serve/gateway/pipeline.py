@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,8 @@ __all__ = ["GUIDED_OUTPUT_FIELD", "Exchange", "Pipeline", "ResponsesExchange", "
            "stream_mode", "with_guided_output"]
 
 _JSON = {"content-type": "application/json"}
+# Makes the engine's body from (the guided check, whether images were inlined): see Pipeline._prepare.
+_Encode = Callable[["guided.GuidedRequest | None", bool], bytes]
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # vLLM's resp_<hex>; nothing that could leave the route
 
 
@@ -133,8 +135,6 @@ def count_token_events(data: bytes) -> int:
 
 class _RequestLimits:
     """A key's rpm and concurrency limits without its tpm: for routes that generate no tokens."""
-
-    __slots__ = ("key_id", "rpm", "max_concurrent")
 
     tpm = None
 
@@ -416,32 +416,55 @@ class Pipeline:
         """The image parts of ``body`` checked (:meth:`ImageGuard.inspect`); None without image checks."""
         return self.s.images.inspect(body, model=model) if self.s.images is not None else None
 
-    # ------------------------------------------------------------------ routes
-    async def generate(self, request: Request, route: str) -> ProxyCall:
-        """``/v1/chat/completions`` and ``/v1/completions``."""
+    async def _read(self, request: Request) -> tuple[Principal, bytes, dict[str, Any]]:
+        """Stages 1-2 of every body-carrying route: the key, the engine's state, then the body as a JSON
+        object ``(principal, raw bytes, parsed)``."""
         principal = self.authenticate(request)
         self._check_engine()
         raw = await _read_body(request)
-        body = _parse_object(raw)
-        stream, client_usage = stream_mode(body)
+        return principal, raw, _parse_object(raw)
+
+    async def _admit(self, request: Request, principal: Principal, body: Mapping[str, Any],
+                     prompt_estimate: int) -> tuple[str, ImageRequest | None, int, Lease]:
+        """The model check, the image checks (a 400 before any I/O) and the key's lease for a generation:
+        ``(model, images, token estimate, lease)``; the estimate is ``prompt_estimate`` plus the images'."""
         model = self._check_model(request, principal, body)
-        images = self._inspect_images(body, model)  # 400 for a bad image part, before any I/O
-        estimate = estimate_prompt_tokens(body) + (images.tokens if images is not None else 0)
-        lease = await self._acquire(principal, estimate)
+        images = self._inspect_images(body, model)
+        estimate = prompt_estimate + (images.tokens if images is not None else 0)
+        return model, images, estimate, await self._acquire(principal, estimate)
+
+    async def _prepare(self, lease: Lease, body: dict[str, Any], route: str, images: ImageRequest | None,
+                       encode: _Encode) -> tuple[guided.GuidedRequest | None, bytes]:
+        """Under ``lease``: remote images inlined as ``data:`` URLs (SSRF-checked), guided decoding prepared
+        (compiled off the loop; it may rewrite the guidance fields), then ``encode(check, images_inlined)``
+        makes the engine's body. Any failure releases the lease unused; a body nested deeper than the
+        gateway can walk is the client's 400."""
         try:
-            inlined = await images.fetch() if images is not None else False  # remote images → data: URLs, SSRF-checked
-            check = await guided.prepare_async(body, route=route, config=self.s.guided)  # compiles off the loop
-            modified = check is not None or inlined  # prepare() may have rewritten the guidance fields
-            if stream and not client_usage:  # ask the engine for usage; the client will not see it
-                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-                modified = True
-            payload = json.dumps(body).encode() if modified else raw
-        except RecursionError:  # a schema (or body) nested deeper than the gateway can walk: the client's doing
+            inlined = await images.fetch() if images is not None else False
+            check = await guided.prepare_async(body, route=route, config=self.s.guided)
+            return check, encode(check, inlined)
+        except RecursionError:
             lease.release(0)
             raise InvalidRequest("request body is nested too deeply") from None
         except BaseException:
             lease.release(0)
             raise
+
+    # ------------------------------------------------------------------ routes
+    async def generate(self, request: Request, route: str) -> ProxyCall:
+        """``/v1/chat/completions`` and ``/v1/completions``."""
+        principal, raw, body = await self._read(request)
+        stream, client_usage = stream_mode(body)
+        model, images, estimate, lease = await self._admit(request, principal, body, estimate_prompt_tokens(body))
+
+        def encode(check: guided.GuidedRequest | None, inlined: bool) -> bytes:
+            modified = check is not None or inlined
+            if stream and not client_usage:  # ask the engine for usage; the client will not see it
+                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                modified = True
+            return json.dumps(body).encode() if modified else raw
+
+        check, payload = await self._prepare(lease, body, route, images, encode)
         hooks = Exchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
                          estimate, check, self.s.guided.validate_output, client_usage or not stream,
                          body.get("n") or 1)
@@ -453,26 +476,12 @@ class Pipeline:
         ``store`` set by :func:`~qwen_serve.gateway.responses.check_request`, ``text.format`` by the guided
         stage), answered through :class:`ResponsesExchange`."""
         route = responses_api.RESPONSES_ROUTE
-        principal = self.authenticate(request)
-        self._check_engine()
-        raw = await _read_body(request)
-        body = _parse_object(raw)
+        principal, _, body = await self._read(request)
         stream = responses_api.check_request(body, store_enabled=self.s.responses_store)
-        model = self._check_model(request, principal, body)
-        images = self._inspect_images(body, model)  # 400 for a bad image part, before any I/O
-        estimate = responses_api.estimate_input_tokens(body) + (images.tokens if images is not None else 0)
-        lease = await self._acquire(principal, estimate)
-        try:
-            if images is not None:
-                await images.fetch()  # remote images → data: URLs, SSRF-checked (the body is re-serialised below)
-            check = await guided.prepare_async(body, route=route, config=self.s.guided)  # compiles off the loop
-            payload = json.dumps(body).encode()  # check_request set "store"
-        except RecursionError:  # a schema (or body) nested deeper than the gateway can walk: the client's doing
-            lease.release(0)
-            raise InvalidRequest("request body is nested too deeply") from None
-        except BaseException:
-            lease.release(0)
-            raise
+        model, images, estimate, lease = await self._admit(request, principal, body,
+                                                           responses_api.estimate_input_tokens(body))
+        # Always re-serialised: check_request set "store".
+        check, payload = await self._prepare(lease, body, route, images, lambda _c, _i: json.dumps(body).encode())
         hooks = ResponsesExchange(self.s.metrics, model, principal.key_id, request.scope["state"]["t0"], lease,
                                   estimate, check, self.s.guided.validate_output, stream)
         return ProxyCall(self.s.upstream, "POST", route, payload, self._headers(request), stream=stream, hooks=hooks,
@@ -520,10 +529,7 @@ class Pipeline:
     async def passthrough(self, request: Request, route: str) -> ProxyCall:
         """``/tokenize`` and ``/detokenize``: authenticated, model-checked, counted toward the key's rpm and
         concurrency (not its tpm)."""
-        principal = self.authenticate(request)
-        self._check_engine()
-        raw = await _read_body(request)
-        body = _parse_object(raw)
+        principal, raw, body = await self._read(request)
         model = self._check_model(request, principal, body)
         self._inspect_images(body, model)  # the same image checks as generation (remote URLs are not fetched here)
         lease = await self._acquire(_RequestLimits(principal), 0)

@@ -103,8 +103,6 @@ class RegexTooComplex(RegexError):
 class Regex:
     """A compiled pattern; thread-safe (RE2 objects are), matching releases the GIL."""
 
-    __slots__ = ("pattern", "program_size", "_re")
-
     def __init__(self, pattern: str, compiled: Any) -> None:
         self.pattern = pattern
         self._re = compiled

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from qwen_serve.config import Config, parse_config
 from qwen_serve.gateway.app import build_app
 from tests.conftest import free_port, metric_value, serve_in_thread, wait_ready
+from tests.gateway_harness import ScriptedEngine
 from tests.relay import LoopbackRelay
 
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -54,72 +54,46 @@ def test_engine_down_gives_503_and_ready_503() -> None:
         assert metric_value(text, "qwen_serve_engine_up") == 0.0
 
 
-class _SlowUpstream:
+class _SlowUpstream(ScriptedEngine):
     """A scripted fake engine for failure edges only: healthy, but hangs or breaks on generation."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.finished = False
         self.hung_up_at: float | None = None
-        self.port = 0
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
+    def respond(self, conn: socket.socket, request: bytes, body: bytes) -> None:
+        if self.mode == "hang":
+            time.sleep(10)
+        elif self.mode == "garbage":
+            conn.sendall(b"this is not http\r\n\r\n")
+        elif self.mode == "paced_watch":  # long paced stream; records whether the peer hung up early
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            if data.startswith(b"GET /health"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                return
-            if self.mode == "hang":
-                time.sleep(10)
-            elif self.mode == "garbage":
-                conn.sendall(b"this is not http\r\n\r\n")
-            elif self.mode == "paced_watch":  # long paced stream; records whether the peer hung up early
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-                try:
-                    for i in range(200):  # 10 s
-                        event = b'data: {"id":"x","choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
-                        conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-                        time.sleep(0.05)
-                    self.finished = True
-                except OSError:
-                    self.hung_up_at = time.monotonic()
-            elif self.mode == "paced":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-                for i in range(5):
+                for i in range(200):  # 10 s
                     event = b'data: {"id":"x","choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
                     conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-                    time.sleep(0.15)
-                conn.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
-            elif self.mode == "error_first":  # how vLLM streams a grammar it cannot compile
-                event = (b'data: {"error": {"message": "Grammar error: Invalid type: nonsense", '
-                         b'"type": "BadRequestError", "param": null, "code": 400}}\n\ndata: [DONE]\n\n')
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(event), event))
-            elif self.mode == "midstream":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n"
-                             b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n')
-                time.sleep(0.2)
-
-    def close(self) -> None:
-        self._sock.close()
+                    time.sleep(0.05)
+                self.finished = True
+            except OSError:
+                self.hung_up_at = time.monotonic()
+        elif self.mode == "paced":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(5):
+                event = b'data: {"id":"x","choices":[{"delta":{"content":"t%d"}}]}\n\n' % i
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                time.sleep(0.15)
+            conn.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        elif self.mode == "error_first":  # how vLLM streams a grammar it cannot compile
+            event = (b'data: {"error": {"message": "Grammar error: Invalid type: nonsense", '
+                     b'"type": "BadRequestError", "param": null, "code": 400}}\n\ndata: [DONE]\n\n')
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(event), event))
+        elif self.mode == "midstream":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n"
+                         b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n')
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
