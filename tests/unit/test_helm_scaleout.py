@@ -831,6 +831,9 @@ def test_multinode_refusals(values: dict[str, Any], message: str) -> None:
     ({"inferencePool": {"failureMode": "Sometimes"}}, "/inferencePool/failureMode"),
     ({"inferencePool": {"httpRoute": {"timeouts": {"request": "forever"}}}}, "/inferencePool/httpRoute/timeouts/request"),
     ({"inferencePool": {"picker": {"metricsPath": "metrics"}}}, "/inferencePool/picker/metricsPath"),
+    # Paths the HTTPRoute CRD's rules refuse at install time are refused by the values schema first.
+    *[({"inferencePool": {"httpRoute": {"path": path}}}, "/inferencePool/httpRoute/path")
+      for path in ("v1", "/a//b", "/a/./b", "/a/../b", "/a%2fb", "/a%2Fb", "/a/.", "/a/..", "/a#b", "/a b")],
 ])  # fmt: skip
 def test_schema_refuses_bad_values(values: dict[str, Any], where: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=f"at '{where}'"):
