@@ -667,10 +667,25 @@ def test_http_route_sends_traffic_to_the_pool() -> None:
      "inferencePool.httpRoute.enabled: the HTTPRoute's backend is the InferencePool"),
     ({"inferencePool": {"enabled": True, "httpRoute": {"enabled": True}}},
      "inferencePool.httpRoute.parentRefs: name the Gateway"),
+    ({"inferencePool": {"enabled": True, "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw"}],
+                                                       "timeouts": {"request": "1h30m", "backendRequest": "5401s"}}}},
+     "inferencePool.httpRoute.timeouts.backendRequest: 5401s is longer than timeouts.request 1h30m"),
 ])  # fmt: skip
 def test_route_needs_a_pool_and_a_gateway(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         render(values)
+
+
+@pytest.mark.parametrize(("request_timeout", "backend"), [("1h30m", "5400s"), ("1h30m", "89m59s999ms"), ("0s", "2h")])
+def test_route_timeouts_the_api_accepts_render(request_timeout: str, backend: str) -> None:
+    """A backend timeout up to the request timeout (or any, when the request timeout is 0s: none) renders,
+    and the route passes the CRD schema and its rules."""
+    route = {"enabled": True, "parentRefs": [{"name": "gw"}], "timeouts": {"request": request_timeout,
+                                                                         "backendRequest": backend}}
+    objects = render({"inferencePool": {"enabled": True, "httpRoute": route}})
+    (rendered,) = [o for o in objects if o["kind"] == "HTTPRoute"]
+    assert rendered["spec"]["rules"][0]["timeouts"] == route["timeouts"]
+    validate_scaleout(rendered)
 
 
 def test_notes_tell_how_to_attach_the_pool() -> None:

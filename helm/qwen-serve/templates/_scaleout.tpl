@@ -99,6 +99,19 @@ Usage: {{ include "qwen-serve.pickerMetricsPort" . }}
 {{- end }}
 
 {{/*
+A Gateway API duration ("1h30m", "500ms"; the values schema checks the form) in milliseconds.
+*/}}
+{{- define "qwen-serve.durationMs" -}}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+(h|ms|m|s)" . -1 }}
+{{- $n := regexFind "^[0-9]+" . }}
+{{- $unit := trimPrefix $n . }}
+{{- $ms = add $ms (mul (atoi $n) (get (dict "h" 3600000 "m" 60000 "s" 1000 "ms" 1) $unit)) }}
+{{- end }}
+{{- $ms }}
+{{- end }}
+
+{{/*
 Render-time checks of the scale-out values (called from qwen-serve.validate).
 */}}
 {{- define "qwen-serve.validateScaleOut" -}}
@@ -109,6 +122,14 @@ Render-time checks of the scale-out values (called from qwen-serve.validate).
 {{- end }}
 {{- if and $pool.enabled $pool.httpRoute.enabled (not $pool.httpRoute.parentRefs) }}
 {{- fail "inferencePool.httpRoute.parentRefs: name the Gateway the route attaches to (e.g. [{name: inference-gateway}])" }}
+{{- end }}
+{{- with $pool.httpRoute.timeouts }}
+{{- if and .request .backendRequest }}
+{{- $request := include "qwen-serve.durationMs" .request | int64 }}
+{{- if and (gt $request 0) (gt (include "qwen-serve.durationMs" .backendRequest | int64) $request) }}
+{{- fail (printf "inferencePool.httpRoute.timeouts.backendRequest: %s is longer than timeouts.request %s; the HTTPRoute API refuses it" .backendRequest .request) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and $pool.enabled (not $pool.picker.enabled) (not $pool.picker.serviceName) }}
 {{- fail "inferencePool.picker.serviceName: with inferencePool.picker.enabled false, name the Service of the endpoint picker installed beside this release" }}
