@@ -153,7 +153,23 @@ def test_sigkill_of_up_takes_the_engine_group_down(up: Callable[..., _Up]) -> No
     u.proc.kill()
     u.proc.wait()
     _wait_for("engine port free", lambda: not _port_open(u.engine_port), 10)
-    _wait_for("engine processes gone", lambda: not _alive(engine_pid) and not _alive(core_pid), 10)
+    # The guard SIGTERMs the group, waits ORPHAN_GRACE_S (3 s), then SIGKILLs it: 20 s leaves room for this
+    # VM's stalls, and a failure names what is left.
+    try:
+        _wait_for("engine processes gone", lambda: not _alive(engine_pid) and not _alive(core_pid), 20)
+    except AssertionError as exc:
+        left = {pid: _describe(pid) for pid in (engine_pid, core_pid) if _alive(pid)}
+        raise AssertionError(f"{exc}: {left}") from None
+
+
+def _describe(pid: int) -> str:
+    """State, parent, group and command line of a live process, for a failure message."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    return f"state {fields[0]}, ppid {fields[1]}, pgrp {fields[2]}: {cmdline[:200]}"
 
 
 def _raw_status(url: str, request: bytes) -> tuple[int, bytes]:
